@@ -1,0 +1,18 @@
+"""dynconv: dynamic convolutions as drop-in replacements for `nn.Conv2d`.
+
+    import dynconv
+    dynconv.list_ops()
+    op = dynconv.create_op("ddf", 64, 64, 3, stride=2)
+    report = dynconv.replace(model, op="involution", policy="deep_only")
+"""
+from .registry import create_op, get_op, list_ops, register_op, check_op_kwargs, op_options
+from .functional.backend import get_backend, set_backend, use_backend
+from . import ops  # noqa: F401  (registers every operator)
+
+try:
+    from .replace import replace  # noqa: F401
+except ImportError:  # replace.py lands with the backbone work
+    pass
+
+__all__ = ["create_op", "get_op", "list_ops", "register_op", "check_op_kwargs", "op_options",
+           "get_backend", "set_backend", "use_backend", "replace"]

@@ -1,0 +1,63 @@
+"""Name → operator class registry, and the `create_op` factory.
+
+Every operator is a drop-in for `nn.Conv2d`: its constructor starts with
+`(in_channels, out_channels, kernel_size, stride=1, ...)` followed by its own keyword options.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Callable
+
+import torch.nn as nn
+
+_OPS: dict[str, type[nn.Module]] = {}
+
+
+def register_op(name: str | None = None) -> Callable[[type[nn.Module]], type[nn.Module]]:
+    """Class decorator: `@register_op("involution")` makes the class creatable by name."""
+
+    def deco(cls: type[nn.Module]) -> type[nn.Module]:
+        key = name or cls.__name__.lower()
+        if key in _OPS and _OPS[key] is not cls:
+            raise ValueError(f"operator name {key!r} is already registered by {_OPS[key].__qualname__}")
+        _OPS[key] = cls
+        cls.op_name = key
+        return cls
+
+    return deco
+
+
+def list_ops() -> list[str]:
+    """Sorted names of every registered operator."""
+    return sorted(_OPS)
+
+
+def get_op(name: str) -> type[nn.Module]:
+    try:
+        return _OPS[name]
+    except KeyError:
+        raise KeyError(f"unknown operator {name!r}; known operators: {', '.join(list_ops())}") from None
+
+
+def op_options(name: str) -> dict[str, inspect.Parameter]:
+    """The keyword options an operator accepts beyond the Conv2d geometry (name → Parameter)."""
+    params = inspect.signature(get_op(name).__init__).parameters
+    skip = {"self", "in_channels", "out_channels", "kernel_size", "args", "kwargs"}
+    return {k: p for k, p in params.items() if k not in skip and p.kind is not p.VAR_KEYWORD}
+
+
+def check_op_kwargs(name: str, kwargs: dict) -> None:
+    """Raise a clear error for options the operator does not take (misspelt config keys)."""
+    known = op_options(name)
+    bad = sorted(set(kwargs) - set(known))
+    if bad:
+        raise TypeError(
+            f"operator {name!r} got unknown option(s) {bad}; its options are: {', '.join(sorted(known))}"
+        )
+
+
+def create_op(name: str, in_channels: int, out_channels: int, kernel_size, stride=1, **kwargs) -> nn.Module:
+    """Build operator `name` with `nn.Conv2d`'s geometry, e.g. `create_op("ddf", 64, 64, 3, stride=2)`."""
+    cls = get_op(name)
+    check_op_kwargs(name, kwargs)
+    return cls(in_channels, out_channels, kernel_size, stride=stride, **kwargs)
