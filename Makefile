@@ -17,7 +17,7 @@ $(STAMP): requirements.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
 	rm -f $(VENV)/.installed-* && touch $@
 
-$(DATA): scripts/fetch_data.sh $(STAMP)
+$(DATA): scripts/fetch_data.sh data/fetch.py $(STAMP)
 	bash scripts/fetch_data.sh
 
 train: setup  ## the main job: `python train.py` with the default config

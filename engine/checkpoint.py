@@ -1,0 +1,107 @@
+"""Atomic checkpoints, safe loading, RNG state capture, and finding the run to resume.
+
+A checkpoint is written to a temporary file in the same folder, flushed and fsync'ed, then renamed
+over the old one (and the folder fsync'ed), so a kill at any moment leaves either the previous or
+the new file, never a torn one. Loading always uses `weights_only=True`: a checkpoint cannot run code.
+"""
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+CKPT_DIR = "checkpoints"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_save(obj, path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        if os.environ.get("DYNCONV_FAULT_KILL_IN_SAVE"):  # fault injection for the crash-safety test
+            os.kill(os.getpid(), 9)
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def atomic_copy(src: str | Path, dst: str | Path) -> None:
+    src, dst = Path(src), Path(dst)
+    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+    with open(src, "rb") as fi, open(tmp, "wb") as fo:
+        while chunk := fi.read(1 << 22):
+            fo.write(chunk)
+        fo.flush()
+        os.fsync(fo.fileno())
+    os.replace(tmp, dst)
+    _fsync_dir(dst.parent)
+
+
+def load(path: str | Path, map_location="cpu") -> dict:
+    """Load a checkpoint without executing code (`weights_only=True`)."""
+    return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def rng_state() -> dict:
+    """Every RNG the run draws from: python, numpy, torch (CPU) and CUDA."""
+    np_state = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": {"key": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def find_latest_run(root: str | Path = "outputs") -> Path:
+    """The run folder under `root` whose `checkpoints/last.pt` was written most recently."""
+    cands = sorted(Path(root).glob(f"**/{CKPT_DIR}/last.pt"), key=lambda p: p.stat().st_mtime)
+    if not cands:
+        raise FileNotFoundError(
+            f"trainer.resume=true but no run with {CKPT_DIR}/last.pt exists under {Path(root).resolve()}; "
+            "start a new run, or pass trainer.resume=<run folder or .pt file>")
+    return cands[-1].parent.parent
+
+
+def resolve_resume(value, root: str | Path = "outputs") -> tuple[Path, Path] | None:
+    """`trainer.resume` → (run folder, checkpoint file), or None for a fresh run."""
+    if value in (None, False, "", "false", "False", "null"):
+        return None
+    if value in (True, "true", "True"):
+        run = find_latest_run(root)
+        return run, run / CKPT_DIR / "last.pt"
+    p = Path(str(value))
+    if p.is_dir():
+        ckpt = p / CKPT_DIR / "last.pt"
+        if not ckpt.exists():
+            raise FileNotFoundError(f"trainer.resume={value}: no {CKPT_DIR}/last.pt in that folder")
+        return p, ckpt
+    if p.is_file():
+        run = p.parent.parent if p.parent.name == CKPT_DIR else p.parent
+        return run, p
+    raise FileNotFoundError(f"trainer.resume={value}: neither a run folder nor a checkpoint file")

@@ -1,0 +1,98 @@
+"""Structured config schema: the dataclasses every composed config is validated against.
+
+`model`, `op`, `policy` and `task` are open dictionaries: their keys are the keyword arguments of the
+model factory, the operator constructor, the replacement policy and the task, and are checked
+against those signatures when the run is built (before any training), with errors that list the
+valid names. Everything else is typed here, so a misspelt key or a wrong type fails at compose time.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+
+from data.config import DataConfig
+
+
+@dataclass
+class OptimConfig:
+    """Passed to timm's `create_optimizer_v2` (names as timm's train.py flags)."""
+    opt: str = "sgd"                    # sgd | adamw | any timm optimizer name
+    lr: Optional[float] = None          # None: lr_base * global_batch / lr_base_size
+    lr_base: float = 0.1
+    lr_base_size: int = 256
+    momentum: float = 0.9
+    nesterov: bool = True               # SGD only
+    weight_decay: float = 1e-4
+    filter_bias_and_bn: bool = True     # no weight decay on norm, bias and other 1-D parameters
+    opt_eps: Optional[float] = None
+    opt_betas: Optional[List[float]] = None
+    clip_grad: Optional[float] = None   # None: no clipping
+    clip_mode: str = "norm"             # norm | value | agc
+
+
+@dataclass
+class SchedConfig:
+    """Passed to timm's `create_scheduler_v2`; `trainer.epochs` is the schedule length."""
+    sched: str = "cosine"               # cosine | step | multistep | plateau | poly | tanh | none
+    warmup_epochs: int = 0
+    warmup_lr: float = 1e-5
+    warmup_prefix: bool = False
+    min_lr: float = 0.0
+    cooldown_epochs: int = 0            # extra epochs at min_lr after the schedule (timm semantics)
+    decay_epochs: Optional[float] = None
+    decay_milestones: List[int] = field(default_factory=lambda: [30, 60, 90])
+    decay_rate: float = 0.1
+    step_on_epochs: bool = False        # False: lr updated every optimizer step
+
+
+@dataclass
+class TrainerConfig:
+    epochs: int = 10
+    device: str = "auto"                # auto | cpu | cuda | cuda:N
+    amp: bool = False
+    amp_dtype: str = "bfloat16"         # bfloat16 | float16 (float16 uses a GradScaler on CUDA)
+    channels_last: bool = False
+    compile: bool = False               # torch.compile the model (before DDP)
+    grad_accum_steps: int = 1
+    smoothing: float = 0.1              # label smoothing
+    mixup: float = 0.0                  # mixup alpha (0: off)
+    cutmix: float = 0.0                 # cutmix alpha (0: off)
+    mixup_prob: float = 1.0
+    mixup_switch_prob: float = 0.5
+    mixup_off_epoch: int = 0            # stop mixup from this epoch (0: never)
+    model_ema: bool = False
+    model_ema_decay: float = 0.9998
+    model_ema_warmup: bool = False
+    sync_bn: bool = False
+    deterministic: bool = False
+    eval_metric: str = "acc1"           # key of the validation metrics that picks best.pt
+    eval_interval: int = 1              # epochs between evaluations (the last epoch is always evaluated)
+    ckpt_interval: int = 0              # also write last.pt every N optimizer steps (0: epoch ends only)
+    resume: Any = None                  # null | true (latest run) | run folder | .pt file
+    log_interval: int = 50              # optimizer steps between train/loss points and log lines
+    progress: bool = True               # tqdm progress bar on rank 0
+    limit_train_batches: Optional[int] = None
+    limit_val_batches: Optional[int] = None
+    dry_run: bool = False               # a few steps of train and eval, then stop
+    count_flops: bool = True
+    anneal_temperature: bool = True     # call the operators' temperature schedules (DY-Conv, ODConv)
+
+
+@dataclass
+class Config:
+    model: Dict[str, Any] = field(default_factory=dict)
+    op: Dict[str, Any] = field(default_factory=dict)
+    policy: Dict[str, Any] = field(default_factory=dict)
+    task: Dict[str, Any] = field(default_factory=dict)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    sched: SchedConfig = field(default_factory=SchedConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    seed: int = 42
+    name: str = "train"                  # experiment name, part of the run folder
+
+
+def register_configs() -> None:
+    ConfigStore.instance().store(name="schema", node=Config)

@@ -1,0 +1,88 @@
+"""What is trained and how it is scored: image classification (and, in `engine.face`, face recognition).
+
+A task turns the backbone into the module that is optimised (`wrap`), computes the training loss
+of a batch (`train_step`) and evaluates (`evaluate`). The trainer owns everything else.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.data import Mixup
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+
+from . import distributed
+
+TASKS: dict[str, type] = {}
+
+
+def register_task(name: str):
+    def deco(cls):
+        TASKS[name] = cls
+        return cls
+    return deco
+
+
+def build_task(task_cfg: dict, trainer_cfg, info):
+    name = task_cfg.get("name", "classification")
+    if name not in TASKS:
+        raise KeyError(f"unknown task {name!r}; known tasks: {', '.join(sorted(TASKS))}")
+    opts = {k: v for k, v in task_cfg.items() if k != "name"}
+    return TASKS[name](trainer_cfg, info, **opts)
+
+
+def topk_correct(logits: torch.Tensor, target: torch.Tensor, ks=(1, 5)) -> list[torch.Tensor]:
+    maxk = min(max(ks), logits.shape[1])
+    pred = logits.topk(maxk, dim=1).indices
+    hit = pred.eq(target[:, None])
+    return [hit[:, :min(k, maxk)].any(dim=1).sum() for k in ks]
+
+
+@register_task("classification")
+class ClassificationTask:
+    """Cross-entropy with label smoothing, optional mixup/cutmix; top-1/top-5 evaluation."""
+
+    def __init__(self, trainer_cfg, info):
+        t = trainer_cfg
+        self.mixup = None
+        if t.mixup > 0 or t.cutmix > 0:
+            self.mixup = Mixup(mixup_alpha=t.mixup, cutmix_alpha=t.cutmix, prob=t.mixup_prob,
+                               switch_prob=t.mixup_switch_prob, label_smoothing=t.smoothing,
+                               num_classes=info.num_classes)
+            self.train_loss = SoftTargetCrossEntropy()
+        elif t.smoothing > 0:
+            self.train_loss = LabelSmoothingCrossEntropy(t.smoothing)
+        else:
+            self.train_loss = nn.CrossEntropyLoss()
+        self.mixup_off_epoch = t.mixup_off_epoch
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        return model
+
+    def train_step(self, model, x, y, epoch: int):
+        """Loss and number of top-1 hits (against the un-mixed labels) of one batch."""
+        target = y
+        if self.mixup is not None:
+            self.mixup.mixup_enabled = not (self.mixup_off_epoch and epoch >= self.mixup_off_epoch)
+            x, target = self.mixup(x, y)
+        logits = model(x)
+        loss = self.train_loss(logits, target)
+        return loss, (logits.detach().argmax(1) == y).sum()
+
+    @torch.no_grad()
+    def evaluate(self, model, loader, device, autocast, dist_info, channels_last=False) -> dict:
+        model.eval()
+        sums = torch.zeros(4, dtype=torch.float64)  # loss, top1, top5, count
+        for x, y in loader:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with autocast():
+                logits = model(x)
+            top1, top5 = topk_correct(logits.float(), y)
+            sums += torch.tensor([F.cross_entropy(logits.float(), y, reduction="sum").item(),
+                                  top1.item(), top5.item(), y.numel()], dtype=torch.float64)
+        sums = distributed.all_reduce_sum(sums, dist_info)
+        n = max(sums[3].item(), 1.0)
+        return {"loss": sums[0].item() / n, "acc1": 100 * sums[1].item() / n, "acc5": 100 * sums[2].item() / n}
+

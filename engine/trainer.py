@@ -1,0 +1,419 @@
+"""The training loop: build → (resume) → epochs of train steps and evaluation → checkpoints and logs.
+
+Order of construction follows timm's train.py: seed, data, model (+ operator replacement), device
+and memory format, SyncBN, optimizer, scheduler, resume, EMA, torch.compile, DDP.
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import functools
+import io
+import json
+import logging
+import math
+import os
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+from omegaconf import DictConfig, OmegaConf
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+from timm.utils import ModelEmaV3, dispatch_clip_grad
+from torch.utils.data import DataLoader
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+import data as data_lib
+import models as models_lib
+from . import checkpoint as ckpt_lib
+from . import distributed
+from .sampler import EpochBatches, SeededItems
+from .syncbn import convert_sync_batchnorm
+from .tasks import build_task
+
+log = logging.getLogger("dynconv")
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"trainer.device={name} but CUDA is not available; use trainer.device=cpu or auto")
+    return dev
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    model = getattr(model, "module", model)          # DDP
+    return getattr(model, "_orig_mod", model)         # torch.compile
+
+
+def count_macs(model: nn.Module, input_shape, device) -> int:
+    """Multiply-accumulates of one image through the model, from torch's FlopCounterMode."""
+    from torch.utils.flop_counter import FlopCounterMode
+    was_training = model.training
+    model.eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        model(torch.zeros((1, *input_shape), device=device))
+    model.train(was_training)
+    return fc.get_total_flops() // 2
+
+
+class Run:
+    """State of one training run; `fit` drives it."""
+
+    def __init__(self, cfg: DictConfig, run_dir: Path):
+        self.cfg, t = cfg, cfg.trainer
+        self.device = pick_device(t.device)
+        self.dist = distributed.init(self.device.type)
+        if self.device.type == "cuda":
+            self.device = torch.device("cuda", self.dist.local_rank)
+            torch.cuda.set_device(self.device)
+        self.run_dir = Path(distributed.broadcast_object(str(run_dir), self.dist))
+        self.ckpt_dir = self.run_dir / ckpt_lib.CKPT_DIR
+        self.main = self.dist.is_main
+        if t.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            torch.backends.cudnn.benchmark = False
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        elif self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+        seed_everything(cfg.seed + self.dist.rank)
+
+        # data
+        train_ds, val_ds, self.info = data_lib.build_datasets(cfg.data)
+        limit_train = 2 if t.dry_run else t.limit_train_batches
+        limit_val = 1 if t.dry_run else t.limit_val_batches
+        bs = cfg.data.batch_size
+        self.train_batches = EpochBatches(len(train_ds), bs, shuffle=True, drop_last=True, seed=cfg.seed,
+                                          rank=self.dist.rank, world_size=self.dist.world_size, limit=limit_train)
+        val_batches = EpochBatches(len(val_ds), bs, shuffle=False, drop_last=False, seed=cfg.seed,
+                                   rank=self.dist.rank, world_size=self.dist.world_size, limit=limit_val)
+        workers = cfg.data.workers
+        loader_kw = dict(num_workers=workers, pin_memory=cfg.data.pin_memory and self.device.type == "cuda",
+                         persistent_workers=cfg.data.persistent_workers and workers > 0)
+        # a private generator: creating a loader iterator must not draw from the global RNG streams,
+        # which a mid-epoch resume restores to their state at the checkpoint
+        loader_kw["generator"] = torch.Generator().manual_seed(cfg.seed)
+        self.train_loader = DataLoader(SeededItems(train_ds), batch_sampler=self.train_batches, **loader_kw)
+        self.val_loader = DataLoader(SeededItems(val_ds), batch_sampler=val_batches, **loader_kw)
+
+        # model
+        to_dict = functools.partial(OmegaConf.to_container, resolve=True)
+        backbone, self.report = models_lib.build(to_dict(cfg.model), to_dict(cfg.op), to_dict(cfg.policy),
+                                                 num_classes=self.info.num_classes, in_chans=self.info.in_chans,
+                                                 input_size=tuple(self.info.input_size))
+        self.task = build_task(to_dict(cfg.task), t, self.info)
+        model = self.task.wrap(backbone).to(self.device)
+        if t.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        if t.sync_bn and self.dist.enabled:
+            model = convert_sync_batchnorm(model, self.device.type)
+        self.model = model
+        self.param_count = sum(p.numel() for p in model.parameters())
+        self.macs = count_macs(backbone, (self.info.in_chans, *self.info.input_size), self.device) \
+            if t.count_flops else None
+
+        # optimisation
+        o = cfg.optim
+        self.accum = t.grad_accum_steps
+        global_batch = bs * self.dist.world_size * self.accum
+        lr = o.lr if o.lr is not None else o.lr_base * global_batch / o.lr_base_size
+        opt_kw = {}
+        if o.opt_eps is not None:
+            opt_kw["eps"] = o.opt_eps
+        if o.opt_betas is not None:
+            opt_kw["betas"] = tuple(o.opt_betas)
+        if o.opt.lower() in ("sgd", "nesterov", "momentum"):
+            opt_kw["nesterov"] = o.nesterov
+        self.optimizer = create_optimizer_v2(model, opt=o.opt, lr=lr, weight_decay=o.weight_decay,
+                                             momentum=o.momentum, filter_bias_and_bn=o.filter_bias_and_bn, **opt_kw)
+        self.updates_per_epoch = math.ceil(self.train_batches.num_batches() / self.accum)
+        s = cfg.sched
+        self.scheduler, self.epochs = None, t.epochs
+        if s.sched != "none":
+            self.scheduler, self.epochs = create_scheduler_v2(
+                self.optimizer, sched=s.sched, num_epochs=t.epochs, decay_epochs=s.decay_epochs or 30,
+                decay_milestones=list(s.decay_milestones), cooldown_epochs=s.cooldown_epochs,
+                decay_rate=s.decay_rate, min_lr=s.min_lr, warmup_lr=s.warmup_lr, warmup_epochs=s.warmup_epochs,
+                warmup_prefix=s.warmup_prefix, step_on_epochs=s.step_on_epochs,
+                updates_per_epoch=self.updates_per_epoch)
+        if t.dry_run:
+            self.epochs = 1
+        amp_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}[t.amp_dtype]
+        self.autocast = functools.partial(torch.autocast, self.device.type, dtype=amp_dtype, enabled=t.amp)
+        self.scaler = torch.amp.GradScaler(self.device.type) \
+            if t.amp and amp_dtype == torch.float16 and self.device.type == "cuda" else None
+
+        # state that a checkpoint restores
+        self.epoch, self.batch, self.num_updates = 0, 0, 0
+        self.meters = self._fresh_meters()
+        self.best = {"metric": None, "epoch": None}
+        self.history: list[dict] = []
+        self.wall_time = 0.0
+        resume = ckpt_lib.resolve_resume(t.resume)
+        state = ckpt_lib.load(resume[1]) if resume else None
+        if state is not None:
+            unwrap(self.model).load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            if self.scheduler is not None and state["scheduler"] is not None:
+                self.scheduler.load_state_dict(state["scheduler"])
+            if self.scaler is not None and state["scaler"] is not None:
+                self.scaler.load_state_dict(state["scaler"])
+            self.epoch, self.batch, self.num_updates = state["epoch"], state["batch"], state["num_updates"]
+            self.meters, self.best, self.history = state["meters"], state["best"], state["history"]
+            self.wall_time = state["wall_time"]
+        self.ema = None
+        if t.model_ema:
+            self.ema = ModelEmaV3(unwrap(self.model), decay=t.model_ema_decay, use_warmup=t.model_ema_warmup)
+            if state is not None and state.get("ema") is not None:
+                self.ema.module.load_state_dict(state["ema"])
+        if t.compile:
+            self.model = torch.compile(self.model)
+        if self.dist.enabled:
+            self.model = nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        if state is not None:
+            ckpt_lib.set_rng_state(state["rng"])  # last: nothing above may draw from the restored streams
+            log.info("resumed from %s at epoch %d, batch %d (update %d)", resume[1], self.epoch, self.batch,
+                     self.num_updates)
+        # everything logged at or before the checkpoint's step was written before it was saved;
+        # later points of a killed run are purged from the curves
+        self.writer = SummaryWriter(str(self.run_dir / "tb"), purge_step=self.num_updates + 1 if state else None) \
+            if self.main else None
+
+    # ------------------------------------------------------------------ helpers
+    @staticmethod
+    def _fresh_meters() -> dict:
+        return {"loss": 0.0, "correct": 0.0, "samples": 0, "steps": 0, "data_time": 0.0, "time": 0.0}
+
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def _scalar(self, tag: str, value: float) -> None:
+        if self.writer is not None:
+            self.writer.add_scalar(tag, value, self.num_updates)
+
+    def save(self) -> None:
+        """Write `last.pt` (rank 0 only) with everything needed to continue exactly."""
+        if not self.main:
+            return
+        state = {
+            "model": unwrap(self.model).state_dict(),
+            "ema": self.ema.module.state_dict() if self.ema is not None else None,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "epoch": self.epoch, "batch": self.batch, "num_updates": self.num_updates,
+            "meters": dict(self.meters), "best": dict(self.best), "history": list(self.history),
+            "rng": ckpt_lib.rng_state(), "wall_time": self.wall_time,
+            "config": OmegaConf.to_yaml(self.cfg),
+        }
+        ckpt_lib.atomic_save(state, self.ckpt_dir / "last.pt")
+
+    # ------------------------------------------------------------------ loop
+    def train_epoch(self) -> None:
+        t, m = self.cfg.trainer, self.meters
+        self.model.train()
+        self.train_batches.set_epoch(self.epoch, self.batch)
+        accum_left = 0
+        bar = tqdm(total=self.train_batches.num_batches(), initial=self.batch, desc=f"epoch {self.epoch}",
+                   disable=not (self.main and t.progress), dynamic_ncols=True, mininterval=1.0, leave=False)
+        end = time.perf_counter()
+        for x, y in self.train_loader:
+            data_time = time.perf_counter() - end
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            if t.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            if accum_left == 0:
+                accum_left = min(self.accum, self.train_batches.num_batches() - self.batch)
+                micro_in_update = accum_left
+            accum_left -= 1
+            last_micro = accum_left == 0
+            sync = contextlib.nullcontext() if last_micro or not self.dist.enabled else self.model.no_sync()
+            with sync:
+                with self.autocast():
+                    loss, correct = self.task.train_step(self.model, x, y, self.epoch)
+                scaled = loss / micro_in_update
+                (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+            m["loss"] += loss.item() * y.numel()
+            m["correct"] += correct.item()
+            m["samples"] += y.numel()
+            m["data_time"] += data_time
+            self.batch += 1
+            if last_micro:
+                self._optimizer_step()
+                if self.num_updates % t.log_interval == 0:
+                    step_loss = distributed.all_reduce_sum(loss.detach().float().cpu().reshape(1), self.dist)
+                    self._scalar("train/loss", step_loss.item() / self.dist.world_size)
+                    self._scalar("lr", self.lr())
+                if t.ckpt_interval and self.num_updates % t.ckpt_interval == 0 \
+                        and self.batch < self.train_batches.num_batches():
+                    m["time"] += time.perf_counter() - end
+                    end = time.perf_counter()
+                    self.save()
+                fault = os.environ.get("DYNCONV_FAULT_KILL_AT_UPDATE")
+                if fault and self.num_updates == int(fault):  # fault injection for the resume test
+                    os.kill(os.getpid(), 9)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{self.lr():.2e}", refresh=False)
+            m["time"] += time.perf_counter() - end
+            end = time.perf_counter()
+        bar.close()
+
+    def _optimizer_step(self) -> None:
+        clip = self.cfg.optim.clip_grad
+        if self.scaler is not None and clip is not None:
+            self.scaler.unscale_(self.optimizer)
+        if clip is not None:
+            dispatch_clip_grad(self.model.parameters(), clip, mode=self.cfg.optim.clip_mode)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.num_updates += 1
+        self.meters["steps"] += 1
+        if self.ema is not None:
+            self.ema.update(unwrap(self.model), step=self.num_updates)
+        if self.scheduler is not None:
+            self.scheduler.step_update(num_updates=self.num_updates)
+
+    def end_epoch(self) -> dict:
+        """Evaluate, log, checkpoint, and return this epoch's row of the history."""
+        t, m = self.cfg.trainer, self.meters
+        totals = distributed.all_reduce_sum(torch.tensor([m["loss"], m["correct"], m["samples"]],
+                                                         dtype=torch.float64), self.dist)
+        n = max(totals[2].item(), 1.0)
+        row = {"epoch": self.epoch, "step": self.num_updates, "lr": self.lr(),
+               "train_loss": totals[0].item() / n, "train_acc1": 100 * totals[1].item() / n,
+               "img_per_s": totals[2].item() / max(m["time"], 1e-9), "epoch_time": m["time"],
+               "data_time": m["data_time"] / max(m["steps"] * self.accum, 1)}
+        last = self.epoch + 1 == self.epochs
+        if (self.epoch + 1) % t.eval_interval == 0 or last:
+            val = self.task.evaluate(self.model, self.val_loader, self.device, self.autocast, self.dist,
+                                     t.channels_last)
+            row.update({f"val_{k}": v for k, v in val.items()})
+            if self.ema is not None:
+                val = self.task.evaluate(self.ema.module, self.val_loader, self.device, self.autocast, self.dist,
+                                         t.channels_last)
+                row.update({f"val_ema_{k}": v for k, v in val.items()})
+        self._log_epoch(row)
+        self.wall_time += m["time"]
+        self.history.append(row)
+        if self.scheduler is not None:
+            self.scheduler.step(self.epoch + 1, row.get(f"val_{t.eval_metric}"))
+        self.epoch, self.batch, self.meters = self.epoch + 1, 0, self._fresh_meters()
+        key = f"val_ema_{t.eval_metric}" if self.ema is not None else f"val_{t.eval_metric}"
+        improved = key in row and (self.best["metric"] is None or self._better(row[key], self.best["metric"]))
+        if improved:
+            self.best = {"metric": row[key], "epoch": row["epoch"], "key": key}
+        self.save()
+        if improved and self.main:
+            ckpt_lib.atomic_copy(self.ckpt_dir / "last.pt", self.ckpt_dir / "best.pt")
+        self._write_tables()
+        return row
+
+    def _better(self, a: float, b: float) -> bool:
+        return a < b if self.cfg.trainer.eval_metric == "loss" else a > b
+
+    def _log_epoch(self, row: dict) -> None:
+        for k, v in row.items():
+            if k.startswith("val_ema_"):
+                self._scalar(f"val_ema/{k[8:]}", v)
+            elif k.startswith("val_"):
+                self._scalar(f"val/{k[4:]}", v)
+        self._scalar("train/acc1", row["train_acc1"])
+        self._scalar("train/loss_epoch", row["train_loss"])
+        self._scalar("perf/img_per_s", row["img_per_s"])
+        self._scalar("perf/epoch_time", row["epoch_time"])
+        self._scalar("perf/data_time", row["data_time"])
+        self._scalar("epoch", row["epoch"])
+        if self.writer is not None:
+            self.writer.flush()
+        if self.main:
+            log.info("epoch %d: %s", row["epoch"],
+                     " ".join(f"{k}={v:.4g}" for k, v in row.items() if k not in ("epoch",)))
+
+    def _write_tables(self) -> None:
+        """metrics.csv and summary.json, rewritten whole from the history (no duplicate rows after resume)."""
+        if not self.main:
+            return
+        keys = list(dict.fromkeys(k for row in self.history for k in row))
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=keys)
+        w.writeheader()
+        w.writerows(self.history)
+        _atomic_text(self.run_dir / "metrics.csv", buf.getvalue())
+        final = self.history[-1] if self.history else {}
+        imgs = sum(r["img_per_s"] * r["epoch_time"] for r in self.history)
+        train_time = sum(r["epoch_time"] for r in self.history)
+        summary = {
+            "config": OmegaConf.to_container(self.cfg, resolve=True),
+            "epochs_done": self.epoch, "total_epochs": self.epochs, "num_updates": self.num_updates,
+            "final": final, "best": self.best,
+            "params": self.param_count, "macs_per_image": self.macs,
+            "wall_time_s": self.wall_time, "img_per_s": imgs / train_time if train_time else None,
+            "replacement": len(self.report),
+        }
+        _atomic_text(self.run_dir / "summary.json", json.dumps(summary, indent=2, default=str))
+
+    def start_logging(self) -> None:
+        if not self.main:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        cfg_yaml = OmegaConf.to_yaml(self.cfg)
+        self.writer.add_text("config", "```yaml\n" + cfg_yaml + "\n```", self.num_updates)
+        _atomic_text(self.run_dir / "replacement.json", json.dumps(self.report, indent=2, default=str))
+        log.info("run folder: %s", self.run_dir)
+        log.info("model: %s params, %s MACs/image; %d layers replaced; device %s, world size %d",
+                 f"{self.param_count:,}", f"{self.macs:,}" if self.macs is not None else "n/a", len(self.report),
+                 self.device, self.dist.world_size)
+        if self.report:
+            log.info("replacement report:\n%s", models_lib.format_report(self.report))
+
+    def fit(self) -> dict:
+        self.start_logging()
+        try:
+            while self.epoch < self.epochs:
+                self._anneal()
+                self.train_epoch()
+                self.end_epoch()
+        finally:
+            if self.writer is not None:
+                self.writer.close()
+        return {"best": self.best, "final": self.history[-1] if self.history else {}, "run_dir": str(self.run_dir)}
+
+    def _anneal(self) -> None:
+        """Per-epoch temperature schedules of the attention-based operators (DY-Conv, ODConv)."""
+        if not self.cfg.trainer.anneal_temperature:
+            return
+        for module in unwrap(self.model).modules():
+            if hasattr(module, "anneal"):
+                module.anneal(self.epoch)
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def fit(cfg: DictConfig, run_dir: Path) -> dict:
+    run = Run(cfg, run_dir)
+    try:
+        return run.fit()
+    finally:
+        distributed.shutdown()

@@ -1,0 +1,50 @@
+import pickle
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from engine import checkpoint as ck
+
+
+def test_atomic_save_roundtrip_and_no_temp_left(tmp_path):
+    obj = {"w": torch.arange(5.0), "epoch": 3, "cfg": "a: 1\n"}
+    ck.atomic_save(obj, tmp_path / "c" / "last.pt")
+    out = ck.load(tmp_path / "c" / "last.pt")
+    assert torch.equal(out["w"], obj["w"]) and out["epoch"] == 3
+    assert [p.name for p in (tmp_path / "c").iterdir()] == ["last.pt"]
+
+
+def test_rng_state_roundtrip_through_a_checkpoint(tmp_path):
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    ck.atomic_save({"rng": ck.rng_state()}, tmp_path / "r.pt")
+    expected = (random.random(), np.random.rand(), torch.rand(1).item())
+    random.seed(9), np.random.seed(9), torch.manual_seed(9)
+    ck.set_rng_state(ck.load(tmp_path / "r.pt")["rng"])
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+
+
+def test_load_refuses_code(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    p = tmp_path / "evil.pt"
+    with open(p, "wb") as f:
+        pickle.dump({"x": Evil()}, f)
+    with pytest.raises(pickle.UnpicklingError):
+        ck.load(p)
+
+
+def test_resolve_resume(tmp_path):
+    run = tmp_path / "outputs" / "train" / "run1"
+    ck.atomic_save({"a": 1}, run / "checkpoints" / "last.pt")
+    assert ck.resolve_resume(None) is None and ck.resolve_resume(False) is None
+    assert ck.resolve_resume(True, tmp_path / "outputs") == (run, run / "checkpoints" / "last.pt")
+    assert ck.resolve_resume(str(run)) == (run, run / "checkpoints" / "last.pt")
+    assert ck.resolve_resume(str(run / "checkpoints" / "last.pt"))[0] == run
+    with pytest.raises(FileNotFoundError, match="no run"):
+        ck.resolve_resume(True, tmp_path / "empty")
+    with pytest.raises(FileNotFoundError, match="neither"):
+        ck.resolve_resume(str(tmp_path / "missing"))

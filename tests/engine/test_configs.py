@@ -1,0 +1,47 @@
+"""Every config in configs/ composes against the schema; experiments override only existing keys."""
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import OmegaConf
+
+from engine.config import register_configs
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+GROUPS = sorted(p.name for p in CONFIGS.iterdir() if p.is_dir())
+OPTIONS = [(g, f.stem) for g in GROUPS for f in sorted((CONFIGS / g).glob("*.yaml"))]
+
+
+def _compose(overrides):
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        return compose("train", overrides=overrides)
+
+
+def test_default_config_composes():
+    cfg = _compose([])
+    assert cfg.model.name and cfg.op.name == "conv" and cfg.policy.name == "none"
+    assert cfg.data.name == "fashion_mnist" and cfg.task.name == "classification"
+
+
+@pytest.mark.parametrize("group, option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
+def test_every_option_composes(group, option):
+    cfg = _compose([f"{group}={option}"])
+    OmegaConf.resolve(cfg)  # every interpolation resolves
+
+
+def test_misspelt_key_is_rejected_at_compose_time():
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException) as err:
+        _compose(["trainer.epoch=3"])
+    assert "epoch" in str(err.value.__cause__ or err.value)
+
+
+def test_wrong_type_is_rejected_at_compose_time():
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException):
+        _compose(["optim.momentum=fast"])
