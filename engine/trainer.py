@@ -29,6 +29,7 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 import data as data_lib
+from dynconv.ops.dyconv import anneal_temperature
 import models as models_lib
 from . import checkpoint as ckpt_lib
 from . import distributed
@@ -397,12 +398,9 @@ class Run:
         return {"best": self.best, "final": self.history[-1] if self.history else {}, "run_dir": str(self.run_dir)}
 
     def _anneal(self) -> None:
-        """Per-epoch temperature schedules of the attention-based operators (DY-Conv, ODConv)."""
-        if not self.cfg.trainer.anneal_temperature:
-            return
-        for module in unwrap(self.model).modules():
-            if hasattr(module, "anneal"):
-                module.anneal(self.epoch)
+        """The attention temperature of DY-Conv/ODConv: 30 → 1 over the first 10 epochs, as their papers."""
+        if self.cfg.trainer.anneal_temperature:
+            anneal_temperature(unwrap(self.model), self.epoch)
 
 
 def _atomic_text(path: Path, text: str) -> None:

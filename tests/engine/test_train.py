@@ -50,7 +50,7 @@ def test_resume_after_sigkill_mid_epoch_matches_uninterrupted_run(tmp_path):
     assert killed.returncode == -9, killed.stderr[-2000:]
     state = ck.load(run / "checkpoints" / "last.pt")
     assert (state["epoch"], state["batch"], state["num_updates"]) == (1, 2, 12)
-    run_train([f"trainer.resume={run}"])
+    run_train(args + [f"trainer.resume={run}"])
     a, b = _weights(ref), _weights(run)
     assert a.keys() == b.keys()
     for k in a:

@@ -1,0 +1,47 @@
+"""Static baselines `conv` and `dwconv`, and the Conv2d geometry helper the dynamic operators share."""
+from __future__ import annotations
+
+import torch.nn as nn
+from torch.nn.modules.utils import _pair
+
+from ..registry import register_op
+
+__all__ = ["Conv", "DWConv", "conv_geometry"]
+
+
+def conv_geometry(kernel_size, stride=1, padding=None, dilation=1):
+    """Pairs `(kernel_size, stride, padding, dilation)`; padding None → 'same' = dilation·(k−1)//2."""
+    kernel_size, stride, dilation = _pair(kernel_size), _pair(stride), _pair(dilation)
+    if padding is None:
+        padding = tuple(d * (k - 1) // 2 for k, d in zip(kernel_size, dilation))
+    return kernel_size, stride, _pair(padding), dilation
+
+
+def check_groups(op: str, in_channels: int, out_channels: int, groups: int) -> None:
+    if in_channels % groups or out_channels % groups:
+        raise ValueError(f"{op}: in_channels={in_channels} and out_channels={out_channels} must both be "
+                         f"divisible by groups={groups}")
+
+
+@register_op("conv")
+class Conv(nn.Conv2d):
+    """Plain `nn.Conv2d` with 'same' padding by default: the static baseline in every table."""
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=None, dilation=1, groups=1,
+                 bias=True):
+        k, s, p, d = conv_geometry(kernel_size, stride, padding, dilation)
+        super().__init__(in_channels, out_channels, k, s, p, d, groups, bias)
+
+
+@register_op("dwconv")
+class DWConv(Conv):
+    """Depthwise conv (groups = in_channels); out_channels must be a multiple of in_channels."""
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=None, dilation=1, groups=None,
+                 bias=True):
+        if out_channels % in_channels:
+            raise ValueError(f"dwconv: out_channels={out_channels} must be a multiple of in_channels={in_channels} "
+                             "(a depthwise conv gives each input channel out/in filters); use 'conv' otherwise")
+        if groups not in (None, in_channels):
+            raise ValueError(f"dwconv: groups is always in_channels={in_channels}; got groups={groups}")
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, in_channels, bias)

@@ -1,0 +1,23 @@
+"""Checks shared by the operator tests: a float64 gradcheck over the input and every parameter, and a
+per-sample `F.conv2d` loop (the naive oracle for the kernel-mixing operators)."""
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+
+
+def gradcheck_op(op: torch.nn.Module, x: torch.Tensor) -> bool:
+    """`torch.autograd.gradcheck` of `op(x)` in float64 w.r.t. `x` and every parameter of `op`."""
+    op = op.double()
+    names, params = zip(*op.named_parameters())
+    inputs = (x.double().requires_grad_(), *(p.detach().clone().requires_grad_() for p in params))
+
+    def fn(x, *ps):
+        return functional_call(op, dict(zip(names, ps)), (x,))
+
+    return torch.autograd.gradcheck(fn, inputs)
+
+
+def per_sample_conv(x, weights, biases=None, **conv_kw):
+    """`cat_b F.conv2d(x[b], weights[b], biases[b])`: one ordinary convolution per sample."""
+    biases = [None] * len(x) if biases is None else biases
+    return torch.cat([F.conv2d(x[b:b + 1], weights[b], biases[b], **conv_kw) for b in range(len(x))])
