@@ -32,11 +32,14 @@ def prepare_argv(argv: list[str]) -> list[str]:
 
     - `trainer.resume=...` continues in the run's own folder, replaying that run's overrides
       (the new command line wins where both set a key), and names the checkpoint explicitly.
+    - `-m`/`--multirun` may stand anywhere on the line (argparse wants it before the overrides).
     - torchrun ranks other than 0 get a throw-away Hydra folder: rank 0 picks the one run folder
       and hands it to them (otherwise every process resolves `${now:}` and makes its own).
     """
     args = list(argv[1:])
     multirun = any(a in ("-m", "--multirun") for a in args)
+    if multirun:
+        args = ["--multirun"] + [a for a in args if a not in ("-m", "--multirun")]
     resume = next((a.split("=", 1)[1] for a in args if _key(a) == "trainer.resume"), None)
     target = resolve_resume(resume) if resume is not None and not multirun else None
     if target is not None:
