@@ -42,6 +42,8 @@ def topk_correct(logits: torch.Tensor, target: torch.Tensor, ks=(1, 5)) -> list[
 class ClassificationTask:
     """Cross-entropy with label smoothing, optional mixup/cutmix; top-1/top-5 evaluation."""
 
+    backbone_num_classes = None  # the backbone's classifier has one output per class of the data
+
     def __init__(self, trainer_cfg, info):
         t = trainer_cfg
         self.mixup = None

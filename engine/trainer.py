@@ -35,9 +35,19 @@ from . import checkpoint as ckpt_lib
 from . import distributed
 from .sampler import EpochBatches, SeededItems
 from .syncbn import convert_sync_batchnorm
+from . import face  # noqa: F401  (registers task=face)
 from .tasks import build_task
 
 log = logging.getLogger("dynconv")
+
+
+def build_data(cfg):
+    """(train set, validation set or verification pair sets, DataInfo) for `cfg.name`."""
+    from data.face import FACE_DATASETS
+
+    if cfg.name in FACE_DATASETS:
+        return FACE_DATASETS[cfg.name](cfg)
+    return data_lib.build_datasets(cfg)
 
 
 def pick_device(name: str) -> torch.device:
@@ -92,30 +102,34 @@ class Run:
             torch.backends.cudnn.benchmark = True
         seed_everything(cfg.seed + self.dist.rank)
 
-        # data
-        train_ds, val_ds, self.info = data_lib.build_datasets(cfg.data)
+        # data: a validation Dataset (classification) or a list of verification PairSets (faces)
+        train_ds, val, self.info = build_data(cfg.data)
         limit_train = 2 if t.dry_run else t.limit_train_batches
         limit_val = 1 if t.dry_run else t.limit_val_batches
         bs = cfg.data.batch_size
         self.train_batches = EpochBatches(len(train_ds), bs, shuffle=True, drop_last=True, seed=cfg.seed,
                                           rank=self.dist.rank, world_size=self.dist.world_size, limit=limit_train)
-        val_batches = EpochBatches(len(val_ds), bs, shuffle=False, drop_last=False, seed=cfg.seed,
-                                   rank=self.dist.rank, world_size=self.dist.world_size, limit=limit_val)
         workers = cfg.data.workers
         loader_kw = dict(num_workers=workers, pin_memory=cfg.data.pin_memory and self.device.type == "cuda",
-                         persistent_workers=cfg.data.persistent_workers and workers > 0)
-        # a private generator: creating a loader iterator must not draw from the global RNG streams,
-        # which a mid-epoch resume restores to their state at the checkpoint
-        loader_kw["generator"] = torch.Generator().manual_seed(cfg.seed)
+                         persistent_workers=cfg.data.persistent_workers and workers > 0,
+                         # a private generator: creating a loader iterator must not draw from the global
+                         # RNG streams, which a mid-epoch resume restores to their state at the checkpoint
+                         generator=torch.Generator().manual_seed(cfg.seed))
         self.train_loader = DataLoader(SeededItems(train_ds), batch_sampler=self.train_batches, **loader_kw)
-        self.val_loader = DataLoader(SeededItems(val_ds), batch_sampler=val_batches, **loader_kw)
+        self.val = val
+        if isinstance(val, torch.utils.data.Dataset):
+            val_batches = EpochBatches(len(val), bs, shuffle=False, drop_last=False, seed=cfg.seed,
+                                       rank=self.dist.rank, world_size=self.dist.world_size, limit=limit_val)
+            self.val = DataLoader(SeededItems(val), batch_sampler=val_batches, **loader_kw)
 
         # model
         to_dict = functools.partial(OmegaConf.to_container, resolve=True)
+        task_cfg = {**to_dict(cfg.task), **({"head": to_dict(cfg.head)} if cfg.head else {})}
+        self.task = build_task(task_cfg, t, self.info)
+        num_classes = self.task.backbone_num_classes
         backbone, self.report = models_lib.build(to_dict(cfg.model), to_dict(cfg.op), to_dict(cfg.policy),
-                                                 num_classes=self.info.num_classes, in_chans=self.info.in_chans,
-                                                 input_size=tuple(self.info.input_size))
-        self.task = build_task(to_dict(cfg.task), t, self.info)
+                                                 num_classes=self.info.num_classes if num_classes is None else num_classes,
+                                                 in_chans=self.info.in_chans, input_size=tuple(self.info.input_size))
         model = self.task.wrap(backbone).to(self.device)
         if t.channels_last:
             model = model.to(memory_format=torch.channels_last)
@@ -255,7 +269,7 @@ class Run:
             self.batch += 1
             if last_micro:
                 self._optimizer_step()
-                if self.num_updates % t.log_interval == 0:
+                if self.num_updates % t.log_interval == 0 or self.batch == self.train_batches.num_batches():
                     step_loss = distributed.all_reduce_sum(loss.detach().float().cpu().reshape(1), self.dist)
                     self._scalar("train/loss", step_loss.item() / self.dist.world_size)
                     self._scalar("lr", self.lr())
@@ -304,11 +318,13 @@ class Run:
                "data_time": m["data_time"] / max(m["steps"] * self.accum, 1)}
         last = self.epoch + 1 == self.epochs
         if (self.epoch + 1) % t.eval_interval == 0 or last:
-            val = self.task.evaluate(self.model, self.val_loader, self.device, self.autocast, self.dist,
-                                     t.channels_last)
+            # evaluate the bare module: DDP's buffer broadcast would stall on ranks with fewer batches
+            eval_model = self.model.module if self.dist.enabled else self.model
+            val = self.task.evaluate(eval_model, self.val, self.device, self.autocast, self.dist, t.channels_last)
             row.update({f"val_{k}": v for k, v in val.items()})
+            self._images(eval_model)
             if self.ema is not None:
-                val = self.task.evaluate(self.ema.module, self.val_loader, self.device, self.autocast, self.dist,
+                val = self.task.evaluate(self.ema.module, self.val, self.device, self.autocast, self.dist,
                                          t.channels_last)
                 row.update({f"val_ema_{k}": v for k, v in val.items()})
         self._log_epoch(row)
@@ -326,6 +342,12 @@ class Run:
             ckpt_lib.atomic_copy(self.ckpt_dir / "last.pt", self.ckpt_dir / "best.pt")
         self._write_tables()
         return row
+
+    def _images(self, model) -> None:
+        """Images a task shows in TensorBoard (face: ROC curves, TVConv affinity maps and filters)."""
+        if self.writer is not None and hasattr(self.task, "images"):
+            for tag, img in self.task.images(model).items():
+                self.writer.add_image(tag, img, self.num_updates, dataformats="HWC")
 
     def _better(self, a: float, b: float) -> bool:
         return a < b if self.cfg.trainer.eval_metric == "loss" else a > b

@@ -9,9 +9,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 
-# a few-second run: a narrow small-input ResNet-50 on generated images
+# a few-second run: a narrow small-input ResNet-50 on generated images (the model part is left out when the
+# test picks its own model)
+TINY_MODEL = ["model=resnet50", "model.width=0.125", "model.small_input=true"]
 TINY = [
-    "model=resnet50", "model.width=0.125", "model.small_input=true",
     "data=synthetic", "data.img_size=16", "data.train_size=256", "data.val_size=64", "data.batch_size=16",
     "data.workers=0", "trainer.progress=false", "trainer.count_flops=false",
 ]
@@ -19,7 +20,8 @@ TINY = [
 
 def run_train(args, run_dir=None, env=None, check=True, launcher=None, timeout=600):
     """Run train.py (optionally under a launcher such as torchrun) and return the CompletedProcess."""
-    cmd = [*(launcher or [sys.executable]), str(ROOT / "train.py"), *TINY, *args]
+    own_model = any(a.startswith("model=") for a in args)
+    cmd = [*(launcher or [sys.executable]), str(ROOT / "train.py"), *([] if own_model else TINY_MODEL), *TINY, *args]
     if run_dir is not None:
         cmd.append(f"hydra.run.dir={run_dir}")
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}

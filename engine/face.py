@@ -1,0 +1,95 @@
+"""Face recognition task (`task=face`): backbone embedding → margin head (CosFace/ArcFace), scored by
+verification on held-out identities (10-fold accuracy, TAR@FAR, ROC AUC), TVConv's recipe."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from models.face_heads import build_head
+from .tasks import register_task
+from .verification import evaluate_sets, mean_accuracy, roc_image
+
+
+class FaceModel(nn.Module):
+    """The trained module: `forward(x, labels)` gives margin logits; `backbone(x)` the embedding."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Module):
+        super().__init__()
+        self.backbone, self.head = backbone, head
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        return self.head(self.backbone(x), labels)
+
+
+@register_task("face")
+class FaceTask:
+    backbone_num_classes = 0  # the backbone returns its embedding (timm's num_classes=0: features)
+
+    def __init__(self, trainer_cfg, info, *, head: dict, flip_test: bool = False, eval_batch_size: int = 64):
+        if not head:
+            raise ValueError("task=face needs a margin head: head=cosface or head=arcface")
+        self.head_cfg, self.info = dict(head), info
+        self.flip_test, self.eval_batch_size = flip_test, eval_batch_size
+        self.last_results = {}
+
+    def wrap(self, backbone: nn.Module) -> nn.Module:
+        was_training = backbone.training
+        with torch.no_grad():
+            dim = backbone.eval()(torch.zeros(1, self.info.in_chans, *self.info.input_size)).shape[1]
+        backbone.train(was_training)
+        head = build_head(**self.head_cfg, embedding_size=dim, num_classes=self.info.num_classes)
+        return FaceModel(backbone, head)
+
+    def train_step(self, model, x, y, epoch: int):
+        logits = model(x, y)
+        loss = F.cross_entropy(logits.float(), y)
+        return loss, (logits.detach().argmax(1) == y).sum()
+
+    @torch.no_grad()
+    def evaluate(self, model, pairsets, device, autocast, dist_info, channels_last=False) -> dict:
+        with autocast():
+            results = evaluate_sets(model.backbone, pairsets, flip=self.flip_test, batch_size=self.eval_batch_size,
+                                    device=device)
+        self.last_results = results
+        out = {"mean_acc": 100 * mean_accuracy(results)}
+        for name, r in results.items():
+            out.update({f"{name}/{k}": (100 * v if k.startswith(("acc", "tar")) else v)
+                        for k, v in r.scalars().items()})
+        return out
+
+    def images(self, model) -> dict[str, np.ndarray]:
+        """ROC curves of the last evaluation, and TVConv's affinity maps and generated filters (HWC uint8)."""
+        out = {f"roc/{name}": roc_image(r.fpr, r.tpr) for name, r in self.last_results.items()}
+        out.update(tvconv_images(model))
+        return out
+
+
+def _grid(maps: torch.Tensor, cols: int = 8, pad: int = 1) -> np.ndarray:
+    """(N, h, w) maps, each min-max scaled, tiled into one gray HWC uint8 image."""
+    maps = maps.detach().float().cpu()
+    lo = maps.flatten(1).min(1).values[:, None, None]
+    hi = maps.flatten(1).max(1).values[:, None, None]
+    maps = (maps - lo) / (hi - lo).clamp_min(1e-12)
+    n, h, w = maps.shape
+    rows = -(-n // cols)
+    canvas = torch.ones(rows * (h + pad), min(n, cols) * (w + pad))
+    for i, m in enumerate(maps):
+        r, c = divmod(i, cols)
+        canvas[r * (h + pad):r * (h + pad) + h, c * (w + pad):c * (w + pad) + w] = m
+    return (canvas[..., None].expand(-1, -1, 3) * 255).round().to(torch.uint8).numpy()
+
+
+def tvconv_images(model: nn.Module, layers: int = 2) -> dict[str, np.ndarray]:
+    """Affinity maps and the first channels' generated per-pixel filters of the first TVConv layers."""
+    from dynconv.ops.tvconv import TVConv
+
+    out = {}
+    tv = [(n, m) for n, m in model.named_modules() if isinstance(m, TVConv) and not m.frozen][:layers]
+    with torch.no_grad():
+        for name, m in tv:
+            out[f"tvconv/{name}/affinity"] = _grid(m.posi_map[0])
+            w = m.filters()[0][0]  # (C, K*K, h, w)
+            out[f"tvconv/{name}/filters"] = _grid(w[:4].flatten(0, 1), cols=w.shape[1])
+    return out

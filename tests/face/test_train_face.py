@@ -1,0 +1,23 @@
+"""`python train.py task=face data=orl ...` end to end: verification scalars, ROC and TVConv images."""
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from tests.engine.conftest import read_scalars, run_train, summary
+
+FACE = ["task=face", "data=orl", "model=face_mobilenetv2_x0_1", "data.img_size=32", "data.batch_size=32",
+        "trainer.epochs=1", "trainer.limit_train_batches=2"]
+
+
+def test_face_training_reports_verification_on_held_out_identities(tmp_path):
+    run = tmp_path / "run"
+    run_train(FACE + ["op=tvconv", "head=arcface"], run)
+    s = read_scalars(run)
+    for tag in ["train/loss", "val/mean_acc", "val/orl/acc", "val/orl/auc", "lr"]:
+        assert tag in s, sorted(s)
+    assert 0 <= s["val/orl/acc"][-1][1] <= 100
+    acc = EventAccumulator(str(run / "tb"), size_guidance={"images": 0})
+    acc.Reload()
+    images = acc.Tags()["images"]
+    assert "roc/orl" in images and any(t.startswith("tvconv/") and t.endswith("/affinity") for t in images)
+    out = summary(run)
+    assert out["best"]["key"] == "val_mean_acc" and out["config"]["head"]["name"] == "arcface"
+    assert out["replacement"] > 0  # every depthwise conv became a TVConv
