@@ -8,11 +8,7 @@
 from .registry import create_op, get_op, list_ops, register_op, check_op_kwargs, op_options
 from .functional.backend import get_backend, set_backend, use_backend
 from . import ops  # noqa: F401  (registers every operator)
-
-try:
-    from .replace import replace  # noqa: F401
-except ImportError:  # replace.py lands with the backbone work
-    pass
+from .replace import replace
 
 __all__ = ["create_op", "get_op", "list_ops", "register_op", "check_op_kwargs", "op_options",
            "get_backend", "set_backend", "use_backend", "replace"]

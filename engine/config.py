@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
 
 from data.config import DataConfig
 
@@ -97,3 +98,5 @@ class Config:
 
 def register_configs() -> None:
     ConfigStore.instance().store(name="schema", node=Config)
+    if not OmegaConf.has_resolver("or"):  # `${or:a,b}`: a unless it is null (run-folder names)
+        OmegaConf.register_new_resolver("or", lambda a, b: b if a is None else a)

@@ -25,7 +25,7 @@ def _compose(overrides):
 
 def test_default_config_composes():
     cfg = _compose([])
-    assert cfg.model.name and cfg.op.name == "conv" and cfg.policy.name == "none"
+    assert cfg.model.name and cfg.op.name is None and cfg.policy.name == "none"  # op: the model's own
     assert cfg.data.name == "fashion_mnist" and cfg.task.name == "classification"
 
 

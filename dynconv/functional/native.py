@@ -1,0 +1,179 @@
+"""Compiled CPU kernel for `pixel_filter` (C++/OpenMP, built from `dynconv/csrc/` on first use).
+
+The fast backend calls `pixel_filter` here when `available(...)` is true. The extension is
+compiled with the machine's C++ compiler through `torch.utils.cpp_extension.load` into a
+persistent folder, `$DYNCONV_CACHE_DIR` or `~/.cache/dynconv` (`$XDG_CACHE_HOME` honoured), under
+`ext-<hash>`, where the hash covers the sources, the flags, the torch and Python versions and the
+CPU's instruction-set flags; so the `-march=native` build is never reused on a different CPU, and
+a second process (or run) only loads the cached library. `build_info()` reports where it lives and
+what the build or load cost. A failed build gives one warning and `available()` turns False, so
+the pure-PyTorch path runs. `DYNCONV_NATIVE=0` switches the kernel off.
+
+Computation: float32 and float64 natively; bfloat16 and float16 inputs are computed in float32
+(accumulation in float32) and cast back. The kernel reads contiguous NCHW, so channels_last or
+otherwise strided inputs are copied once to contiguous (one extra read and write of the input).
+The per-pixel channel sums of the channel filter's gradient are accumulated in double.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+_SOURCES = [Path(__file__).resolve().parent.parent / "csrc" / "pixel_filter_cpu.cpp"]
+_CFLAGS = ["-O3", "-march=native", "-fopenmp", "-mprefer-vector-width=512"]
+_LDFLAGS = ["-fopenmp"]
+_COMBINE = {None: 0, "mul": 1, "add": 2}
+_NATIVE_DTYPES = (torch.float32, torch.float64)
+_UPCAST_DTYPES = (torch.bfloat16, torch.float16)
+
+_ext = None
+_tried = False
+_info: dict = {}
+
+
+def enabled() -> bool:
+    """False when the environment says `DYNCONV_NATIVE=0` (or `false`/`off`)."""
+    return os.environ.get("DYNCONV_NATIVE", "1").strip().lower() not in ("0", "false", "off", "no")
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def build_dir() -> Path:
+    """The folder the extension is built into (one per sources/flags/torch/CPU combination)."""
+    h = hashlib.sha256()
+    for src in _SOURCES:
+        h.update(src.read_bytes())
+    for part in (_CFLAGS, _LDFLAGS, torch.__version__, platform.python_version(), platform.machine(),
+                 _cpu_flags()):
+        h.update(repr(part).encode())
+    root = os.environ.get("DYNCONV_CACHE_DIR") or Path(
+        os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dynconv"
+    return Path(root) / f"ext-{h.hexdigest()[:16]}"
+
+
+def load():
+    """The compiled extension module, building it on first use; None if it cannot be built."""
+    global _ext, _tried
+    if _tried or not enabled():
+        return _ext
+    _tried = True
+    from torch.utils import cpp_extension
+
+    folder = build_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    name = "dynconv_pixel_filter_" + folder.name.removeprefix("ext-")
+    cached = any(folder.glob(f"{name}*.so"))
+    t0 = time.perf_counter()
+    try:
+        _ext = cpp_extension.load(name=name, sources=[str(s) for s in _SOURCES],
+                                  extra_cflags=_CFLAGS, extra_ldflags=_LDFLAGS,
+                                  build_directory=str(folder), verbose=False)
+    except Exception as err:  # any compiler/linker failure: fall back to the PyTorch path
+        warnings.warn(f"dynconv: the native pixel_filter kernel failed to build in {folder} "
+                      f"({type(err).__name__}: {str(err).strip()[-500:]}); using the pure-PyTorch "
+                      "fast path. Set DYNCONV_NATIVE=0 to skip the attempt.", RuntimeWarning)
+        _ext = None
+    _info.update(path=str(folder), cached=cached, seconds=time.perf_counter() - t0,
+                 built=_ext is not None)
+    return _ext
+
+
+def build_info() -> dict:
+    """Where the extension lives, whether it was already built, and what loading it cost (s)."""
+    load()
+    return dict(_info)
+
+
+def available(x: Tensor, spatial: Tensor, channel: Tensor | None = None) -> bool:
+    """True when the compiled kernel can serve these inputs (CPU, floating point, built)."""
+    tensors = [t for t in (x, spatial, channel) if t is not None]
+    if not enabled() or any(t.device.type != "cpu" for t in tensors):
+        return False
+    if any(t.dtype not in _NATIVE_DTYPES + _UPCAST_DTYPES for t in tensors):
+        return False
+    return load() is not None
+
+
+def _compute_dtype(tensors) -> torch.dtype:
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+class _PixelFilter(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, spatial, channel, mode, k, s, p, d):
+        ctx.geom = (mode, k, s, p, d)
+        ctx.save_for_backward(x, spatial, channel)
+        empty = x.new_empty(0)
+        return _ext.forward(x, spatial, empty if channel is None else channel, mode, k, s, p, d)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        x, spatial, channel = ctx.saved_tensors
+        mode, k, s, p, d = ctx.geom
+        empty = x.new_empty(0)
+        gx, gs, gc = _ext.backward(grad_out.contiguous(), x, spatial,
+                                   empty if channel is None else channel, mode, k, s, p, d)
+        need = ctx.needs_input_grad
+        return (gx if need[0] else None, gs if need[1] else None,
+                gc if channel is not None and need[2] else None, None, None, None, None, None)
+
+
+def _check(x: Tensor, spatial: Tensor, channel: Tensor | None, k: int, ho: int, wo: int) -> None:
+    if x.dim() != 4 or spatial.dim() != 5:
+        raise ValueError(f"pixel_filter expects x (B, C, H, W) and spatial (Bs, G, K*K, Ho, Wo); got "
+                         f"{tuple(x.shape)} and {tuple(spatial.shape)}")
+    b, c = x.shape[:2]
+    bs, g, kk, sh, sw = spatial.shape
+    if bs not in (1, b) or kk != k * k or (sh, sw) != (ho, wo) or g < 1 or c % g:
+        raise ValueError(f"spatial filter shape {tuple(spatial.shape)} does not fit x {tuple(x.shape)}: "
+                         f"expected ({b} or 1, G dividing {c}, {k * k}, {ho}, {wo})")
+    if channel is not None and tuple(channel.shape) != (b, c, k * k):
+        raise ValueError(f"channel filter shape {tuple(channel.shape)}: expected {(b, c, k * k)}")
+
+
+def pixel_filter(x: Tensor, spatial: Tensor, channel: Tensor | None = None, *, kernel_size: int,
+                 stride: int = 1, padding: int | None = None, dilation: int = 1,
+                 combine: str = "mul") -> Tensor:
+    """`out[b,c,i,j] = Σ_k F[b,c,k,i,j] · x[b, c, i·s − p + kh·d, j·s − p + kw·d]` by the compiled kernel.
+
+    Same contract as `dynconv.functional.pixel_filter`; call only when `available(...)` is true.
+    """
+    if load() is None:
+        raise RuntimeError("the native pixel_filter kernel is not built (disabled by DYNCONV_NATIVE=0 "
+                           "or failed to compile); check available(...) first")
+    if combine not in ("mul", "add"):
+        raise ValueError(f"combine must be 'mul' or 'add', got {combine!r}")
+    k, s, d = int(kernel_size), int(stride), int(dilation)
+    p = d * (k - 1) // 2 if padding is None else int(padding)
+    ho = (x.shape[2] + 2 * p - d * (k - 1) - 1) // s + 1
+    wo = (x.shape[3] + 2 * p - d * (k - 1) - 1) // s + 1
+    _check(x, spatial, channel, k, ho, wo)
+    tensors = [t for t in (x, spatial, channel) if t is not None]
+    out_dtype = x.dtype
+    for t in tensors[1:]:
+        out_dtype = torch.promote_types(out_dtype, t.dtype)
+    cdt = _compute_dtype(tensors)
+    xc, sc = x.to(cdt).contiguous(), spatial.to(cdt).contiguous()
+    cc = None if channel is None else channel.to(cdt).contiguous()
+    mode = _COMBINE[combine] if channel is not None else _COMBINE[None]
+    return _PixelFilter.apply(xc, sc, cc, mode, k, s, p, d).to(out_dtype)
+
+
+if __name__ == "__main__":  # `python -m dynconv.functional.native` builds the kernel ahead of time
+    print(build_info())

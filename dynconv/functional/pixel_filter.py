@@ -1,0 +1,252 @@
+"""`pixel_filter`: per-pixel (translation-variant) filtering, the aggregation of involution, DDF,
+TVConv and local Deformable Kernels (DESIGN.md, "The one idea").
+
+    out[b,c,i,j] = Σ_k F[b,c,k,i,j] · x[b, c, i·s − p + kh·d, j·s − p + kw·d]      k = kh·K + kw
+
+with zero padding, `F = spatial[b', g(c), k, i, j]` (b' = b, or 0 when the filter is shared by the
+batch as in TVConv) and channels in contiguous groups `g(c) = c // (C // G)` as in involution
+(Li et al. 2021, Eq. 4). An optional channel filter `A[b, c, k]` (DDF, Zhou et al. 2021, Eq. 5)
+is combined first: `F = A · S` ("mul") or `F = A + S` ("add").
+
+Backends: "reference" unfolds the input (obviously correct, the tests' oracle); "fast" loops over
+the K² taps with a hand-derived backward and never holds a (B, C·K², Ho, Wo) tensor.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.nn.modules.utils import _pair
+
+from .backend import resolve
+
+try:
+    from . import native
+except ImportError:
+    native = None
+
+COMBINES = ("mul", "add")
+
+
+def conv_out_size(size: int, kernel_size: int, stride: int, padding: int, dilation: int) -> int:
+    """The convolution output-size formula, floor((H + 2p − d(K−1) − 1) / s) + 1."""
+    return (size + 2 * padding - dilation * (kernel_size - 1) - 1) // stride + 1
+
+
+def resolve_padding(kernel_size: int, padding, dilation) -> tuple[int, int]:
+    """`padding` as a pair; None means the centred default d·(K−1)//2."""
+    d = _pair(dilation)
+    if padding is None:
+        return tuple(di * (kernel_size - 1) // 2 for di in d)
+    return _pair(padding)
+
+
+def centre_aligned(x: Tensor, kernel_size: int, padding, dilation) -> Tensor:
+    """Crop `x` so that pixel (i·s, j·s) is the centre tap of output (i, j).
+
+    Kernel generators that look at the input at the output's own position (involution's pooled
+    input, DDF's strided 1×1 conv) need this when `padding` is smaller than the centred default;
+    with the default it is `x` itself. Larger padding would put centres outside the input.
+    """
+    p = resolve_padding(kernel_size, padding, dilation)
+    off = [di * (kernel_size - 1) // 2 - pi for di, pi in zip(_pair(dilation), p)]
+    if min(off) < 0:
+        raise ValueError(
+            f"padding {p} exceeds the centred padding for kernel_size={kernel_size}, dilation={dilation}; "
+            "this operator's kernel generator needs padding <= dilation*(kernel_size-1)//2"
+        )
+    return x[..., off[0]:, off[1]:]
+
+
+def check_channelwise(name: str, in_channels: int, out_channels: int, groups: int) -> None:
+    """Shape checks shared by the channel-wise operators (involution, DDF, TVConv, local DK)."""
+    if out_channels != in_channels:
+        raise ValueError(
+            f"{name} filters each channel separately and cannot map {in_channels} to {out_channels} channels; "
+            "use out_channels == in_channels (the replacement policy adds a 1x1 projection conv for this)"
+        )
+    if groups < 1 or in_channels % groups:
+        raise ValueError(f"{name}: groups={groups} must be a positive divisor of in_channels={in_channels}")
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Half types accumulate in float32."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _memory_format(x: Tensor) -> torch.memory_format:
+    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
+def zeros_in_format(shape, like: Tensor, dtype: torch.dtype) -> Tensor:
+    """A zero tensor in `like`'s memory format (torch.zeros takes no memory_format)."""
+    return torch.empty(shape, dtype=dtype, device=like.device, memory_format=_memory_format(like)).zero_()
+
+
+def padded_input(x: Tensor, padding: tuple[int, int], dtype: torch.dtype | None = None) -> Tensor:
+    """`x` zero-padded by `padding` on each side, in `dtype`, keeping x's memory format."""
+    dtype = dtype or x.dtype
+    ph, pw = padding
+    if ph == pw == 0 and dtype == x.dtype:
+        return x
+    B, C, H, W = x.shape
+    xp = zeros_in_format((B, C, H + 2 * ph, W + 2 * pw), x, dtype)
+    xp[:, :, ph:ph + H, pw:pw + W] = x
+    return xp
+
+
+def tap(xp: Tensor, k: int, kernel_size: int, stride, dilation, out_size) -> Tensor:
+    """The (B, C, Ho, Wo) strided view of padded input `xp` that tap k = kh·K + kw reads."""
+    kh, kw = divmod(k, kernel_size)
+    (sh, sw), (dh, dw), (ho, wo) = stride, dilation, out_size
+    return xp[:, :, kh * dh: kh * dh + (ho - 1) * sh + 1: sh, kw * dw: kw * dw + (wo - 1) * sw + 1: sw]
+
+
+def common_dtype(*tensors: Tensor | None) -> list[Tensor | None]:
+    """Cast `tensors` (None passes through) to one dtype: autocast's when it is on (the primitives
+    are conv-like), else their promoted dtype."""
+    present = [t for t in tensors if t is not None]
+    dev = present[0].device.type
+    if torch.is_autocast_enabled(dev):
+        dtype = torch.get_autocast_dtype(dev)
+    else:
+        dtype = present[0].dtype
+        for t in present[1:]:
+            dtype = torch.promote_types(dtype, t.dtype)
+    return [None if t is None else t.to(dtype) for t in tensors]
+
+
+def _check(x, spatial, channel, K, s, p, d, combine) -> None:
+    if x.dim() != 4:
+        raise ValueError(f"pixel_filter: x must be (B, C, H, W), got shape {tuple(x.shape)}")
+    if spatial.dim() != 5:
+        raise ValueError(f"pixel_filter: spatial must be (B or 1, G, K*K, Ho, Wo), got shape {tuple(spatial.shape)}")
+    B, C, H, W = x.shape
+    Bs, G, KK, Ho, Wo = spatial.shape
+    if Bs not in (1, B):
+        raise ValueError(f"pixel_filter: spatial batch {Bs} must be 1 (shared) or the input batch {B}")
+    if G < 1 or C % G:
+        raise ValueError(f"pixel_filter: spatial groups G={G} must divide the {C} input channels")
+    if KK != K * K:
+        raise ValueError(f"pixel_filter: spatial has {KK} taps but kernel_size={K} needs {K * K}")
+    expected = tuple(conv_out_size(n, K, si, pi, di) for n, si, pi, di in zip((H, W), s, p, d))
+    if min(expected) < 1:
+        raise ValueError(f"pixel_filter: input {H}x{W} is too small for kernel_size={K}, dilation={d}, padding={p}")
+    if (Ho, Wo) != expected:
+        raise ValueError(
+            f"pixel_filter: spatial filter is {Ho}x{Wo} but a {H}x{W} input with kernel_size={K}, stride={s}, "
+            f"padding={p}, dilation={d} gives an output of {expected[0]}x{expected[1]}; make the filter that size"
+        )
+    if channel is not None and tuple(channel.shape) != (B, C, KK):
+        raise ValueError(f"pixel_filter: channel must be (B, C, K*K) = {(B, C, KK)}, got {tuple(channel.shape)}")
+    if combine not in COMBINES:
+        raise ValueError(f"pixel_filter: combine must be one of {COMBINES}, got {combine!r}")
+
+
+def _reference(x, spatial, channel, K, s, p, d, combine) -> Tensor:
+    B, C = x.shape[:2]
+    _, G, KK, Ho, Wo = spatial.shape
+    cols = F.unfold(x, K, dilation=d, padding=p, stride=s).view(B, G, C // G, KK, Ho, Wo)
+    filt = spatial.unsqueeze(2)
+    if channel is not None:
+        a = channel.view(B, G, C // G, KK, 1, 1)
+        filt = filt * a if combine == "mul" else filt + a
+    return (cols * filt).sum(3).view(B, C, Ho, Wo)
+
+
+class _PixelFilter(torch.autograd.Function):
+    """Tap-by-tap forward and backward; every temporary is at most (B, C, Ho, Wo).
+
+    Backward, with P_k = grad_out · x_tap_k (per tap):
+      grad_x_tap_k   += grad_out · F_k                        (scatter-add into a padded buffer)
+      grad_spatial_k  = Σ_{c∈g} P_k · A_k  ("mul"), Σ_{c∈g} P_k  (otherwise; also Σ_b when shared)
+      grad_channel_k  = Σ_{i,j} P_k · S_k  ("mul"), Σ_{i,j} P_k  ("add")
+    """
+
+    @staticmethod
+    def forward(ctx, x, spatial, channel, K, s, p, d, combine):
+        ctx.save_for_backward(x, spatial, channel)
+        ctx.geometry = (K, s, p, d, combine)
+        acc = acc_dtype(x.dtype)
+        B, C = x.shape[:2]
+        _, G, KK, Ho, Wo = spatial.shape
+        xp = padded_input(x, p, acc)
+        out = zeros_in_format((B, C, Ho, Wo), x, acc)
+        out_g = out.view(B, G, C // G, Ho, Wo)
+        ch = None if channel is None else channel.to(acc).view(B, G, C // G, KK)
+        buf = torch.empty_like(out_g) if combine == "mul" and ch is not None else None
+        for k in range(KK):
+            xt = tap(xp, k, K, s, d, (Ho, Wo)).view(B, G, C // G, Ho, Wo)
+            sk = spatial[:, :, k].to(acc).unsqueeze(2)
+            if ch is None:
+                out_g.addcmul_(xt, sk)
+            elif combine == "add":
+                out_g.addcmul_(xt, sk).addcmul_(xt, ch[..., k, None, None])
+            else:
+                out_g.addcmul_(torch.mul(xt, ch[..., k, None, None], out=buf), sk)
+        return out.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, spatial, channel = ctx.saved_tensors
+        K, s, p, d, combine = ctx.geometry
+        need_x, need_s, need_c = ctx.needs_input_grad[:3]
+        with torch.autocast(x.device.type, enabled=False):
+            acc = acc_dtype(x.dtype)
+            B, C, H, W = x.shape
+            Bs, G, KK, Ho, Wo = spatial.shape
+            go = grad_out.to(acc).view(B, G, C // G, Ho, Wo)
+            ch = None if channel is None else channel.to(acc).view(B, G, C // G, KK)
+            mul = combine == "mul" and ch is not None
+            xp = padded_input(x, p, acc) if need_s or need_c else None
+            (ph, pw) = p
+            gxp = zeros_in_format((B, C, H + 2 * ph, W + 2 * pw), x, acc) if need_x else None
+            gs = torch.empty(spatial.shape, dtype=acc, device=x.device) if need_s else None
+            gc = torch.empty(B, G, C // G, KK, dtype=acc, device=x.device) if need_c else None
+            buf = torch.empty_like(go)
+            for k in range(KK):
+                sk = spatial[:, :, k].to(acc)
+                if need_s or need_c:
+                    prod = torch.mul(go, tap(xp, k, K, s, d, (Ho, Wo)).view(B, G, C // G, Ho, Wo), out=buf)
+                    if need_s:
+                        gsk = torch.einsum("bgchw,bgc->bghw", prod, ch[..., k]) if mul else prod.sum(2)
+                        gs[:, :, k] = gsk.sum(0, keepdim=True) if Bs != B else gsk
+                    if need_c:
+                        gc[..., k] = torch.einsum("bgchw,bghw->bgc", prod, sk) if mul else prod.sum((-2, -1))
+                if need_x:
+                    gxt = tap(gxp, k, K, s, d, (Ho, Wo)).view(B, G, C // G, Ho, Wo)
+                    if ch is None:
+                        gxt.addcmul_(go, sk.unsqueeze(2))
+                    elif combine == "add":
+                        gxt.addcmul_(go, sk.unsqueeze(2)).addcmul_(go, ch[..., k, None, None])
+                    else:
+                        gxt.addcmul_(torch.mul(go, ch[..., k, None, None], out=buf), sk.unsqueeze(2))
+            gx = None
+            if need_x:
+                gx = torch.empty_like(x).copy_(gxp[:, :, ph:ph + H, pw:pw + W])
+            return (gx, None if gs is None else gs.to(spatial.dtype),
+                    None if gc is None else gc.view(B, C, KK).to(channel.dtype), None, None, None, None, None)
+
+
+def pixel_filter(x: Tensor, spatial: Tensor, channel: Tensor | None = None, *, kernel_size: int, stride=1,
+                 padding=None, dilation=1, combine: str = "mul", backend: str | None = None) -> Tensor:
+    """Apply per-pixel filters (module docstring) to `x`.
+
+    x: (B, C, H, W). spatial: (B or 1, G, K*K, Ho, Wo), G dividing C, taps ordered (kh, kw).
+    channel: None or (B, C, K*K). padding None means d·(K−1)//2. (Ho, Wo) follow the conv formula.
+    Under `torch.autocast` the inputs are cast to the autocast dtype (sums still run in float32).
+    """
+    K = int(kernel_size)
+    s, d = _pair(stride), _pair(dilation)
+    p = resolve_padding(K, padding, d)
+    _check(x, spatial, channel, K, s, p, d, combine)
+    x, spatial, channel = common_dtype(x, spatial, channel)
+    with torch.autocast(x.device.type, enabled=False):
+        if resolve(backend) == "reference":
+            return _reference(x, spatial, channel, K, s, p, d, combine)
+        square = s[0] == s[1] and p[0] == p[1] and d[0] == d[1]  # the compiled kernel takes int geometry
+        if native is not None and square and native.available(x, spatial, channel):
+            return native.pixel_filter(x, spatial, channel, kernel_size=K, stride=s[0], padding=p[0],
+                                       dilation=d[0], combine=combine)
+        return _PixelFilter.apply(x, spatial, channel, K, s, p, d, combine)

@@ -1,0 +1,136 @@
+"""One path from a name to a model: `models.build` (Hydra) and `timm.create_model` (our registered names).
+
+Every name we register (an exact paper model such as `rednet50`, or a family such as `rednet` whose
+`depth`/`width` picks the variant) is a `ModelSpec`: a builder that returns the backbone with `Slot`s
+where its operator goes, plus the defaults of that name. Creating one:
+1. splits the keyword arguments into the builder's and the operator's options (unknown keys → error);
+2. builds the backbone;
+3. `dynconv.replace(model, op, policy)` fills the slots and applies the policy;
+4. applies the backbone's own weight init to the new operator modules.
+"""
+from __future__ import annotations
+
+import inspect
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable
+
+import timm
+import torch.nn as nn
+from timm.models import register_model
+
+import dynconv
+from dynconv.replace import Policy, format_report
+
+_MODELS: dict[str, "ModelSpec"] = {}
+# keyword arguments timm.create_model passes to every entrypoint; ours have no pretrained cfgs
+_TIMM_KWARGS = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    builder: Callable[..., nn.Module]  # builder(num_classes=..., in_chans=..., **model_kwargs)
+    fixed: dict = field(default_factory=dict)  # builder kwargs the name fixes (depth=50, ...)
+    op: str = "conv"  # the operator that fills the slots by default
+    policy: str = "none"  # the policy used when the caller names an operator but no policy
+    op_kwargs: dict = field(default_factory=dict)  # operator options the name fixes
+    input_size: tuple = (224, 224)  # dry-pass input size when the caller gives none
+    init: Callable[[str, nn.Module], None] | None = None  # the backbone's init, for new operator modules
+
+
+def register(name: str, builder: Callable[..., nn.Module], **spec) -> None:
+    """Register `name` here and in timm (overriding timm's own entry of that name, e.g. `resnet50`)."""
+    _MODELS[name] = ModelSpec(builder, **spec)
+
+    def entry(pretrained: bool = False, **kwargs) -> nn.Module:
+        if pretrained:
+            raise ValueError(f"{name}: no pretrained weights in timm's hub; convert official ones with "
+                             "scripts/convert_checkpoint.py or load them with models.load_official")
+        for k in _TIMM_KWARGS:
+            kwargs.pop(k, None)
+        return create(name, **kwargs)
+
+    entry.__name__ = entry.__qualname__ = name
+    entry.__module__ = builder.__module__
+    with warnings.catch_warnings():
+        # overriding timm's resnet18/50/101 is intended: ours take op=/policy= and small-input options
+        warnings.filterwarnings("ignore", message=f"Overwriting {name} in registry")
+        register_model(entry)
+
+
+def list_models() -> list[str]:
+    return sorted(_MODELS)
+
+
+def _builder_keys(builder: Callable) -> set[str]:
+    return {k for k, p in inspect.signature(builder).parameters.items() if p.kind is p.KEYWORD_ONLY}
+
+
+def create(name: str, *, num_classes: int | None = None, in_chans: int = 3, op=None, policy=None,
+           input_size=None, **kwargs) -> nn.Module:
+    """Build registered model `name`; `kwargs` are the builder's options and the operator's options.
+
+    The replacement report is kept as `model.replacement_report`.
+    """
+    spec = _MODELS[name]
+    if isinstance(op, dict):
+        op_name, op_kwargs = op["name"], {k: v for k, v in op.items() if k != "name"}
+    else:
+        op_name, op_kwargs = op or spec.op, {}
+    if policy is None:
+        policy = spec.policy if op is not None else "none"
+    model_keys, op_keys = _builder_keys(spec.builder), set(dynconv.op_options(op_name))
+    model_kwargs = {}
+    for k, v in kwargs.items():
+        if k in spec.fixed:
+            raise TypeError(f"{name} fixes {k}={spec.fixed[k]!r}; use its family name to choose {k}")
+        if k in model_keys:
+            model_kwargs[k] = v
+        elif k in op_keys:
+            op_kwargs[k] = v
+        else:
+            valid = ", ".join(sorted(model_keys - set(spec.fixed)))
+            raise TypeError(f"{name}: unknown option {k!r}; model options: {valid}; "
+                            f"options of operator {op_name!r}: {', '.join(sorted(op_keys)) or '(none)'}")
+    if op_name == spec.op:
+        op_kwargs = {**spec.op_kwargs, **op_kwargs}
+    if num_classes is not None:  # else the builder's default (1000 classes; the face nets' embedding)
+        model_kwargs["num_classes"] = num_classes
+    model = spec.builder(in_chans=in_chans, **spec.fixed, **model_kwargs)
+    report = dynconv.replace(model, op_name, policy, input_size=input_size or spec.input_size,
+                             in_chans=in_chans, init=spec.init, **op_kwargs)
+    model.replacement_report = report
+    model.arch = name  # models.load_official picks the key converter by it
+    return model
+
+
+def build(model_cfg: dict, op_cfg: dict | None = None, policy_cfg: dict | None = None, *, num_classes: int,
+          in_chans: int = 3, input_size=None) -> tuple[nn.Module, list[dict]]:
+    """Build from the Hydra `model`, `op` and `policy` groups; returns (model, replacement report).
+
+    `model_cfg["name"]` is one of ours (`list_models()`) or any other timm model, to which the
+    policy is then applied. An `op_cfg` without a name (`configs/op/default.yaml`) means the model's
+    own operator (RedNet: involution; plain backbones: conv).
+    """
+    cfg = dict(model_cfg)
+    name = cfg.pop("name")
+    op = dict(op_cfg) if op_cfg and op_cfg.get("name") else None  # no name: the model's own operator
+    policy = Policy.parse(policy_cfg)
+    if name in _MODELS:
+        model = create(name, num_classes=num_classes, in_chans=in_chans, op=op, policy=policy,
+                       input_size=input_size, **cfg)
+        report = model.replacement_report
+    else:
+        try:
+            model = timm.create_model(name, num_classes=num_classes, in_chans=in_chans, **cfg)
+        except RuntimeError as e:
+            raise ValueError(f"unknown model {name!r}: not one of ours ({', '.join(list_models())}) "
+                             f"and timm says: {e}") from None
+        report = dynconv.replace(model, op or "conv", policy, input_size=input_size, in_chans=in_chans)
+    if op and not report and op["name"] != "conv" and policy.name == "none" and not policy.include:
+        raise ValueError(f"op={op['name']} has no effect: model {name!r} has no operator slots and policy is "
+                         "'none'; choose a policy (all_3x3, dw_only, deep_only) or include patterns")
+    return model, report
+
+
+__all__ = ["ModelSpec", "register", "list_models", "create", "build", "format_report"]
