@@ -1,0 +1,251 @@
+"""Operator benchmark: every registered operator, both primitive backends, side by side (issues 3, 6).
+
+For each shape (default: RedNet-50 stage 1, B=32 C=64 56x56, and stage 3, B=32 C=256 14x14) it
+measures, in one run:
+- every operator of `dynconv.list_ops()` (or `--ops`) under the "reference" and "fast" backends,
+  with its official kernel size (involution 7, the rest 3);
+- `nn.Conv2d` 3x3 and depthwise 3x3 as baselines;
+- the raw `pixel_filter` in its involution (G = C/16, K 7), DDF (G 1 + channel filter, K 3) and
+  TVConv (filter shared by the batch, G = C, K 3) forms, with the compiled kernel ("native"), the
+  pure-PyTorch fast path ("fast", DYNCONV_NATIVE=0) and the unfold reference.
+
+Times are medians over `--repeat` runs after one warm-up: "fwd" is inference (eval mode, no grad),
+"fwd+bwd" a training pass (train mode, forward, `out.sum().backward()`, parameter grads cleared
+first). "peak MB" is the peak extra memory of one fwd+bwd pass: the high-water mark of the running
+sum of the CPU allocator's allocations and frees, as recorded by `torch.profiler` with
+`profile_memory=True` (inputs that exist before the pass are not counted; outputs, saved tensors
+and gradients are; thread-local scratch of the compiled kernel, below 1 MB per thread, is not).
+
+    python scripts/bench_ops.py                      # full tables (minutes: the unfold reference is slow)
+    python scripts/bench_ops.py --ops involution ddf --shapes 32x64x56x56 --repeat 7
+    python scripts/bench_ops.py --quick              # tiny smoke run
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import dynconv  # noqa: E402
+from dynconv.functional import native  # noqa: E402
+from dynconv.functional.pixel_filter import pixel_filter  # noqa: E402
+
+DEFAULT_SHAPES = ["32x64x56x56", "32x256x14x14"]
+KERNEL_SIZE = {"involution": 7}  # official kernel sizes; every other operator replaces a 3x3 conv
+
+
+def median_ms(fn, repeat: int, warmup: int = 1) -> float:
+    """Median wall time of `fn()` in milliseconds over `repeat` runs after `warmup` runs."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        gc.collect()
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)
+
+
+def peak_extra_mb(fn) -> float:
+    """Peak extra CPU memory of `fn()` in MB (allocator events recorded by torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    gc.collect()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    cpu = torch.autograd.DeviceType.CPU
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]" and e.device_type() == cpu)
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return peak / 2**20
+
+
+@contextlib.contextmanager
+def native_enabled(on: bool):
+    """Switch the compiled kernel on or off (DYNCONV_NATIVE) inside the block."""
+    prev = os.environ.get("DYNCONV_NATIVE")
+    os.environ["DYNCONV_NATIVE"] = "1" if on else "0"
+    try:
+        yield
+    finally:
+        if prev is None:
+            del os.environ["DYNCONV_NATIVE"]
+        else:
+            os.environ["DYNCONV_NATIVE"] = prev
+
+
+def measure_module(module: nn.Module, x: torch.Tensor, repeat: int) -> dict:
+    """fwd (eval, no grad), fwd+bwd (train) medians and the fwd+bwd peak memory of `module(x)`."""
+    xg = x.detach().requires_grad_()
+
+    def train_step():
+        module.zero_grad(set_to_none=True)
+        xg.grad = None
+        module(xg).sum().backward()
+
+    def infer():
+        with torch.no_grad():
+            module(x)
+
+    module.eval()
+    fwd = median_ms(infer, repeat)
+    module.train()
+    fb = median_ms(train_step, repeat)
+    return dict(fwd=fwd, fb=fb, mem=peak_extra_mb(train_step))
+
+
+def measure_fn(fn, inputs: list[torch.Tensor], repeat: int) -> dict:
+    """As `measure_module` for a function of tensors (all of which get gradients)."""
+    leaves = [t.detach().requires_grad_() for t in inputs]
+
+    def train_step():
+        for t in leaves:
+            t.grad = None
+        fn(*leaves).sum().backward()
+
+    def infer():
+        with torch.no_grad():
+            fn(*inputs)
+
+    return dict(fwd=median_ms(infer, repeat), fb=median_ms(train_step, repeat), mem=peak_extra_mb(train_step))
+
+
+def parse_shape(text: str) -> tuple[int, int, int, int]:
+    parts = [int(v) for v in text.lower().split("x")]
+    if len(parts) != 4:
+        raise argparse.ArgumentTypeError(f"shape {text!r} must be BxCxHxW, e.g. 32x64x56x56")
+    return tuple(parts)
+
+
+def make_op(name: str, c: int, h: int, w: int) -> nn.Module:
+    kwargs = {"input_size": (h, w)} if "input_size" in dynconv.op_options(name) else {}
+    return dynconv.create_op(name, c, c, KERNEL_SIZE.get(name, 3), **kwargs)
+
+
+def pixel_filter_forms(b: int, c: int, h: int, w: int):
+    """(name, fn, inputs) for the involution, DDF and TVConv forms of the raw primitive."""
+    g = max(c // 16, 1)
+    inv = (torch.randn(b, c, h, w), torch.randn(b, g, 49, h, w))
+    ddf = (torch.randn(b, c, h, w), torch.randn(b, 1, 9, h, w), torch.randn(b, c, 9))
+    tv = (torch.randn(b, c, h, w), torch.randn(1, c, 9, h, w))
+    return [
+        (f"pixel_filter involution (G={g}, K=7)", lambda x, s: pixel_filter(x, s, kernel_size=7), list(inv)),
+        ("pixel_filter DDF (G=1 + channel, K=3)", lambda x, s, a: pixel_filter(x, s, a, kernel_size=3), list(ddf)),
+        ("pixel_filter TVConv (Bs=1, G=C, K=3)", lambda x, s: pixel_filter(x, s, kernel_size=3), list(tv)),
+    ]
+
+
+def run(shapes, ops, repeat: int, log=print) -> list[dict]:
+    rows = []
+
+    def add(shape, name, backend, fn):
+        try:
+            res = fn()
+        except Exception as err:  # one broken operator must not hide the others' figures
+            res = dict(error=f"{type(err).__name__}: {err}".splitlines()[0][:120])
+        rows.append(dict(shape=shape, name=name, backend=backend, **res))
+        log(format_row(rows[-1]), file=sys.stderr)
+
+    for b, c, h, w in shapes:
+        shape = f"{b}x{c}x{h}x{w}"
+        torch.manual_seed(0)
+        x = torch.randn(b, c, h, w)
+        add(shape, "nn.Conv2d 3x3", "-", lambda: measure_module(nn.Conv2d(c, c, 3, padding=1), x, repeat))
+        add(shape, "depthwise 3x3", "-",
+            lambda: measure_module(nn.Conv2d(c, c, 3, padding=1, groups=c), x, repeat))
+        for name in ops:
+            for backend in ("reference", "fast"):
+                def bench(name=name, backend=backend):
+                    op = make_op(name, c, h, w)
+                    with dynconv.use_backend(backend):
+                        return measure_module(op, x, repeat)
+                add(shape, name, backend, bench)
+        for name, fn, inputs in pixel_filter_forms(b, c, h, w):
+            for label, backend, on in (("native", "fast", True), ("fast", "fast", False),
+                                       ("reference", "reference", False)):
+                def bench(fn=fn, inputs=inputs, backend=backend, on=on):
+                    with native_enabled(on), dynconv.use_backend(backend):
+                        if on and not native.available(*inputs):
+                            raise RuntimeError("native kernel not available")
+                        return measure_fn(fn, inputs, repeat)
+                add(shape, name, label, bench)
+    return rows
+
+
+def format_row(r: dict) -> str:
+    if "error" in r:
+        return f"| {r['shape']} | {r['name']} | {r['backend']} | error: {r['error']} | | |"
+    return f"| {r['shape']} | {r['name']} | {r['backend']} | {r['fwd']:.1f} | {r['fb']:.1f} | {r['mem']:.1f} |"
+
+
+def markdown(rows: list[dict]) -> str:
+    """The table, with each fwd+bwd time also as a ratio to the depthwise conv and to the reference."""
+    dw = {r["shape"]: r["fb"] for r in rows if r["name"] == "depthwise 3x3" and "fb" in r}
+    ref = {(r["shape"], r["name"]): r for r in rows if r["backend"] == "reference" and "fb" in r}
+    lines = ["| shape | operator | backend | fwd ms | fwd+bwd ms | peak MB (fwd+bwd) | fwd+bwd / dw 3x3 "
+             "| speed-up vs reference (fwd+bwd) | memory vs reference |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['shape']} | {r['name']} | {r['backend']} | error: {r['error']} | | | | | |")
+            continue
+        base = ref.get((r["shape"], r["name"]))
+        ratio = f"{r['fb'] / dw[r['shape']]:.2f}" if r["shape"] in dw else ""
+        speed = f"{base['fb'] / r['fb']:.1f}x" if base and base is not r else ""
+        mem = f"{r['mem'] / base['mem']:.2f}" if base and base is not r and base["mem"] > 0 else ""
+        lines.append(f"| {r['shape']} | {r['name']} | {r['backend']} | {r['fwd']:.1f} | {r['fb']:.1f} "
+                     f"| {r['mem']:.1f} | {ratio} | {speed} | {mem} |")
+    return "\n".join(lines)
+
+
+def header() -> str:
+    info = native.build_info()
+    how = "loaded from cache" if info.get("cached") else "compiled now"
+    native_line = (f"native kernel: {how} in {info['seconds']:.1f} s ({info['path']})" if info.get("built")
+                   else "native kernel: not available")
+    return (f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform_cpu()}; {native_line}")
+
+
+def platform_cpu() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+    return platform.processor() or "unknown CPU"
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--shapes", nargs="+", type=parse_shape, default=None,
+                    help="BxCxHxW shapes (default: %s)" % " ".join(DEFAULT_SHAPES))
+    ap.add_argument("--ops", nargs="+", default=None, help="operator names (default: all registered)")
+    ap.add_argument("--repeat", type=int, default=5, help="timed runs per entry (median reported)")
+    ap.add_argument("--quick", action="store_true", help="tiny shape, 2 repeats: a smoke test")
+    args = ap.parse_args(argv)
+    shapes = args.shapes or [parse_shape(s) for s in (["2x16x8x8"] if args.quick else DEFAULT_SHAPES)]
+    repeat = 2 if args.quick else args.repeat
+    ops = args.ops or dynconv.list_ops()
+    for name in ops:
+        dynconv.get_op(name)  # an unknown name fails here, listing the known ones
+    print(header())
+    print(markdown(run(shapes, ops, repeat)))
+
+
+if __name__ == "__main__":
+    main()
