@@ -131,3 +131,18 @@ def test_help_lists_config_groups():
     assert "Configuration groups" in out
     for group in ["model", "op", "policy", "data", "optim", "sched", "trainer", "task", "experiment"]:
         assert f"{group}:" in out or f"\n{group}" in out, out
+
+
+def test_training_options_run_together(tmp_path):
+    """bf16 autocast, channels_last, accumulation, AdamW, multistep warmup, mixup+cutmix, clipping, EMA."""
+    run = tmp_path / "run"
+    run_train(["trainer.epochs=2", "trainer.limit_train_batches=4", "trainer.amp=true", "trainer.channels_last=true",
+               "trainer.grad_accum_steps=2", "optim=adamw", "sched=multistep", "sched.decay_milestones=[1]",
+               "sched.warmup_epochs=1", "trainer.mixup=0.2", "trainer.cutmix=1.0", "optim.clip_grad=1.0",
+               "trainer.model_ema=true", "trainer.log_interval=1"], run)
+    s = read_scalars(run)
+    assert len(s["train/loss"]) == 4  # 4 micro-batches, 2 per update → 2 updates per epoch
+    assert all(math.isfinite(v) for _, v in s["train/loss"])
+    lrs = [v for _, v in s["lr"]]
+    assert lrs[0] == lrs[1] < lrs[-1]  # warmup at 1e-5 through epoch 0, then the scheduled value
+    assert summary(run)["num_updates"] == 4
