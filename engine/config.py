@@ -42,7 +42,7 @@ class SchedConfig:
     warmup_prefix: bool = False
     min_lr: float = 0.0
     cooldown_epochs: int = 0            # extra epochs at min_lr after the schedule (timm semantics)
-    decay_epochs: Optional[float] = None
+    decay_epochs: float = 30            # step: epochs between decays
     decay_milestones: List[int] = field(default_factory=lambda: [30, 60, 90])
     decay_rate: float = 0.1
     step_on_epochs: bool = False        # False: lr updated every optimizer step

@@ -159,7 +159,7 @@ class Run:
         self.scheduler, self.epochs = None, t.epochs
         if s.sched != "none":
             self.scheduler, self.epochs = create_scheduler_v2(
-                self.optimizer, sched=s.sched, num_epochs=t.epochs, decay_epochs=s.decay_epochs or 30,
+                self.optimizer, sched=s.sched, num_epochs=t.epochs, decay_epochs=s.decay_epochs,
                 decay_milestones=list(s.decay_milestones), cooldown_epochs=s.cooldown_epochs,
                 decay_rate=s.decay_rate, min_lr=s.min_lr, warmup_lr=s.warmup_lr, warmup_epochs=s.warmup_epochs,
                 warmup_prefix=s.warmup_prefix, step_on_epochs=s.step_on_epochs,

@@ -76,12 +76,16 @@ def test_kill_during_checkpoint_save_keeps_previous_checkpoint(tmp_path):
 
 def test_resume_does_not_let_a_worse_epoch_replace_best(tmp_path):
     run = tmp_path / "run"
-    run_train(["trainer.epochs=2", "optim.lr=0.05"], run)
-    best = ck.load(run / "checkpoints" / "best.pt")
-    # continue with a destructive learning rate: later epochs are worse and must not become best.pt
-    run_train([f"trainer.resume={run}", "trainer.epochs=3", "optim.lr=50", "sched=none"])
-    assert ck.load(run / "checkpoints" / "best.pt")["best"] == best["best"]
-    assert summary(run)["best"]["epoch"] == best["best"]["epoch"]
+    run_train(["trainer.epochs=1"], run)
+    # pretend the finished epoch was unbeatable: after resuming, no epoch may replace best.pt
+    last = ck.load(run / "checkpoints" / "last.pt")
+    last["best"] = {"metric": 100.0, "epoch": 0, "key": "val_acc1"}
+    ck.atomic_save(last, run / "checkpoints" / "last.pt")
+    best_before = (run / "checkpoints" / "best.pt").read_bytes()
+    run_train([f"trainer.resume={run}", "trainer.epochs=2"])
+    assert (run / "checkpoints" / "best.pt").read_bytes() == best_before
+    assert summary(run)["best"] == {"metric": 100.0, "epoch": 0, "key": "val_acc1"}
+    assert ck.load(run / "checkpoints" / "last.pt")["epoch"] == 2
 
 
 def _free_port():
