@@ -214,7 +214,7 @@ def markdown(rows: list[dict]) -> str:
 def header() -> str:
     info = native.build_info()
     how = "loaded from cache" if info.get("cached") else "compiled now"
-    native_line = (f"native kernel: {how} in {info['seconds']:.1f} s ({info['path']})" if info.get("built")
+    native_line = (f"native kernel: {how} in {info['seconds']:.2f} s ({info['path']})" if info.get("built")
                    else "native kernel: not available")
     return (f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform_cpu()}; {native_line}")
 
@@ -236,8 +236,10 @@ def main(argv=None) -> None:
                     help="BxCxHxW shapes (default: %s)" % " ".join(DEFAULT_SHAPES))
     ap.add_argument("--ops", nargs="+", default=None, help="operator names (default: all registered)")
     ap.add_argument("--repeat", type=int, default=5, help="timed runs per entry (median reported)")
-    ap.add_argument("--quick", action="store_true", help="tiny shape, 2 repeats: a smoke test")
+    ap.add_argument("--quick", action="store_true", help="tiny shape, 2 repeats, 1 thread: a smoke test")
     args = ap.parse_args(argv)
+    if args.quick:  # tiny ops gain nothing from threads, and waking them dominates on a busy machine
+        torch.set_num_threads(1)
     shapes = args.shapes or [parse_shape(s) for s in (["2x16x8x8"] if args.quick else DEFAULT_SHAPES)]
     repeat = 2 if args.quick else args.repeat
     ops = args.ops or dynconv.list_ops()

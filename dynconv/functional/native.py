@@ -7,7 +7,9 @@ persistent folder, `$DYNCONV_CACHE_DIR` or `~/.cache/dynconv` (`$XDG_CACHE_HOME`
 CPU's instruction-set flags; so the `-march=native` build is never reused on a different CPU, and
 a second process (or run) only loads the cached library. `build_info()` reports where it lives and
 what the build or load cost. A failed build gives one warning and `available()` turns False, so
-the pure-PyTorch path runs. `DYNCONV_NATIVE=0` switches the kernel off.
+the pure-PyTorch path runs. `DYNCONV_NATIVE=0` switches the kernel off (read at every call).
+The kernel runs on torch's intra-op thread pool (`at::parallel_for`), so `torch.set_num_threads`
+applies; build it ahead of time with `python -m dynconv.functional.native`.
 
 Computation: float32 and float64 natively; bfloat16 and float16 inputs are computed in float32
 (accumulation in float32) and cast back. The kernel reads contiguous NCHW, so channels_last or
@@ -17,6 +19,7 @@ The per-pixel channel sums of the channel filter's gradient are accumulated in d
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import platform
 import time
@@ -27,7 +30,7 @@ import torch
 from torch import Tensor
 
 _SOURCES = [Path(__file__).resolve().parent.parent / "csrc" / "pixel_filter_cpu.cpp"]
-_CFLAGS = ["-O3", "-march=native", "-fopenmp", "-mprefer-vector-width=512"]
+_CFLAGS = ["-O3", "-march=native", "-fopenmp"]
 _LDFLAGS = ["-fopenmp"]
 _COMBINE = {None: 0, "mul": 1, "add": 2}
 _NATIVE_DTYPES = (torch.float32, torch.float64)
@@ -72,7 +75,14 @@ def load():
     if _tried or not enabled():
         return _ext
     _tried = True
-    from torch.utils import cpp_extension
+    # Importing cpp_extension logs a CUDA_HOME notice on machines without CUDA; it is irrelevant here.
+    log = logging.getLogger("torch.utils.cpp_extension")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        from torch.utils import cpp_extension
+    finally:
+        log.setLevel(level)
 
     folder = build_dir()
     folder.mkdir(parents=True, exist_ok=True)
@@ -114,6 +124,10 @@ def _compute_dtype(tensors) -> torch.dtype:
 
 
 class _PixelFilter(torch.autograd.Function):
+    """The compiled forward, and its hand-derived backward (all three gradients in one pass):
+    grad_x[b,c,y,x] = Σ F·grad_out over the taps that read (y, x); grad_S = Σ_{c∈g} ∂F/∂S·grad_out·x_tap
+    (and Σ_b for a shared filter); grad_A = Σ_{i,j} ∂F/∂A·grad_out·x_tap."""
+
     @staticmethod
     def forward(ctx, x, spatial, channel, mode, k, s, p, d):
         ctx.geom = (mode, k, s, p, d)

@@ -166,6 +166,7 @@ def test_shape_errors_name_the_problem():
         native.pixel_filter(x, torch.randn(2, 2, 9, 5, 5), torch.randn(2, 4, 8), kernel_size=3)
 
 
+@pytest.mark.slow
 def test_build_is_cached():
     """A fresh process finds the built library and only loads it."""
     native.load()
@@ -176,3 +177,53 @@ def test_build_is_cached():
     cached, seconds = res.stdout.split()[-2:]
     assert cached == "True"
     assert float(seconds) < 10.0, f"loading the cached kernel took {seconds} s"
+
+
+def test_build_failure_falls_back_with_one_warning(monkeypatch, tmp_path):
+    """A source that does not compile: one RuntimeWarning, `available()` False, the fast path runs."""
+    broken = tmp_path / "broken.cpp"
+    broken.write_text("#error this source is broken on purpose\n")
+    monkeypatch.setenv("DYNCONV_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(native, "_SOURCES", [broken])
+    monkeypatch.setattr(native, "_ext", None)
+    monkeypatch.setattr(native, "_tried", False)
+    monkeypatch.setattr(native, "_info", {})
+    x, spatial, _, p = make(3, 1, 1, 5, 5, 4, 2, False, None)
+    with pytest.warns(RuntimeWarning, match="failed to build") as record:
+        assert not native.available(x, spatial)
+        assert not native.available(x, spatial)
+        out = pf.pixel_filter(x, spatial, kernel_size=3, backend="fast")
+    assert len(record) == 1
+    torch.testing.assert_close(out, tap_loop(x, spatial, None, 3, 1, p, 1, "mul"))
+
+
+@pytest.mark.slow
+def test_bench_ops_quick(capsys):
+    """`scripts/bench_ops.py --quick` runs and prints one table row per measured entry."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[2] / "scripts" / "bench_ops.py"
+    spec = importlib.util.spec_from_file_location("bench_ops", path)
+    bench_ops = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_ops)
+    threads = torch.get_num_threads()
+    try:
+        bench_ops.main(["--quick", "--ops", "involution", "ddf"])
+    finally:
+        torch.set_num_threads(threads)
+    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 2x16x8x8")]
+    # 2 baselines, 2 operators x 2 backends, 3 pixel_filter forms x 3 backends
+    assert len(table) == 2 + 2 * 2 + 3 * 3
+    assert not [line for line in table if "error" in line]
+
+
+def test_kernel_checks_geometry():
+    """The extension itself refuses shapes that would make it index outside its tensors."""
+    ext = native.load()
+    x, s, e = torch.randn(1, 2, 5, 5), torch.randn(1, 1, 9, 5, 5), torch.empty(0)
+    with pytest.raises(RuntimeError, match="does not fit"):
+        ext.forward(x, s, e, 0, 3, 1, 2, 1)  # padding 2 gives a 7x7 output, not 5x5
+    with pytest.raises(RuntimeError, match="padding >= 0"):
+        ext.forward(x, s, e, 0, 3, 1, -1, 1)
+    with pytest.raises(RuntimeError, match="grad_output"):
+        ext.backward(torch.randn(1, 2, 4, 4), x, s, e, 0, 3, 1, 1, 1)

@@ -1,0 +1,145 @@
+"""Model benchmark: training step and inference latency of the dynamic-conv backbones (issue 6).
+
+Side by side in one run, float32 on CPU: ResNet-50, RedNet-50 and DDF-ResNet-50 at 224 (ratios to
+ResNet-50), and the face MobileNetV2 (depthwise) against its TVConv version, trained and frozen
+for inference, at 96 (ratios to the depthwise one). A training step is forward, cross-entropy on
+random labels over the model's outputs, backward and an SGD (momentum) step; inference is eval
+mode under `torch.inference_mode()`. Medians over `--repeat` steps after one warm-up step, whose
+time is reported as "first step" (it includes any one-off cost such as building the compiled
+kernel). Models come from `timm.create_model(name)` after `import models`; names that are not
+registered are listed as missing.
+
+    python scripts/bench_models.py                 # batch 16, 5 repeats
+    python scripts/bench_models.py --quick         # batch 2 at reduced size, 1 repeat: a smoke test
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from bench_ops import header, median_ms  # also puts the repository on sys.path
+
+
+@dataclass
+class Spec:
+    label: str
+    name: str
+    size: int  # input resolution
+    baseline: str  # label of the row this one's ratio is taken to
+    kwargs: dict = field(default_factory=dict)
+    frozen: bool = False  # call freeze() on every operator that has it (TVConv) before inference
+
+
+SPECS = [
+    Spec("ResNet-50", "resnet50", 224, "ResNet-50"),
+    Spec("RedNet-50", "rednet50", 224, "ResNet-50"),
+    Spec("DDF-ResNet-50 (mul)", "ddf_mul_resnet50", 224, "ResNet-50"),
+    Spec("face MobileNetV2 (depthwise)", "face_mobilenetv2_x1_0", 96, "face MobileNetV2 (depthwise)"),
+    Spec("face MobileNetV2 + TVConv", "face_mobilenetv2_x1_0", 96, "face MobileNetV2 (depthwise)",
+         {"op": "tvconv"}),
+    Spec("face MobileNetV2 + TVConv (frozen)", "face_mobilenetv2_x1_0", 96, "face MobileNetV2 (depthwise)",
+         {"op": "tvconv"}, frozen=True),
+]
+
+
+def timed(fn, repeat: int) -> tuple[float, float]:
+    """(first call's time, median of the next `repeat` calls), in milliseconds."""
+    t0 = time.perf_counter()
+    fn()
+    return 1e3 * (time.perf_counter() - t0), median_ms(fn, repeat, warmup=0)
+
+
+def bench(spec: Spec, batch: int, repeat: int, size_scale: float) -> dict:
+    import timm
+
+    size = max(32, int(spec.size * size_scale) // 32 * 32)
+    kwargs = dict(spec.kwargs)
+    if size != spec.size:
+        kwargs["input_size"] = (size, size)
+    torch.manual_seed(0)
+    model = timm.create_model(spec.name, **kwargs)
+    x = torch.randn(batch, 3, size, size)
+    row = dict(label=spec.label, name=spec.name, size=size, baseline=spec.baseline)
+    if not spec.frozen:
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        model.train()
+        n_out = model(x[:2]).shape[1]
+        y = torch.randint(0, n_out, (batch,))
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+
+        row["first"], row["train"] = timed(step, repeat)
+    model.eval()
+    if spec.frozen:
+        frozen = [m.freeze() for m in model.modules() if hasattr(m, "freeze")]
+        if not frozen:
+            raise RuntimeError(f"{spec.name} with {spec.kwargs} has no operator with freeze()")
+
+    def infer():
+        with torch.inference_mode():
+            model(x)
+
+    row["infer"] = timed(infer, repeat)[1]
+    return row
+
+
+def markdown(rows: list[dict], batch: int) -> str:
+    by_label = {r["label"]: r for r in rows if "error" not in r}
+    lines = [f"| model | input | train step ms (batch {batch}) | × baseline | inference ms | × baseline "
+             "| first train step ms |", "|---|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['label']} | | {r['error']} | | | | |")
+            continue
+        base = by_label.get(r["baseline"], {})
+
+        def ratio(key):
+            return f"{r[key] / base[key]:.2f}" if key in r and key in base else ""
+
+        train = f"{r['train']:.0f}" if "train" in r else "(inference only)"
+        first = f"{r['first']:.0f}" if "first" in r else ""
+        lines.append(f"| {r['label']} | {r['size']}² | {train} | {ratio('train')} | {r['infer']:.0f} "
+                     f"| {ratio('infer')} | {first} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--repeat", type=int, default=5, help="timed steps per model (median reported)")
+    ap.add_argument("--models", nargs="+", default=None, help="labels or timm names to run (default: all)")
+    ap.add_argument("--quick", action="store_true", help="batch 2, inputs at 1/3 size, 1 repeat")
+    args = ap.parse_args(argv)
+    batch, repeat, scale = (2, 1, 1 / 3) if args.quick else (args.batch, args.repeat, 1.0)
+
+    import timm
+    import models  # noqa: F401  (registers the project's backbones with timm)
+
+    specs = [s for s in SPECS if not args.models or s.label in args.models or s.name in args.models]
+    known = set(timm.list_models())
+    missing = sorted({s.name for s in specs if s.name not in known})
+    print(header())
+    if missing:
+        print(f"missing models (not registered with timm yet): {', '.join(missing)}")
+    rows = []
+    for spec in specs:
+        if spec.name in missing:
+            continue
+        try:
+            rows.append(bench(spec, batch, repeat, scale))
+        except Exception as err:  # report and go on: one broken model must not hide the others
+            rows.append(dict(label=spec.label, error=f"error: {type(err).__name__}: {str(err).splitlines()[0][:120]}"))
+        print(rows[-1], file=sys.stderr)
+    print(markdown(rows, batch))
+
+
+if __name__ == "__main__":
+    main()
