@@ -10,7 +10,8 @@ DATA   := .cache/data/.fetched
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
 
-setup: $(STAMP) $(DATA)  ## virtual env, pinned packages, bundled data
+setup: $(STAMP) $(DATA)  ## virtual env, pinned packages, bundled data, the compiled CPU kernel
+	@$(PY) -W ignore -m dynconv.functional.native > /dev/null  # builds once (~30 s), then a cache hit
 
 $(STAMP): requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
