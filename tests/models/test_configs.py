@@ -20,7 +20,7 @@ def load(path: Path) -> dict:
 @pytest.mark.parametrize("path", sorted((CONFIGS / "model").glob("*.yaml")), ids=lambda p: p.stem)
 def test_model_configs_build(path):
     cfg = load(path)
-    assert cfg["name"] == path.stem
+    assert cfg["name"] in models.list_models()  # the file name may be a preset (resnet50_small)
     face = path.stem.startswith("face")
     with torch.device("meta"):
         model, _ = models.build(cfg, None, load(CONFIGS / "policy" / "none.yaml"), num_classes=512 if face else 10,
