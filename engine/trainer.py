@@ -70,6 +70,15 @@ def unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "_orig_mod", model)         # torch.compile
 
 
+def to_channels_last(model: nn.Module) -> None:
+    """channels_last for every 4-D parameter and buffer; `Module.to(memory_format=...)` would fail on the
+    5-D expert kernels of CondConv/DY-Conv/ODConv."""
+    with torch.no_grad():
+        for t in [*model.parameters(), *model.buffers()]:
+            if t.dim() == 4:
+                t.data = t.data.contiguous(memory_format=torch.channels_last)
+
+
 def count_macs(model: nn.Module, input_shape, device) -> int:
     """Multiply-accumulates of one image through the model, from torch's FlopCounterMode."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -132,7 +141,7 @@ class Run:
                                                  in_chans=self.info.in_chans, input_size=tuple(self.info.input_size))
         model = self.task.wrap(backbone).to(self.device)
         if t.channels_last:
-            model = model.to(memory_format=torch.channels_last)
+            to_channels_last(model)
         if t.sync_bn and self.dist.enabled:
             model = convert_sync_batchnorm(model, self.device.type)
         self.model = model
