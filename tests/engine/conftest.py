@@ -18,10 +18,13 @@ TINY = [
 ]
 
 
-def run_train(args, run_dir=None, env=None, check=True, launcher=None, timeout=600):
-    """Run train.py (optionally under a launcher such as torchrun) and return the CompletedProcess."""
-    own_model = any(a.startswith("model=") for a in args)
-    cmd = [*(launcher or [sys.executable]), str(ROOT / "train.py"), *([] if own_model else TINY_MODEL), *TINY, *args]
+def run_train(args, run_dir=None, env=None, check=True, launcher=None, timeout=600, tiny=True):
+    """Run train.py (optionally under a launcher such as torchrun) and return the CompletedProcess.
+
+    tiny=False runs exactly `args` (an experiment's own model and data are kept)."""
+    own_model = any(a.startswith("model=") for a in args) or not tiny
+    cmd = [*(launcher or [sys.executable]), str(ROOT / "train.py"), *([] if own_model else TINY_MODEL),
+           *(TINY if tiny else []), *args]
     if run_dir is not None:
         cmd.append(f"hydra.run.dir={run_dir}")
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
@@ -29,6 +32,19 @@ def run_train(args, run_dir=None, env=None, check=True, launcher=None, timeout=6
     if check and proc.returncode != 0:
         raise AssertionError(f"train.py failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc
+
+
+def compose_cfg(overrides, hydra_cfg=False):
+    """The config `python train.py <overrides>` would run with (Hydra's compose API)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from engine.config import register_configs
+
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        return compose("train", overrides=overrides, return_hydra_config=hydra_cfg)
 
 
 def read_scalars(run_dir) -> dict[str, list[tuple[int, float]]]:

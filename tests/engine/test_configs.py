@@ -2,11 +2,9 @@
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
-from engine.config import register_configs
+from tests.engine.conftest import compose_cfg
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 GROUPS = sorted(p.name for p in CONFIGS.iterdir() if p.is_dir())
@@ -17,10 +15,7 @@ PRIMARY = {line.split(":")[0].strip(" -") for line in (CONFIGS / "train.yaml").r
 
 
 def _compose(overrides):
-    register_configs()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-        return compose("train", overrides=overrides)
+    return compose_cfg(overrides)
 
 
 def test_default_config_composes():
