@@ -3,6 +3,8 @@ from dataclasses import dataclass
 from typing import Tuple
 
 import torch
+import torch.nn.functional as F
+from timm.data.random_erasing import RandomErasing
 
 
 @dataclass(frozen=True)
@@ -36,3 +38,20 @@ def subset_indices(n, size, seed):
     if not 0 < size <= n:
         raise ValueError(f"data.train_subset={size} must be between 1 and the training-set size {n}")
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:size].sort().values
+
+
+def erasing(cfg):
+    """timm's RandomErasing on normalised CHW tensors from `data.reprob/remode/recount`, or None when off."""
+    if not (cfg.augment and cfg.reprob > 0):
+        return None
+    return RandomErasing(cfg.reprob, mode=cfg.remode, max_count=cfg.recount, device="cpu")
+
+
+def random_shift(x, padding: int):
+    """Random crop of `x` (..., H, W) zero-padded by `padding` on each side back to (H, W); the RNG is torch's
+    global one, which the engine seeds per item (engine/sampler.py), so runs repeat."""
+    if padding <= 0:
+        return x
+    top, left = torch.randint(0, 2 * padding + 1, (2,)).tolist()
+    h, w = x.shape[-2:]
+    return F.pad(x, (padding,) * 4)[..., top:top + h, left:left + w]

@@ -16,7 +16,7 @@ class DataConfig:
     train_subset: Optional[int] = None  # use a seeded random subset of this many training images (fast runs)
     seed: int = 0  # seeds train_subset, the mnist5k split and the synthetic images, independent of the run seed
     augment: bool = True  # train-time augmentation (the in-memory sets: padded random crop + hflip)
-    crop_padding: int = 2  # in-memory sets: zero padding before the random crop, in pixels at the native size
+    crop_padding: int = 2  # zero padding before the random crop (in-memory sets: native-size px; faces: input px)
 
     # loader
     batch_size: int = 128  # per process
@@ -27,6 +27,8 @@ class DataConfig:
     # imagefolder transforms: timm's create_transform
     aa: Optional[str] = None  # RandAugment / AutoAugment policy string, e.g. rand-m9-mstd0.5-inc1
     reprob: float = 0.0  # random erasing probability
+    remode: str = "pixel"  # random erasing fill: pixel (per-pixel noise) | rand (per-channel) | const
+    recount: int = 1  # random erasing: up to this many boxes per image (1..recount, timm's re_count)
     scale: List[float] = field(default_factory=lambda: [0.08, 1.0])  # RandomResizedCrop area range
     ratio: List[float] = field(default_factory=lambda: [3 / 4, 4 / 3])  # RandomResizedCrop aspect-ratio range
     hflip: float = 0.5  # horizontal flip probability (all sets with augment)

@@ -1,6 +1,7 @@
 """ImageNet-layout folders (`root/train/<class>/*`, `root/val/<class>/*`) with timm's transforms.
 
-Train: RandomResizedCrop(scale, ratio) + hflip + RandAugment (`aa`) or colour jitter + random erasing (`reprob`);
+Train: RandomResizedCrop(scale, ratio) + hflip + RandAugment (`aa`) or colour jitter + random erasing (`reprob`,
+`remode`, `recount`);
 eval: resize to img_size / crop_pct and a center crop (timm's `create_transform`, reference/frameworks.md §1).
 A file PIL cannot decode stops the run with an error naming it, unless `skip_corrupt`: then the next decodable
 file in index order takes its place (deterministic) and the skip is logged with a running count.
@@ -76,7 +77,7 @@ def build_imagefolder(cfg):
     train_tf = create_transform(
         size, is_training=True, no_aug=not cfg.augment, scale=tuple(cfg.scale), ratio=tuple(cfg.ratio),
         hflip=cfg.hflip, color_jitter=cfg.color_jitter, auto_augment=cfg.aa, interpolation=cfg.interpolation,
-        mean=mean, std=std, re_prob=cfg.reprob, re_mode="pixel")  # per-pixel noise erasing, timm train.py's default
+        mean=mean, std=std, re_prob=cfg.reprob, re_mode=cfg.remode, re_count=cfg.recount)
     eval_tf = create_transform(
         size, is_training=False, crop_pct=cfg.crop_pct, mean=mean, std=std,
         interpolation="bilinear" if cfg.interpolation == "random" else cfg.interpolation)

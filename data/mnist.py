@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from . import fetch
-from .base import DataInfo, normalisation
+from .base import DataInfo, erasing, normalisation, random_shift
 
 FASHION_MNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")  # where `apt-get install` puts the files
 FASHION_MNIST_SPLITS = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
@@ -29,12 +29,14 @@ MNIST5K_STATS = (0.1313, 0.3086)
 
 class InMemoryImages(Dataset):
     """Gray uint8 images (N, H, W) in memory. An item: [zero-padded random crop, horizontal flip] on the uint8
-    image, then [0, 1] floats, resize to `size`, repeat to `channels`, normalise. Returns (float CHW, int label)."""
+    image, then [0, 1] floats, resize to `size`, repeat to `channels`, normalise, [random erasing].
+    Returns (float CHW, int label)."""
 
-    def __init__(self, images, labels, *, channels, size, mean, std, augment=False, crop_padding=0, hflip=0.0):
+    def __init__(self, images, labels, *, channels, size, mean, std, augment=False, crop_padding=0, hflip=0.0,
+                 erase=None):
         self.images, self.labels = images, labels
         self.channels, self.size, self.augment = channels, tuple(size), augment
-        self.crop_padding, self.hflip = crop_padding, hflip
+        self.crop_padding, self.hflip, self.erase = crop_padding, hflip, erase
         self.mean = torch.tensor(mean).view(-1, 1, 1)
         self.std = torch.tensor(std).view(-1, 1, 1)
 
@@ -49,14 +51,13 @@ class InMemoryImages(Dataset):
         if x.shape[-2:] != self.size:
             x = F.interpolate(x.unsqueeze(0), self.size, mode="bilinear", antialias=True).squeeze(0)
         x = (x.expand(self.channels, -1, -1) - self.mean) / self.std
+        if self.augment and self.erase is not None:
+            x = self.erase(x)
         return x, int(self.labels[index])
 
     def _augment(self, x):
         # torch's global generator: DataLoader seeds it per worker, so runs repeat with the run seed
-        if p := self.crop_padding:
-            h, w = x.shape
-            top, left = torch.randint(0, 2 * p + 1, (2,)).tolist()
-            x = F.pad(x, (p, p, p, p))[top:top + h, left:left + w]
+        x = random_shift(x, self.crop_padding)
         if self.hflip and torch.rand(()).item() < self.hflip:
             x = x.flip(-1)
         return x
@@ -99,7 +100,8 @@ def _build(cfg, train_xy, val_xy, stats):
     mean, std = normalisation(cfg, (stats[0],), (stats[1],))
     size = (cfg.img_size,) * 2 if cfg.img_size else tuple(train_xy[0].shape[-2:])
     train, val = (InMemoryImages(images, labels, channels=cfg.channels, size=size, mean=mean, std=std,
-                                 augment=is_train and cfg.augment, crop_padding=cfg.crop_padding, hflip=cfg.hflip)
+                                 augment=is_train and cfg.augment, crop_padding=cfg.crop_padding, hflip=cfg.hflip,
+                                 erase=erasing(cfg))
                   for (images, labels), is_train in ((train_xy, True), (val_xy, False)))
     num_classes = int(torch.cat([train_xy[1], val_xy[1]]).max()) + 1
     return train, val, DataInfo(num_classes, cfg.channels, size, mean, std)

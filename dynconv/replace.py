@@ -7,7 +7,8 @@ A policy picks `nn.Conv2d` modules by a rule, then include/exclude patterns adju
 - `all_3x3`: every k×k conv with k > 1 outside the stem;
 - `dw_only`: every depthwise conv (groups == in == out > 1) outside the stem;
 - `deep_only`: the k×k convs (k > 1) of the last stages (`stages=[3, 4]` or `from_stage=3`; by default
-  the last two stages).
+  the last two stages);
+- `shallow_only`: the k×k convs of the first stages (`stages=[1, 2]`; by default the first two).
 `include` patterns add convs by module name, `exclude` patterns remove them (exclude wins). A pattern
 is an fnmatch glob on the module name; it also matches every module below a matching name.
 
@@ -18,8 +19,11 @@ non-stem convs (ResNet: `layer<k>`). The same pass gives every replaced layer it
 operators that need it (TVConv's `input_size`) receive.
 
 A `Slot` is a place in a backbone built around a dynamic operator (RedNet's involutions, DDF-ResNet's
-3×3 convs, the face nets' depthwise convs): it holds a conv's geometry, and `replace` always fills it
-with the chosen operator, whatever the policy.
+3×3 convs, the face nets' depthwise convs): it holds a conv's geometry. `none`, `all_3x3` and `dw_only`
+fill every slot with the chosen operator. The placement policies `deep_only` / `shallow_only` and
+`exclude` patterns also place it in slots: a slot outside the chosen stages (or excluded) gets the plain
+conv it stands for (same geometry and groups: a depthwise conv in the face nets), so
+`model=face_mobilenetv2 op=tvconv policy=deep_only` puts TVConv in the last two stages only.
 
 Replacement keeps stride, dilation, padding, groups and bias where the operator takes them. An
 operator that cannot change the channel count gets the 1×1 projection the papers use in front of it
@@ -42,7 +46,8 @@ from .registry import get_op, op_options
 
 log = logging.getLogger(__name__)
 
-POLICIES = ("none", "all_3x3", "dw_only", "deep_only")
+POLICIES = ("none", "all_3x3", "dw_only", "deep_only", "shallow_only")
+PLACEMENT = ("deep_only", "shallow_only")  # policies that also choose which slots get the operator
 STEM_NAMES = ("stem", "conv1", "conv_stem")
 DEFAULT_INPUT_SIZE = (224, 224)
 
@@ -98,6 +103,8 @@ class Policy:
             raise ValueError(f"unknown policy {self.name!r}; choose one of {POLICIES}")
         if self.stages is not None and self.from_stage is not None:
             raise ValueError("give policy.stages or policy.from_stage, not both")
+        if self.from_stage is not None and self.name != "deep_only":
+            raise ValueError(f"policy.from_stage applies to deep_only only; for {self.name} give policy.stages")
         self.include, self.exclude = tuple(self.include or ()), tuple(self.exclude or ())
 
     @classmethod
@@ -183,15 +190,17 @@ def _stages(seen: dict, stem: set[str]) -> dict[str, int]:
     return {n: heights.index(v["out_hw"][0]) + 1 for n, v in seen.items() if n not in stem}
 
 
-def select(policy: Policy, candidates: dict, seen: dict) -> list[str]:
-    """Names of the convs `policy` picks (slots are not included: they are always filled)."""
-    convs = [n for n, m in candidates.items() if not isinstance(m, Slot)]
+def _rule(policy: Policy, candidates: dict, seen: dict) -> Callable[[str], bool]:
+    """The policy's own pick as a predicate on module names (include/exclude not applied)."""
     stem = _stem(list(candidates), seen)
     stage_of = _stages(seen, stem)
-    if policy.name == "deep_only":
-        n_stages = max(stage_of.values(), default=0)
-        wanted = set(policy.stages) if policy.stages is not None else set(
-            range(policy.from_stage if policy.from_stage is not None else n_stages - 1, n_stages + 1))
+    n_stages = max(stage_of.values(), default=0)
+    if policy.stages is not None:
+        wanted = set(policy.stages)
+    elif policy.name == "deep_only":
+        wanted = set(range(policy.from_stage if policy.from_stage is not None else n_stages - 1, n_stages + 1))
+    else:
+        wanted = {1, 2}
 
     def rule(name: str) -> bool:
         m = candidates[name]
@@ -204,7 +213,22 @@ def select(policy: Policy, candidates: dict, seen: dict) -> list[str]:
             return m.groups == m.in_channels == m.out_channels > 1
         return big and stage_of.get(name) in wanted
 
+    return rule
+
+
+def select(policy: Policy, candidates: dict, seen: dict) -> list[str]:
+    """Names of the convs `policy` picks (slots are not included: see `slot_ops`)."""
+    rule = _rule(policy, candidates, seen)
+    convs = [n for n, m in candidates.items() if not isinstance(m, Slot)]
     return [n for n in convs if (rule(n) or _matches(n, policy.include)) and not _matches(n, policy.exclude)]
+
+
+def slot_ops(policy: Policy, candidates: dict, seen: dict, op: str) -> dict[str, str]:
+    """Slot name → the operator that fills it: `op`, or "conv" where a placement policy or an
+    exclude pattern leaves the slot out (module docstring)."""
+    slots = [n for n, m in candidates.items() if isinstance(m, Slot)]
+    placed = _rule(policy, candidates, seen) if policy.name in PLACEMENT else (lambda _name: True)
+    return {n: op if placed(n) and not _matches(n, policy.exclude) else "conv" for n in slots}
 
 
 def _conv_params(m: nn.Module) -> int:
@@ -279,17 +303,19 @@ def replace(model: nn.Module, op="conv", policy="none", *, input_size=None, in_c
         return []
     seen = trace(model, input_size or DEFAULT_INPUT_SIZE, in_chans, candidates)
     picked = [] if op == "conv" else select(policy, candidates, seen)
-    targets = [n for n, m in candidates.items() if isinstance(m, Slot) or n in picked]
+    targets = {**slot_ops(policy, candidates, seen, op), **{n: op for n in picked}}
     report = []
-    for name in targets:
-        m = candidates[name]
+    for name, m in candidates.items():
+        if name not in targets:
+            continue
+        layer_op = targets[name]
         info = seen.get(name, {})
-        new, projected = _make(op, m, info.get("in_hw"), op_kwargs)
+        new, projected = _make(layer_op, m, info.get("in_hw"), op_kwargs if layer_op == op else {})
         if init is not None:
-            init(op, new)
+            init(layer_op, new)
         _set(model, name, new)
         report.append({
-            "layer": name, "op": op, "kind": "slot" if isinstance(m, Slot) else policy.name,
+            "layer": name, "op": layer_op, "kind": "slot" if isinstance(m, Slot) else policy.name,
             "in_channels": m.in_channels, "out_channels": m.out_channels, "kernel_size": list(m.kernel_size),
             "stride": list(m.stride), "input_size": list(info["in_hw"]) if info else None, "projection": projected,
             "params_before": _conv_params(m), "params_after": sum(p.numel() for p in new.parameters()),

@@ -63,10 +63,13 @@ class TrainerConfig:
     mixup_prob: float = 1.0
     mixup_switch_prob: float = 0.5
     mixup_off_epoch: int = 0            # stop mixup from this epoch (0: never)
+    mixup_ramp_epochs: int = 0          # mixup alpha ramps linearly from 0 over these epochs (DCD's recipe; 0: off)
     model_ema: bool = False
     model_ema_decay: float = 0.9998
     model_ema_warmup: bool = False
     sync_bn: bool = False
+    dist_bn: str = ""                   # at epoch end, "reduce" (average) or "broadcast" (rank 0) BN stats across ranks
+    threads: Optional[int] = None       # torch intra-op threads of this process (null: torch's default)
     deterministic: bool = False
     eval_metric: str = "acc1"           # key of the validation metrics that picks best.pt
     eval_interval: int = 1              # epochs between evaluations (the last epoch is always evaluated)

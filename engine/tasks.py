@@ -56,7 +56,7 @@ class ClassificationTask:
             self.train_loss = LabelSmoothingCrossEntropy(t.smoothing)
         else:
             self.train_loss = nn.CrossEntropyLoss()
-        self.mixup_off_epoch = t.mixup_off_epoch
+        self.mixup_off_epoch, self.mixup_alpha, self.mixup_ramp = t.mixup_off_epoch, t.mixup, t.mixup_ramp_epochs
 
     def wrap(self, model: nn.Module) -> nn.Module:
         return model
@@ -65,7 +65,11 @@ class ClassificationTask:
         """Loss and number of top-1 hits (against the un-mixed labels) of one batch."""
         target = y
         if self.mixup is not None:
-            self.mixup.mixup_enabled = not (self.mixup_off_epoch and epoch >= self.mixup_off_epoch)
+            # DCD's ramp: alpha = mixup · epoch / ramp for the first `ramp` epochs (alpha 0 at epoch 0: no mixing)
+            alpha = self.mixup_alpha * min(1.0, epoch / self.mixup_ramp) if self.mixup_ramp else self.mixup_alpha
+            self.mixup.mixup_alpha = alpha
+            self.mixup.mixup_enabled = (not (self.mixup_off_epoch and epoch >= self.mixup_off_epoch)
+                                        and (alpha > 0 or self.mixup.cutmix_alpha > 0))
             x, target = self.mixup(x, y)
         logits = model(x)
         loss = self.train_loss(logits, target)

@@ -23,12 +23,13 @@ import torch.nn as nn
 from omegaconf import DictConfig, OmegaConf
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
-from timm.utils import ModelEmaV3, dispatch_clip_grad
+from timm.utils import ModelEmaV3, dispatch_clip_grad, distribute_bn
 from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 import data as data_lib
+from dynconv.complexity import count_macs
 from dynconv.ops.dyconv import anneal_temperature
 import models as models_lib
 from . import checkpoint as ckpt_lib
@@ -39,6 +40,7 @@ from . import face  # noqa: F401  (registers task=face)
 from .tasks import build_task
 
 log = logging.getLogger("dynconv")
+DIST_BN = ("", "reduce", "broadcast")
 
 
 def build_data(cfg):
@@ -79,22 +81,15 @@ def to_channels_last(model: nn.Module) -> None:
                 t.data = t.data.contiguous(memory_format=torch.channels_last)
 
 
-def count_macs(model: nn.Module, input_shape, device) -> int:
-    """Multiply-accumulates of one image through the model, from torch's FlopCounterMode."""
-    from torch.utils.flop_counter import FlopCounterMode
-    was_training = model.training
-    model.eval()
-    with torch.no_grad(), FlopCounterMode(display=False) as fc:
-        model(torch.zeros((1, *input_shape), device=device))
-    model.train(was_training)
-    return fc.get_total_flops() // 2
-
-
 class Run:
     """State of one training run; `fit` drives it."""
 
     def __init__(self, cfg: DictConfig, run_dir: Path):
         self.cfg, t = cfg, cfg.trainer
+        if t.dist_bn not in DIST_BN:
+            raise ValueError(f"trainer.dist_bn={t.dist_bn!r}: choose one of {DIST_BN} ('' leaves each rank's BN stats)")
+        if t.threads:
+            torch.set_num_threads(t.threads)
         self.device = pick_device(t.device)
         self.dist = distributed.init(self.device.type)
         if self.device.type == "cuda":
@@ -146,8 +141,8 @@ class Run:
             model = convert_sync_batchnorm(model, self.device.type)
         self.model = model
         self.param_count = sum(p.numel() for p in model.parameters())
-        self.macs = count_macs(backbone, (self.info.in_chans, *self.info.input_size), self.device) \
-            if t.count_flops else None
+        self.macs = count_macs(backbone, torch.zeros(1, self.info.in_chans, *self.info.input_size,
+                                                     device=self.device))["macs"] if t.count_flops else None
 
         # optimisation
         o = cfg.optim
@@ -326,6 +321,10 @@ class Run:
                "img_per_s": totals[2].item() / max(m["time"], 1e-9), "epoch_time": m["time"],
                "data_time": m["data_time"] / max(m["steps"] * self.accum, 1)}
         last = self.epoch + 1 == self.epochs
+        if t.dist_bn and self.dist.enabled:  # timm's --dist-bn: one set of BN statistics before evaluating/saving
+            distribute_bn(self.model, self.dist.world_size, reduce=t.dist_bn == "reduce")
+            if self.ema is not None:
+                distribute_bn(self.ema.module, self.dist.world_size, reduce=t.dist_bn == "reduce")
         if (self.epoch + 1) % t.eval_interval == 0 or last:
             # evaluate the bare module: DDP's buffer broadcast would stall on ranks with fewer batches
             eval_model = self.model.module if self.dist.enabled else self.model

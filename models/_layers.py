@@ -7,7 +7,7 @@ import torch.nn as nn
 
 # operators whose papers define their own init (zero offsets, expert init, ...): a backbone's conv init
 # must not overwrite it
-OWN_INIT_OPS = frozenset({"dk_local", "dk_global", "condconv", "dyconv", "odconv", "dcn"})
+OWN_INIT_OPS = frozenset({"dk_local", "dk_global", "dk_dcn", "condconv", "dyconv", "odconv", "dcn"})
 
 
 def make_divisible(v: float, divisor: int = 8, min_value: int | None = None) -> int:

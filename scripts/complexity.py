@@ -4,30 +4,28 @@ paper model beside the paper's numbers.
     python scripts/complexity.py model=rednet op=involution policy=none [model.depth=26] [input_size=224] [--bench]
     python scripts/complexity.py --papers [--only rednet26,face_mobilenetv2_x1_0:tvconv]
 
-Counting convention (stated in the table): MACs = multiply-accumulates of convs, linear layers and
-matmuls as torch's FlopCounterMode sees them (its FLOPs / 2), plus the per-pixel aggregation of the
-dynamic operators that it cannot see (involution, DDF, TVConv, local DK: C·K²·H_out·W_out each).
+Counting convention (stated in the table; dynconv/complexity.py, the trainer's too): MACs = multiply-
+accumulates of convs, linear layers and matmuls as torch's FlopCounterMode sees them (its FLOPs / 2),
+plus the per-pixel aggregation of the dynamic operators that it cannot see (C·K²·H_out·W_out each).
 BN, activations, pooling and the filter normalisations are not counted. Activation memory is the
 sum of the float32 outputs of all leaf modules for one image.
 """
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn as nn
-from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import models  # noqa: E402
+from dynconv.complexity import count_macs  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-PIXEL_OPS = ("involution", "ddf", "tvconv", "dk_local")
 
 # (name, build kwargs, input size, official params, paper/README numbers and their source)
 PAPERS = [
@@ -49,39 +47,11 @@ PAPERS = [
 ]
 
 
-def aggregation_macs(model: nn.Module, x: torch.Tensor) -> tuple[int, int]:
-    """(MACs of the dynamic operators' per-pixel aggregation, activation bytes), one forward pass."""
-    macs, act = [0], [0]
-
-    def pixel_hook(m, _inp, out):
-        k = m.kernel_size
-        macs[0] += out[0].numel() * (k * k if isinstance(k, int) else math.prod(k))
-
-    def leaf_hook(_m, _inp, out):
-        if isinstance(out, torch.Tensor):
-            act[0] += out[0].numel() * 4
-
-    handles = [m.register_forward_hook(pixel_hook) for m in model.modules()
-               if getattr(type(m), "op_name", None) in PIXEL_OPS]
-    handles += [m.register_forward_hook(leaf_hook) for m in model.modules() if not list(m.children())]
-    try:
-        model(x)
-    finally:
-        for h in handles:
-            h.remove()
-    return macs[0], act[0]
-
-
 @torch.no_grad()
 def measure(model: nn.Module, input_size: int, in_chans: int = 3, bench: bool = False) -> dict:
     model.eval()
     x = torch.zeros(1, in_chans, input_size, input_size)
-    counter = FlopCounterMode(display=False)
-    with counter:
-        model(x)
-    agg, act = aggregation_macs(model, x)
-    out = {"params": sum(p.numel() for p in model.parameters()), "macs": counter.get_total_flops() // 2 + agg,
-           "agg_macs": agg, "act_bytes": act}
+    out = {"params": sum(p.numel() for p in model.parameters()), **count_macs(model, x)}
     if bench:
         out.update(benchmark(model, x))
     return out

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 
-from ..base import DataInfo, normalisation
+from ..base import DataInfo, erasing, normalisation
 from .orl import orl_data
 from .pairs import PairSet, identity_folder, lfw_pairset
 from .recordio import RecordFaces
@@ -46,13 +46,16 @@ def val_pairsets(cfg, kw: dict) -> list[PairSet]:
     return sets
 
 
-def _train_flip(cfg) -> float:
-    return cfg.hflip if cfg.augment else 0.0
+def _train_aug(cfg) -> dict:
+    """Training-set augmentation options of FaceDataset (evaluation sets get none)."""
+    if not cfg.augment:
+        return dict(hflip=0.0)
+    return dict(hflip=cfg.hflip, crop_padding=cfg.crop_padding, erase=erasing(cfg))
 
 
 def build_orl(cfg):
     kw = _face_kwargs(cfg)
-    train, num_classes, val = orl_data(cfg.root, cfg.num_test, cfg.seed, cfg.fold, _train_flip(cfg), **kw)
+    train, num_classes, val = orl_data(cfg.root, cfg.num_test, cfg.seed, cfg.fold, **kw, **_train_aug(cfg))
     return train, [val, *val_pairsets(cfg, kw)], _info(num_classes, kw)
 
 
@@ -60,7 +63,7 @@ def build_face_rec(cfg):
     if not cfg.root:
         raise ValueError("data.name=face_rec needs data.root: the folder with train.rec and train.idx")
     kw = _face_kwargs(cfg)
-    train = RecordFaces(cfg.root, hflip=_train_flip(cfg), **kw)
+    train = RecordFaces(cfg.root, **kw, **_train_aug(cfg))
     return train, val_pairsets(cfg, kw), _info(train.num_classes, kw)
 
 
@@ -68,7 +71,7 @@ def build_face_folder(cfg):
     if not cfg.root:
         raise ValueError("data.name=face_folder needs data.root: a folder with one sub-folder per identity")
     kw = _face_kwargs(cfg)
-    train = identity_folder(cfg.root, hflip=_train_flip(cfg), **kw)
+    train = identity_folder(cfg.root, **kw, **_train_aug(cfg))
     return train, val_pairsets(cfg, kw), _info(len(train.classes), kw)
 
 

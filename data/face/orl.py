@@ -94,15 +94,17 @@ def verification_pairs(labels: np.ndarray, identities, seed: int = 0) -> tuple[n
     return np.stack([a[chosen], b[chosen]], 1), same[chosen]
 
 
-def orl_data(root=None, num_test: int = 10, seed: int = 0, fold: int = 0, hflip: float = 0.5,
-             **face_kwargs) -> tuple[ArrayFaces, int, PairSet]:
+def orl_data(root=None, num_test: int = 10, seed: int = 0, fold: int = 0, hflip: float = 0.5, crop_padding: int = 0,
+             erase=None, **face_kwargs) -> tuple[ArrayFaces, int, PairSet]:
     """(training set over the training identities, labels remapped to 0..n-1, flipped with
-    probability `hflip`; n; verification `PairSet` over the held-out identities, drawn with `seed`).
+    probability `hflip`, shifted by up to `crop_padding` px, erased by `erase`; n; verification `PairSet`
+    over the held-out identities, drawn with `seed`, never augmented).
     `face_kwargs` go to `FaceDataset` (img_size, fit, channels, mean, std)."""
     images, labels = load_orl(root)
     train_ids, test_ids = identity_split(NUM_IDS, num_test, seed, fold)
     tr = np.isin(labels, train_ids)
-    train = ArrayFaces(images[tr], np.searchsorted(train_ids, labels[tr]), hflip=hflip, **face_kwargs)
+    train = ArrayFaces(images[tr], np.searchsorted(train_ids, labels[tr]), hflip=hflip, crop_padding=crop_padding,
+                        erase=erase, **face_kwargs)
     pairs, issame = verification_pairs(labels, test_ids, seed)
     held_out = np.flatnonzero(np.isin(labels, test_ids))  # embed only the images the pairs use
     val = ArrayFaces(images[held_out], labels[held_out], **face_kwargs)

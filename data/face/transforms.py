@@ -13,6 +13,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
 
+from ..base import random_shift
+
 FITS = ("pad", "resize")
 
 
@@ -57,16 +59,19 @@ def face_tensor(img: np.ndarray, img_size: int, fit: str = "pad", channels: int 
 class FaceDataset(Dataset):
     """Base of the face datasets: subclasses give `__len__` and `load(i) -> (uint8 image, label)`;
     this class turns the image into the network input (`face_tensor`) and flips it horizontally
-    with probability `hflip` (TVConv's only augmentation; 0 for evaluation sets)."""
+    with probability `hflip` (TVConv's only augmentation; 0 for evaluation sets). Stronger training
+    augmentation for robustness ablations: a random shift of up to `crop_padding` pixels (zero-padded
+    after normalisation, i.e. mid-grey) and `erase` (timm's RandomErasing, data/base.py `erasing`)."""
 
     def __init__(self, img_size: int = 96, fit: str = "pad", channels: int = 3, mean=(0.5,),
-                 std=(0.5,), hflip: float = 0.0):
+                 std=(0.5,), hflip: float = 0.0, crop_padding: int = 0, erase=None):
         if fit not in FITS:
             raise ValueError(f"fit={fit!r}: choose one of {FITS}")
         if channels not in (1, 3):
             raise ValueError(f"channels={channels}: face images have 1 or 3 channels")
         self.img_size, self.fit, self.channels = img_size, fit, channels
         self.mean, self.std, self.hflip = tuple(mean), tuple(std), hflip
+        self.crop_padding, self.erase = crop_padding, erase
 
     def load(self, index: int) -> tuple[np.ndarray, int]:
         raise NotImplementedError
@@ -76,6 +81,9 @@ class FaceDataset(Dataset):
         x = face_tensor(img, self.img_size, self.fit, self.channels, self.mean, self.std)
         if self.hflip > 0 and torch.rand(()) < self.hflip:
             x = x.flip(-1)
+        x = random_shift(x, self.crop_padding)
+        if self.erase is not None:
+            x = self.erase(x)
         return x, label
 
 

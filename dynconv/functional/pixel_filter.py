@@ -9,7 +9,9 @@ batch as in TVConv) and channels in contiguous groups `g(c) = c // (C // G)` as 
 is combined first: `F = A · S` ("mul") or `F = A + S` ("add").
 
 Backends: "reference" unfolds the input (obviously correct, the tests' oracle); "fast" loops over
-the K² taps with a hand-derived backward and never holds a (B, C·K², Ho, Wo) tensor.
+the K² taps with a hand-derived backward and never holds a (B, C·K², Ho, Wo) tensor; it runs the
+compiled CPU kernel (`native`) for CPU tensors and the Triton kernels (`triton_pixel_filter`) for
+CUDA tensors where they are available, else the PyTorch tap loop `_PixelFilter`.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.modules.utils import _pair
 
+from . import triton_pixel_filter
 from .backend import resolve
 
 try:
@@ -249,4 +252,7 @@ def pixel_filter(x: Tensor, spatial: Tensor, channel: Tensor | None = None, *, k
         if native is not None and square and native.available(x, spatial, channel):
             return native.pixel_filter(x, spatial, channel, kernel_size=K, stride=s[0], padding=p[0],
                                        dilation=d[0], combine=combine)
+        if triton_pixel_filter.available(x, spatial, channel):  # CUDA (or the opted-in interpreter)
+            return triton_pixel_filter.pixel_filter(x, spatial, channel, kernel_size=K, stride=s, padding=p,
+                                                    dilation=d, combine=combine)
         return _PixelFilter.apply(x, spatial, channel, K, s, p, d, combine)

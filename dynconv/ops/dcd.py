@@ -7,6 +7,10 @@
 Context: GAP (`conv_dy`) or a 2×2 average pool (`conv_basic_dy`, the DYModule expansion case),
 `Linear(→ squeeze, no bias)` then `SEModuleSmall`.
 
+Ablations (the paper's latent-dimension, Λ on/off and ΛW0-only variants): `latent_dim` overrides L
+(the squeeze size still follows the official formula with that L); `dynamic_scale=False` drops Λ
+(W0 + PΦQᵀ); `dynamic_residual=False` drops the Φ path (ΛW0 alone, DY-Conv-like channel attention).
+
 Submodule names follow the official state_dict (`conv, q, p, bn1, bn2, fc.0, fc.1.fc.0, fc_phi,
 fc_scale`; DYModule: `conv_q, conv_p`; DYCls: `cls, cls_q, cls_p, ...`), so official checkpoints
 load with an identity mapping inside each module.
@@ -43,30 +47,42 @@ class SEModuleSmall(nn.Module):
         return z * self.fc(z)
 
 
-def dcd_sizes(in_channels: int, context: str = "gap") -> tuple[int, int, int]:
+def _latent(latent_dim: int | None, official: int) -> int:
+    """L: the official value, or the `latent_dim` override (a positive int)."""
+    if latent_dim is None:
+        return official
+    if isinstance(latent_dim, bool) or not isinstance(latent_dim, int) or latent_dim < 1:
+        raise ValueError(f"dcd: latent_dim must be a positive int (or None for the official L), got {latent_dim!r}")
+    return latent_dim
+
+
+def dcd_sizes(in_channels: int, context: str = "gap", latent_dim: int | None = None) -> tuple[int, int, int]:
     """(pool, L, squeeze) of `conv_dy` (context "gap") and `conv_basic_dy` ("pool2").
 
     gap: L = int(√C_in), squeeze = max(C_in, L²)//16. pool2: n = 4·C_in context features,
     L = int(√n), squeeze = max(n, L²)//16, at least 4. The gap squeeze is floored at 1 so that
-    C_in < 16 still builds (the official formula gives an empty layer there).
+    C_in < 16 still builds (the official formula gives an empty layer there). `latent_dim`
+    replaces L, in the squeeze formula too.
     """
     if context == "gap":
-        dim = math.isqrt(in_channels)
+        dim = _latent(latent_dim, math.isqrt(in_channels))
         return 1, dim, max(max(in_channels, dim * dim) // 16, 1)
     if context == "pool2":
         n = 4 * in_channels
-        dim = math.isqrt(n)
+        dim = _latent(latent_dim, math.isqrt(n))
         return 2, dim, max(max(n, dim * dim) // 16, 4)
     raise ValueError(f"dcd: context must be 'gap' (conv_dy, ResNet-50) or 'pool2' (conv_basic_dy, ResNet-18); "
                      f"got {context!r}")
 
 
-def dymodule_sizes(in_channels: int, out_channels: int, fc_squeeze: int = 16) -> tuple[int, int, int]:
+def dymodule_sizes(in_channels: int, out_channels: int, fc_squeeze: int = 16,
+                   latent_dim: int | None = None) -> tuple[int, int, int]:
     """(pool, L, squeeze) of the MobileNetV2 `DYModule`.
 
     Expansion (C_in < C_out): 2×2 context (mul 4), reduction 8; otherwise GAP (mul 1), reduction 2.
     L = min(C_in·mul // red, C_out // red), doubling red while L² > 2·C_in·mul, at least 4;
-    squeeze = max(C_in·mul, L²) // fc_squeeze, at least 4.
+    squeeze = max(C_in·mul, L²) // fc_squeeze, at least 4. `latent_dim` replaces L (no reduction
+    rule, no minimum), in the squeeze formula too.
     """
     pool, red = (2, 8) if in_channels < out_channels else (1, 2)
     n = in_channels * pool * pool
@@ -74,7 +90,7 @@ def dymodule_sizes(in_channels: int, out_channels: int, fc_squeeze: int = 16) ->
     while dim * dim > 2 * n:
         red *= 2
         dim = min(n // red, out_channels // red)
-    dim = max(dim, 4)
+    dim = _latent(latent_dim, max(dim, 4))
     return pool, dim, max(max(n, dim * dim) // fc_squeeze, 4)
 
 
@@ -83,36 +99,48 @@ class _DCDConv(nn.Module):
 
     qp_names = ("q", "p")  # official attribute names of Qᵀ and P
 
-    def _build(self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, sizes):
+    def _build(self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, sizes,
+               dynamic_scale: bool, dynamic_residual: bool):
         check_groups(self.op_name, in_channels, out_channels, groups)
+        if not (dynamic_scale or dynamic_residual):
+            raise ValueError(f"{self.op_name}: dynamic_scale=False and dynamic_residual=False leave W(x) = W0, "
+                             "a static conv: use op=conv")
         k, s, p, d = conv_geometry(kernel_size, stride, padding, dilation)
         if any(2 * pi != di * (ki - 1) for ki, pi, di in zip(k, p, d)):
             raise ValueError(f"{self.op_name}: the 1×1 dynamic path needs 'same' padding = dilation·(k−1)/2 "
                              f"(odd kernel); got kernel_size={k}, padding={p}, dilation={d}")
         pool, self.dim, squeeze = sizes
+        # registration order is the official state_dict order; a disabled part has no modules at all
         self.conv = nn.Conv2d(in_channels, out_channels, k, s, p, d, groups, bias)
-        q_name, p_name = self.qp_names
-        self.add_module(q_name, nn.Conv2d(in_channels, self.dim, 1, s, bias=False))
-        self.add_module(p_name, nn.Conv2d(self.dim, out_channels, 1, bias=False))
-        self.bn1 = nn.BatchNorm2d(self.dim)
-        self.bn2 = nn.BatchNorm1d(self.dim)
+        if dynamic_residual:
+            q_name, p_name = self.qp_names
+            self.add_module(q_name, nn.Conv2d(in_channels, self.dim, 1, s, bias=False))
+            self.add_module(p_name, nn.Conv2d(self.dim, out_channels, 1, bias=False))
+            self.bn1 = nn.BatchNorm2d(self.dim)
+            self.bn2 = nn.BatchNorm1d(self.dim)
         self.pool = nn.AdaptiveAvgPool2d(pool)
         self.fc = nn.Sequential(nn.Linear(in_channels * pool * pool, squeeze, bias=False), SEModuleSmall(squeeze))
-        self.fc_phi = nn.Linear(squeeze, self.dim * self.dim, bias=False)
-        self.fc_scale = nn.Linear(squeeze, out_channels, bias=False)
+        self.fc_phi = nn.Linear(squeeze, self.dim * self.dim, bias=False) if dynamic_residual else None
+        self.fc_scale = nn.Linear(squeeze, out_channels, bias=False) if dynamic_scale else None
         self.hs = HSigmoid()
 
     def forward(self, x: Tensor) -> Tensor:
+        y = self.fc(self.pool(x).flatten(1))
+        r = self.conv(x)
+        if self.fc_scale is not None:
+            r = r * self.hs(self.fc_scale(y))[:, :, None, None]
+        return r if self.fc_phi is None else self._residual(x, y) + r
+
+    def _residual(self, x: Tensor, y: Tensor) -> Tensor:
+        """P(BN1d(Φ(y)·z) + z), z = BN2d(Qᵀx): the low-rank dynamic path PΦ(x)Qᵀ at the kernel centre."""
         b = x.shape[0]
         q, p = (getattr(self, n) for n in self.qp_names)
-        y = self.fc(self.pool(x).flatten(1))
         phi = self.fc_phi(y).view(b, self.dim, self.dim)
-        r = self.conv(x) * self.hs(self.fc_scale(y))[:, :, None, None]
         z = self.bn1(q(x))
         h, w = z.shape[-2:]
         z = z.flatten(2)
         z = self.bn2(phi @ z) + z
-        return p(z.view(b, self.dim, h, w)) + r
+        return p(z.view(b, self.dim, h, w))
 
 
 @register_op("dcd")
@@ -121,10 +149,11 @@ class DCD(_DCDConv):
     `conv_basic_dy` (context "pool2", both 3×3 convs of ResNet-18/34's BasicBlock)."""
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=None, dilation=1, groups=1,
-                 bias=False, *, context="gap"):
+                 bias=False, *, context="gap", latent_dim: int | None = None, dynamic_scale: bool = True,
+                 dynamic_residual: bool = True):
         super().__init__()
         self._build(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
-                    dcd_sizes(in_channels, context))
+                    dcd_sizes(in_channels, context, latent_dim), dynamic_scale, dynamic_residual)
 
 
 @register_op("dcd_mbv2")
@@ -138,10 +167,12 @@ class DCDMobile(_DCDConv):
     qp_names = ("conv_q", "conv_p")
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=None, dilation=1, groups=1,
-                 bias=False, *, fc_squeeze=16):
+                 bias=False, *, fc_squeeze=16, latent_dim: int | None = None, dynamic_scale: bool = True,
+                 dynamic_residual: bool = True):
         super().__init__()
         self._build(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
-                    dymodule_sizes(in_channels, out_channels, fc_squeeze))
+                    dymodule_sizes(in_channels, out_channels, fc_squeeze, latent_dim), dynamic_scale,
+                    dynamic_residual)
 
 
 class DYCls(nn.Module):

@@ -68,7 +68,8 @@ def _tap_kernel(weight: Tensor, offset: Tensor, k: int, kernel_size: int) -> Ten
     h, w = _tap_coords(offset, k, kernel_size, (sh, sw))
     planes = weight.reshape(C, sh * sw)
     kern = sum(coef.unsqueeze(1) * _gather(planes, index) for index, coef, _, _ in _scope_corners(h, w, (sh, sw)))
-    return kern.view(h.shape[0], C, *h.shape[2:])
+    # reshape: offsets sliced from a channels_last offset conv give a kernel that cannot be viewed as (B, C, ...)
+    return kern.reshape(h.shape[0], C, *h.shape[2:])
 
 
 class _LocalDeformKernel(torch.autograd.Function):
@@ -174,13 +175,13 @@ class DeformKernelLocal(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, padding=None,
                  dilation: int = 1, groups: int = 1, bias: bool = False, *, scope_size=4, offset_groups: int = 1):
         super().__init__()
-        check_channelwise("dk_local", in_channels, out_channels, groups)
+        check_channelwise(self.op_name, in_channels, out_channels, groups)
         if offset_groups < 1 or in_channels % offset_groups:
-            raise ValueError(f"dk_local: offset_groups={offset_groups} must divide in_channels={in_channels}")
+            raise ValueError(f"{self.op_name}: offset_groups={offset_groups} must divide in_channels={in_channels}")
         k = self.kernel_size = int(kernel_size)
         self.stride, self.dilation, self.offset_groups = int(stride), int(dilation), offset_groups
         self.padding = resolve_padding(k, padding, self.dilation)
-        self.scope_size = _scope_pair("dk_local", scope_size, k)
+        self.scope_size = _scope_pair(self.op_name, scope_size, k)
         self.weight = nn.Parameter(torch.empty(in_channels, 1, *self.scope_size).uniform_(-1 / k, 1 / k))
         self.rotation_conv = nn.Conv2d(in_channels, offset_groups * k * k * 2, k, self.stride, self.padding,
                                        self.dilation)
@@ -188,12 +189,14 @@ class DeformKernelLocal(nn.Module):
         nn.init.zeros_(self.rotation_conv.bias)
         self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
 
-    def forward(self, x: Tensor) -> Tensor:
-        k = self.kernel_size
+    def kernel_offsets(self, x: Tensor) -> Tensor:
+        """Scope offsets (B, G, k², 2, Ho, Wo) as (Δh, Δw), from `rotation_conv`."""
         offset = self.rotation_conv(x)
-        offset = offset.view(offset.shape[0], self.offset_groups, k * k, 2, *offset.shape[-2:])
-        out = deform_kernel_local(x, offset, self.weight.squeeze(1), kernel_size=k, stride=self.stride,
-                                  padding=self.padding, dilation=self.dilation)
+        return offset.view(offset.shape[0], self.offset_groups, self.kernel_size ** 2, 2, *offset.shape[-2:])
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = deform_kernel_local(x, self.kernel_offsets(x), self.weight.squeeze(1), kernel_size=self.kernel_size,
+                                  stride=self.stride, padding=self.padding, dilation=self.dilation)
         return out if self.bias is None else out + self.bias.view(1, -1, 1, 1)
 
 

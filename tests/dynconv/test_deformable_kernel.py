@@ -183,3 +183,16 @@ def test_local_channels_last_and_bfloat16():
     half = deform_kernel_local(x.bfloat16(), offset.bfloat16(), weight.bfloat16(), kernel_size=3)
     assert half.dtype == torch.bfloat16
     torch.testing.assert_close(half.float(), ref, atol=3e-2 * ref.abs().max().item(), rtol=3e-2)
+
+
+def test_local_module_channels_last_with_offset_groups(backend):
+    """A channels_last input makes the offset conv's output channels_last; with G > 1 the per-group
+    offsets it yields must still give the contiguous-input result and gradients."""
+    op = _local(C=4, G=2)
+    x = torch.randn(2, 4, 6, 5, requires_grad=True)
+    xl = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
+    out, outl = op(x), op(xl)
+    torch.testing.assert_close(outl, out)
+    g = torch.randn_like(out)
+    (gx,), (gxl,) = torch.autograd.grad(out, [x], g), torch.autograd.grad(outl, [xl], g)
+    torch.testing.assert_close(gxl, gx)

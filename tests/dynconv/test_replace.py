@@ -145,3 +145,41 @@ def test_report_format_and_policy_errors():
         Policy.parse({"name": "deep_only", "stage": 3})
     with pytest.raises(ValueError, match="not both"):
         Policy(name="deep_only", stages=[3], from_stage=3)
+
+
+def _slot_layers(report, op):
+    return {r["layer"]: tuple(r["input_size"]) for r in report if r["kind"] == "slot" and r["op"] == op}
+
+
+def test_placement_policies_choose_the_slots_that_get_the_operator():
+    """TVConv's placement ablation: deep stages only / shallow stages only; the other slots keep the
+    depthwise conv they stand for (same geometry, groups = channels)."""
+    build = lambda policy: models.build({"name": "face_mobilenetv2", "width": 0.1}, {"name": "tvconv"},  # noqa: E731
+                                        policy, num_classes=512, input_size=(96, 96))
+    _, every = build({"name": "dw_only"})
+    out_h = {r["layer"]: r["input_size"][0] // r["stride"][0] for r in every}
+    sizes = sorted(set(out_h.values()))
+    assert len(sizes) == 5 and len(_slot_layers(every, "tvconv")) == len(every)
+    for policy, wanted in ((Policy("deep_only"), set(sizes[:2])), (Policy("shallow_only"), set(sizes[-2:])),
+                           (Policy("deep_only", from_stage=5), {sizes[0]}),
+                           (Policy("shallow_only", stages=[1]), {sizes[-1]})):
+        model, report = build(policy)
+        tv = _slot_layers(report, "tvconv")
+        assert tv and set(tv) == {n for n, h in out_h.items() if h in wanted}
+        for name in set(out_h) - set(tv):
+            conv = model.get_submodule(name)
+            assert type(conv) is dynconv.get_op("conv") and conv.groups == conv.in_channels == conv.out_channels
+            assert conv.stride == tuple(next(r for r in every if r["layer"] == name)["stride"])
+        x = torch.randn(2, 3, 96, 96)
+        assert model(x).shape == (2, 512)
+
+
+def test_exclude_pattern_leaves_a_slot_to_its_plain_conv():
+    model = models.create("rednet26", num_classes=10, op="involution", policy={"name": "none", "exclude": ["layer1"]})
+    kinds = {n: type(m).__name__ for n, m in model.named_modules() if n.endswith("conv2") and n.count(".") == 2}
+    assert kinds and all((k == "Conv") == n.startswith("layer1") for n, k in kinds.items())
+
+
+def test_from_stage_is_only_for_deep_only():
+    with pytest.raises(ValueError, match="from_stage applies to deep_only only"):
+        Policy("shallow_only", from_stage=2)

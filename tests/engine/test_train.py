@@ -110,6 +110,22 @@ def test_two_process_ddp_equals_one_process(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp", "single"]  # one run folder per run
 
 
+def test_dist_bn_reduce_averages_the_ranks_bn_statistics(tmp_path):
+    """timm's --dist-bn (DDF's recipe): at epoch end 'reduce' averages the BN running statistics of the
+    ranks, 'broadcast' takes rank 0's. The ranks see different batches (no sync_bn), so the saved statistics
+    differ between the two modes (if the option were ignored they would be equal)."""
+    common = ["trainer.epochs=1", "trainer.limit_train_batches=3", "data.batch_size=8", "optim.lr=0.05"]
+    stats = {}
+    for mode in ("reduce", "broadcast"):
+        torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+                    f"--master_port={_free_port()}"]
+        run_train(common + [f"trainer.dist_bn={mode}"], tmp_path / mode, launcher=torchrun)
+        state = ck.load(tmp_path / mode / ck.CKPT_DIR / "last.pt")["model"]
+        stats[mode] = {k: v for k, v in state.items() if k.endswith("running_mean")}
+    assert stats["reduce"].keys() == stats["broadcast"].keys() and stats["reduce"]
+    assert any(not torch.allclose(stats["reduce"][k], stats["broadcast"][k]) for k in stats["reduce"])
+
+
 def test_multirun_sweep_makes_one_folder_per_run(tmp_path):
     proc = run_train(["-m", "optim.lr=0.1,0.05", "trainer.epochs=1", "trainer.limit_train_batches=2",
                       f"hydra.sweep.dir={tmp_path}"])
@@ -122,6 +138,7 @@ def test_multirun_sweep_makes_one_folder_per_run(tmp_path):
     ("trainer.epoch=3", "epoch"),
     ("trainer.epochs=three", "epochs"),
     ("op=nosuchop", "nosuchop"),
+    ("trainer.dist_bn=mean", "trainer.dist_bn='mean': choose one of"),
 ])
 def test_bad_config_fails_with_a_clear_error(tmp_path, override, message):
     proc = run_train([override], tmp_path / "run", check=False)

@@ -97,4 +97,7 @@ def test_sweep_cell_builds(experiment, cell):
                                  num_classes=None if face else 10, in_chans=cfg.data.channels,
                                  input_size=(size, size))
     if cfg.op.name not in (None, "conv"):
-        assert report and all(r["op"] == cfg.op.name for r in report), report[:2]
+        placed = [r for r in report if r["op"] == cfg.op.name]
+        assert placed, report[:2]
+        if cfg.policy.name not in ("deep_only", "shallow_only"):  # placement policies leave other slots plain
+            assert len(placed) == len(report), report[:2]

@@ -1,11 +1,12 @@
 """The recipes dry-run at full resolution on generated data; every ablation suite runs as a multirun for one step
 with its sweep cut to two cells; the table script reads that sweep."""
 import pytest
+import yaml
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
 from scripts import ablation_table
 from tests.engine.conftest import run_train, summary
-from tests.experiments.conftest import ABLATIONS, RECIPES, choices, compose_cfg, sweep_params, train_py
+from tests.experiments.conftest import ABLATIONS, CONFIGS, RECIPES, choices, compose_cfg, sweep_params, train_py
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
@@ -37,7 +38,11 @@ def test_suite_runs_one_step_per_cell(experiment, tmp_path):
         s = summary(job)
         assert s["num_updates"] == 1 and s["config"]["name"] == experiment and s["macs_per_image"] > 0
         cell = OverridesParser.create().parse_override(want).value()  # the cell's dict is in the run's config
-        assert {k: s["config"][key].get(k) for k in cell} == cell
+        if key == "cell":  # a configs/cell/ file: every value it sets is in the run's config
+            values = yaml.safe_load((CONFIGS / "cell" / f"{cell}.yaml").read_text())
+            assert all(s["config"][g][k] == v for g, group in values.items() for k, v in group.items()), values
+        else:
+            assert {k: s["config"][key].get(k) for k in cell} == cell
     text = ablation_table.main([str(sweep), "--out", str(tmp_path / "table")])
     assert text.count("\n| ") == 3  # header + 2 cells
     assert all((tmp_path / "table" / f).stat().st_size > 0 for f in ("acc_vs_macs.png", "acc_vs_params.png", "curves.png"))

@@ -3,7 +3,10 @@ from dataclasses import asdict
 from pathlib import Path
 from types import SimpleNamespace
 
+import random
+
 import pytest
+import torch
 from omegaconf import OmegaConf
 
 from data.config import DataConfig
@@ -29,3 +32,27 @@ def test_orl_config_builds():
 def test_folder_configs_need_a_root(name):
     with pytest.raises(ValueError, match="needs data.root"):
         FACE_DATASETS[name](load(name))
+
+
+def test_face_training_augmentation_options_reach_the_train_set_only():
+    """crop_padding shifts and random erasing (TVConv's augmentation ablation) apply to training images;
+    the verification set stays un-augmented; augment=false turns everything off, flips included."""
+    base = load("orl")
+    plain_train, plain_val, _ = FACE_DATASETS["orl"](SimpleNamespace(**{**vars(base), "augment": False}))
+    strong = SimpleNamespace(**{**vars(base), "hflip": 0.0, "crop_padding": 8, "reprob": 1.0, "remode": "const"})
+    train, val_sets, _ = FACE_DATASETS["orl"](strong)
+    torch.manual_seed(0)
+    random.seed(0)
+    x, ref = train[0][0], plain_train[0][0]
+    assert x.shape == ref.shape and not torch.equal(x, ref)
+    assert (x == 0).sum() > (ref == 0).sum()  # the erased box and the shift's padding are zeros
+    torch.testing.assert_close(val_sets[0].images[0][0], plain_val[0].images[0][0])
+    assert val_sets[0].images.erase is None and val_sets[0].images.crop_padding == 0
+    shifted = SimpleNamespace(**{**vars(strong), "reprob": 0.0})
+    train, _, _ = FACE_DATASETS["orl"](shifted)
+    h = ref.shape[-1]
+    torch.manual_seed(1)
+    y = train[0][0]
+    assert any(torch.equal(y[..., max(0, dy):h + min(0, dy), max(0, dx):h + min(0, dx)],
+                           ref[..., max(0, -dy):h + min(0, -dy), max(0, -dx):h + min(0, -dx)])
+               for dy in range(-8, 9) for dx in range(-8, 9))  # a pure shift of the plain image

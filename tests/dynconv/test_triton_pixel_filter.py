@@ -1,0 +1,176 @@
+"""The Triton path of `pixel_filter` (`dynconv/functional/triton_pixel_filter.py`) against the
+reference backend, through the public dispatcher.
+
+Without a GPU the kernels run under Triton's interpreter. `TRITON_INTERPRET` must be set before
+triton is imported and this test session has imported it already, so the checks run in one child
+process: this file run as a script, which runs every check and prints their outcomes. Where CUDA exists
+the same checks also run on the GPU in this process (the "cuda" parameter exists only there).
+"""
+import itertools
+import json
+import os
+import subprocess
+import sys
+import traceback
+from pathlib import Path
+
+import pytest
+import torch
+
+from dynconv.functional import triton_pixel_filter
+from dynconv.functional.pixel_filter import conv_out_size, pixel_filter
+
+ROOT = Path(__file__).resolve().parents[2]
+DEVICES = ["interpreter"] + (["cuda"] if torch.cuda.is_available() else [])
+B, C = 2, 4
+TRITON_NODE = "_TritonPixelFilterBackward"
+
+# Every value of every axis, subsampled: the 8 (K, stride, dilation) combinations each meet two of
+# the 12 (G, shared, combine) combinations, so all 12 occur; odd and unequal H, W alternate. The two
+# K=7 cases have more pixels than one program's block (64 for K=7), so several blocks share an
+# image and the channel gradient loops over blocks.
+GEOMETRY = list(itertools.product([3, 5], [1, 2], [1, 2]))
+FILTERS = list(itertools.product([1, 2], [False, True], [None, "mul", "add"]))
+CASES = [(*GEOMETRY[n % 8], *FILTERS[n % 12], [(7, 6), (5, 7)][n % 2]) for n in range(16)]
+CASES += [(7, 1, 1, 2, True, "mul", (9, 9)), (7, 1, 2, 1, False, "add", (9, 10))]
+
+
+def _inputs(device, K, s, d, H, W, G, combine, shared, dtype=torch.float32, batch=B, channels=C):
+    p = d * (K - 1) // 2
+    ho, wo = conv_out_size(H, K, s, p, d), conv_out_size(W, K, s, p, d)
+    x = torch.randn(batch, channels, H, W, dtype=dtype, device=device)
+    spatial = torch.randn(1 if shared else batch, G, K * K, ho, wo, dtype=dtype, device=device)
+    ch = torch.randn(batch, channels, K * K, dtype=dtype, device=device) if combine else None
+    return [t for t in (x, spatial, ch) if t is not None]
+
+
+def _forward_backward(backend, leaves, grad_out, **kw):
+    leaves = [t.detach().requires_grad_() for t in leaves]
+    out = pixel_filter(*leaves, backend=backend, **kw)
+    return out, torch.autograd.grad(out, leaves, grad_out)
+
+
+def check_matches_reference(device):
+    """Forward and the gradients of x, the spatial and the channel filter, float32, over CASES."""
+    torch.manual_seed(0)
+    for K, s, d, G, shared, combine, (H, W) in CASES:
+        case = dict(K=K, s=s, d=d, G=G, shared=shared, combine=combine, H=H, W=W)
+        kw = dict(kernel_size=K, stride=s, dilation=d, combine=combine or "mul")
+        leaves = _inputs(device, K, s, d, H, W, G, combine, shared)
+        go = torch.randn(B, C, *leaves[1].shape[-2:], device=device)
+        out, grads = _forward_backward(None, leaves, go, **kw)
+        ref, ref_grads = _forward_backward("reference", leaves, go, **kw)
+        assert type(out.grad_fn).__name__ == TRITON_NODE, f"{case}: dispatched to {out.grad_fn}"
+        torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4, msg=lambda m: f"{case}: {m}")
+        for name, g, r in zip(("x", "spatial", "channel"), grads, ref_grads):
+            torch.testing.assert_close(g, r, atol=1e-4, rtol=1e-4, msg=lambda m: f"{case} grad {name}: {m}")
+
+
+def check_gradcheck(device):
+    """float64 gradcheck (fast mode: the interpreter is slow) of all three inputs, stride 2."""
+    torch.manual_seed(1)
+    for combine, shared in [(None, True), ("mul", False), ("add", True)]:
+        leaves = [t.requires_grad_() for t in _inputs(device, 3, 2, 1, 5, 4, 2, combine, shared,
+                                                      torch.float64, batch=1)]
+
+        def f(*t):
+            return pixel_filter(*t, kernel_size=3, stride=2, combine=combine or "mul")
+
+        assert type(f(*leaves).grad_fn).__name__ == TRITON_NODE
+        assert torch.autograd.gradcheck(f, leaves, fast_mode=True), (combine, shared)
+
+
+def check_half_precision(device):
+    """bfloat16/float16 forward (and bfloat16 gradients) close to float32, relative to their scale."""
+    torch.manual_seed(2)
+    leaves = _inputs(device, 3, 1, 1, 7, 7, 2, "mul", False)
+    go = torch.randn(B, C, 7, 7, device=device)
+    ref, ref_grads = _forward_backward("reference", leaves, go, kernel_size=3)
+    for dtype, tol in [(torch.bfloat16, 2e-2), (torch.float16, 2e-3)]:
+        out, grads = _forward_backward(None, [t.to(dtype) for t in leaves], go.to(dtype), kernel_size=3)
+        assert out.dtype == dtype and type(out.grad_fn).__name__ == TRITON_NODE
+        torch.testing.assert_close(out.float(), ref, atol=tol * ref.abs().max().item(), rtol=tol)
+        for g, r in zip(grads, ref_grads):
+            assert g.dtype == dtype
+            torch.testing.assert_close(g.float(), r, atol=1.5 * tol * r.abs().max().item(), rtol=1.5 * tol)
+
+
+def check_layouts_and_pairs(device):
+    """channels_last input (kept by the output and grad_x), an expanded grad_out (from .sum()),
+    stride/padding/dilation pairs and non-default padding."""
+    torch.manual_seed(3)
+    x = torch.randn(B, C, 7, 8, device=device).contiguous(memory_format=torch.channels_last)
+    for s, p, d in [((1, 2), (1, 2), (1, 2)), ((2, 1), (0, 0), (1, 1)), (2, (2, 0), (2, 1))]:
+        sp, pp, dp = [(v, v) if isinstance(v, int) else v for v in (s, p, d)]
+        ho, wo = [conv_out_size(n, 3, *g) for n, g in zip((7, 8), zip(sp, pp, dp))]
+        leaves = [x, torch.randn(B, 2, 9, ho, wo, device=device), torch.randn(B, C, 9, device=device)]
+        kw = dict(kernel_size=3, stride=s, padding=p, dilation=d, combine="add")
+        out, grads = _forward_backward(None, leaves, torch.ones((), device=device).expand(B, C, ho, wo), **kw)
+        ref, ref_grads = _forward_backward("reference", leaves, torch.ones(B, C, ho, wo, device=device), **kw)
+        assert type(out.grad_fn).__name__ == TRITON_NODE
+        assert out.is_contiguous(memory_format=torch.channels_last)
+        assert grads[0].is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4, msg=lambda m: f"{(s, p, d)}: {m}")
+        for g, r in zip(grads, ref_grads):
+            torch.testing.assert_close(g, r, atol=1e-4, rtol=1e-4, msg=lambda m: f"{(s, p, d)} grad: {m}")
+
+
+def check_available(device):
+    """The predicate: on for matching float tensors, off for mixed or integer dtypes, mixed devices
+    and under `DYNCONV_TRITON=0`."""
+    x, spatial, ch = _inputs(device, 3, 1, 1, 5, 5, 1, "mul", False)
+    assert triton_pixel_filter.available(x, spatial, ch)
+    assert not triton_pixel_filter.available(x, spatial.double(), ch)
+    assert not triton_pixel_filter.available(x.long(), spatial.long())
+    if device != "cpu":
+        assert not triton_pixel_filter.available(x, spatial.cpu())
+    os.environ["DYNCONV_TRITON"] = "0"
+    try:
+        assert not triton_pixel_filter.available(x, spatial, ch)
+    finally:
+        del os.environ["DYNCONV_TRITON"]
+
+
+CHECKS = ["check_matches_reference", "check_gradcheck", "check_half_precision", "check_layouts_and_pairs",
+          "check_available"]
+
+
+@pytest.fixture(scope="module")
+def interpreter_results():
+    """{check: "" or its traceback}: all checks in one child process (one torch/triton start-up)."""
+    env = dict(os.environ, TRITON_INTERPRET="1", DYNCONV_TRITON_INTERPRET="1", DYNCONV_NATIVE="0",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    run = subprocess.run([sys.executable, __file__], env=env, cwd=ROOT, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0 and run.stdout.strip(), f"the interpreter child process failed:\n{run.stderr[-6000:]}"
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", CHECKS)
+def test_triton_path(name, device, request):
+    if device == "cuda":
+        globals()[name]("cuda")
+    else:
+        error = request.getfixturevalue("interpreter_results")[name]
+        assert not error, f"{name} under the Triton interpreter failed:\n{error}"
+
+
+def test_cpu_without_opt_in_stays_off_triton(monkeypatch):
+    """Without the interpreter opt-in, CPU tensors never take the Triton path (native or PyTorch)."""
+    monkeypatch.delenv("DYNCONV_TRITON_INTERPRET", raising=False)
+    x, spatial = _inputs("cpu", 3, 1, 1, 5, 5, 1, None, False)
+    assert not triton_pixel_filter.available(x, spatial)
+    out = pixel_filter(x.requires_grad_(), spatial, kernel_size=3)
+    assert type(out.grad_fn).__name__ != TRITON_NODE
+
+
+if __name__ == "__main__":  # the child process of `interpreter_results`: every check on CPU tensors
+    results = {}
+    for check in CHECKS:
+        try:
+            globals()[check]("cpu")
+            results[check] = ""
+        except Exception:
+            results[check] = traceback.format_exc()
+    print(json.dumps(results))
