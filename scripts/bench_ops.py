@@ -6,19 +6,24 @@ measures, in one run:
   with its official kernel size (involution 7, the rest 3);
 - `nn.Conv2d` 3x3 and depthwise 3x3 as baselines;
 - the raw `pixel_filter` in its involution (G = C/16, K 7), DDF (G 1 + channel filter, K 3) and
-  TVConv (filter shared by the batch, G = C, K 3) forms, with the compiled kernel ("native"), the
-  pure-PyTorch fast path ("fast", DYNCONV_NATIVE=0) and the unfold reference.
+  TVConv (filter shared by the batch, G = C, K 3) forms, with the compiled kernel (on CPU "native",
+  the C++ kernel; on CUDA "triton", the Triton kernels), the pure-PyTorch fast path ("fast",
+  DYNCONV_NATIVE=0 / DYNCONV_TRITON=0) and the unfold reference.
 
 Times are medians over `--repeat` runs after one warm-up: "fwd" is inference (eval mode, no grad),
 "fwd+bwd" a training pass (train mode, forward, `out.sum().backward()`, parameter grads cleared
-first). "peak MB" is the peak extra memory of one fwd+bwd pass: the high-water mark of the running
-sum of the CPU allocator's allocations and frees, as recorded by `torch.profiler` with
+first). "peak MB" is the peak extra memory of one fwd+bwd pass: on CPU the high-water mark of the
+running sum of the CPU allocator's allocations and frees, as recorded by `torch.profiler` with
 `profile_memory=True` (inputs that exist before the pass are not counted; outputs, saved tensors
-and gradients are; thread-local scratch of the compiled kernel, below 1 MB per thread, is not).
+and gradients are; thread-local scratch of the compiled kernel, below 1 MB per thread, is not); on
+CUDA `max_memory_allocated` above what was allocated before the pass. On CUDA every timed call is
+bracketed by `torch.cuda.synchronize()`, the warm-up call pays the Triton compile, and the
+baselines are cuDNN's.
 
     python scripts/bench_ops.py                      # full tables (minutes: the unfold reference is slow)
     python scripts/bench_ops.py --ops involution ddf --shapes 32x64x56x56 --repeat 7
     python scripts/bench_ops.py --quick              # tiny smoke run
+    python scripts/bench_ops.py --device cuda        # on a GPU: Triton kernels vs cuDNN and the reference
 """
 from __future__ import annotations
 
@@ -36,11 +41,19 @@ import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import dynconv  # noqa: E402
-from dynconv.functional import native  # noqa: E402
+from dynconv.functional import native, triton_pixel_filter  # noqa: E402
 from dynconv.functional.pixel_filter import pixel_filter  # noqa: E402
 
 DEFAULT_SHAPES = ["32x64x56x56", "32x256x14x14"]
 KERNEL_SIZE = {"involution": 7}  # official kernel sizes; every other operator replaces a 3x3 conv
+
+
+DEVICE = torch.device("cpu")  # set by --device
+
+
+def _sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
 
 
 def median_ms(fn, repeat: int, warmup: int = 1) -> float:
@@ -50,15 +63,26 @@ def median_ms(fn, repeat: int, warmup: int = 1) -> float:
     times = []
     for _ in range(repeat):
         gc.collect()
+        _sync()
         t0 = time.perf_counter()
         fn()
+        _sync()
         times.append(time.perf_counter() - t0)
     return 1e3 * statistics.median(times)
 
 
 def peak_extra_mb(fn) -> float:
-    """Peak extra CPU memory of `fn()` in MB (allocator events recorded by torch.profiler)."""
+    """Peak extra memory of `fn()` in MB (CPU: allocator events recorded by torch.profiler; CUDA: the
+    caching allocator's peak above what was allocated before)."""
     from torch.profiler import ProfilerActivity, profile
+
+    if DEVICE.type == "cuda":
+        _sync()
+        torch.cuda.reset_peak_memory_stats(DEVICE)
+        base = torch.cuda.memory_allocated(DEVICE)
+        fn()
+        _sync()
+        return (torch.cuda.max_memory_allocated(DEVICE) - base) / 2**20
 
     gc.collect()
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
@@ -73,18 +97,24 @@ def peak_extra_mb(fn) -> float:
     return peak / 2**20
 
 
+# the compiled kernel of each device: (row label, environment switch, availability check)
+COMPILED = {"cpu": ("native", "DYNCONV_NATIVE", native.available),
+            "cuda": ("triton", "DYNCONV_TRITON", triton_pixel_filter.available)}
+
+
 @contextlib.contextmanager
-def native_enabled(on: bool):
-    """Switch the compiled kernel on or off (DYNCONV_NATIVE) inside the block."""
-    prev = os.environ.get("DYNCONV_NATIVE")
-    os.environ["DYNCONV_NATIVE"] = "1" if on else "0"
+def compiled_enabled(on: bool):
+    """Switch this device's compiled kernel on or off (DYNCONV_NATIVE / DYNCONV_TRITON) inside the block."""
+    var = COMPILED[DEVICE.type][1]
+    prev = os.environ.get(var)
+    os.environ[var] = "1" if on else "0"
     try:
         yield
     finally:
         if prev is None:
-            del os.environ["DYNCONV_NATIVE"]
+            del os.environ[var]
         else:
-            os.environ["DYNCONV_NATIVE"] = prev
+            os.environ[var] = prev
 
 
 def measure_module(module: nn.Module, x: torch.Tensor, repeat: int) -> dict:
@@ -132,15 +162,16 @@ def parse_shape(text: str) -> tuple[int, int, int, int]:
 
 def make_op(name: str, c: int, h: int, w: int) -> nn.Module:
     kwargs = {"input_size": (h, w)} if "input_size" in dynconv.op_options(name) else {}
-    return dynconv.create_op(name, c, c, KERNEL_SIZE.get(name, 3), **kwargs)
+    return dynconv.create_op(name, c, c, KERNEL_SIZE.get(name, 3), **kwargs).to(DEVICE)
 
 
 def pixel_filter_forms(b: int, c: int, h: int, w: int):
     """(name, fn, inputs) for the involution, DDF and TVConv forms of the raw primitive."""
     g = max(c // 16, 1)
-    inv = (torch.randn(b, c, h, w), torch.randn(b, g, 49, h, w))
-    ddf = (torch.randn(b, c, h, w), torch.randn(b, 1, 9, h, w), torch.randn(b, c, 9))
-    tv = (torch.randn(b, c, h, w), torch.randn(1, c, 9, h, w))
+    randn = lambda *shape: torch.randn(*shape, device=DEVICE)  # noqa: E731
+    inv = (randn(b, c, h, w), randn(b, g, 49, h, w))
+    ddf = (randn(b, c, h, w), randn(b, 1, 9, h, w), randn(b, c, 9))
+    tv = (randn(b, c, h, w), randn(1, c, 9, h, w))
     return [
         (f"pixel_filter involution (G={g}, K=7)", lambda x, s: pixel_filter(x, s, kernel_size=7), list(inv)),
         ("pixel_filter DDF (G=1 + channel, K=3)", lambda x, s, a: pixel_filter(x, s, a, kernel_size=3), list(ddf)),
@@ -162,10 +193,10 @@ def run(shapes, ops, repeat: int, log=print) -> list[dict]:
     for b, c, h, w in shapes:
         shape = f"{b}x{c}x{h}x{w}"
         torch.manual_seed(0)
-        x = torch.randn(b, c, h, w)
-        add(shape, "nn.Conv2d 3x3", "-", lambda: measure_module(nn.Conv2d(c, c, 3, padding=1), x, repeat))
+        x = torch.randn(b, c, h, w, device=DEVICE)
+        add(shape, "nn.Conv2d 3x3", "-", lambda: measure_module(nn.Conv2d(c, c, 3, padding=1).to(DEVICE), x, repeat))
         add(shape, "depthwise 3x3", "-",
-            lambda: measure_module(nn.Conv2d(c, c, 3, padding=1, groups=c), x, repeat))
+            lambda: measure_module(nn.Conv2d(c, c, 3, padding=1, groups=c).to(DEVICE), x, repeat))
         for name in ops:
             for backend in ("reference", "fast"):
                 def bench(name=name, backend=backend):
@@ -173,13 +204,14 @@ def run(shapes, ops, repeat: int, log=print) -> list[dict]:
                     with dynconv.use_backend(backend):
                         return measure_module(op, x, repeat)
                 add(shape, name, backend, bench)
+        compiled, _, available = COMPILED[DEVICE.type]
         for name, fn, inputs in pixel_filter_forms(b, c, h, w):
-            for label, backend, on in (("native", "fast", True), ("fast", "fast", False),
+            for label, backend, on in ((compiled, "fast", True), ("fast", "fast", False),
                                        ("reference", "reference", False)):
                 def bench(fn=fn, inputs=inputs, backend=backend, on=on):
-                    with native_enabled(on), dynconv.use_backend(backend):
-                        if on and not native.available(*inputs):
-                            raise RuntimeError("native kernel not available")
+                    with compiled_enabled(on), dynconv.use_backend(backend):
+                        if on and not available(*inputs):
+                            raise RuntimeError(f"{compiled} kernel not available on {DEVICE}")
                         return measure_fn(fn, inputs, repeat)
                 add(shape, name, label, bench)
     return rows
@@ -216,7 +248,9 @@ def header() -> str:
     how = "loaded from cache" if info.get("cached") else "compiled now"
     native_line = (f"native kernel: {how} in {info['seconds']:.2f} s ({info['path']})" if info.get("built")
                    else "native kernel: not available")
-    return (f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform_cpu()}; {native_line}")
+    where = (torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda"
+             else f"{torch.get_num_threads()} threads, {platform_cpu()}")
+    return f"torch {torch.__version__}, {where}; {native_line}"
 
 
 def platform_cpu() -> str:
@@ -237,7 +271,13 @@ def main(argv=None) -> None:
     ap.add_argument("--ops", nargs="+", default=None, help="operator names (default: all registered)")
     ap.add_argument("--repeat", type=int, default=5, help="timed runs per entry (median reported)")
     ap.add_argument("--quick", action="store_true", help="tiny shape, 2 repeats, 1 thread: a smoke test")
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                    help="cpu: native C++ kernel rows; cuda: Triton kernel rows, cuDNN baselines")
     args = ap.parse_args(argv)
+    global DEVICE
+    DEVICE = torch.device(args.device)
+    if DEVICE.type == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: no CUDA device is visible to torch")
     if args.quick:  # tiny ops gain nothing from threads, and waking them dominates on a busy machine
         torch.set_num_threads(1)
     shapes = args.shapes or [parse_shape(s) for s in (["2x16x8x8"] if args.quick else DEFAULT_SHAPES)]

@@ -197,24 +197,40 @@ def test_build_failure_falls_back_with_one_warning(monkeypatch, tmp_path):
     torch.testing.assert_close(out, tap_loop(x, spatial, None, 3, 1, p, 1, "mul"))
 
 
-@pytest.mark.slow
-def test_bench_ops_quick(capsys):
-    """`scripts/bench_ops.py --quick` runs and prints one table row per measured entry."""
+def _bench_ops():
     import importlib.util
 
     path = Path(__file__).resolve().parents[2] / "scripts" / "bench_ops.py"
     spec = importlib.util.spec_from_file_location("bench_ops", path)
     bench_ops = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench_ops)
+    return bench_ops
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def test_bench_ops_quick(capsys, device):
+    """`scripts/bench_ops.py --quick` runs and prints one table row per measured entry; the compiled kernel's
+    rows are the C++ kernel's on CPU and the Triton kernels' on CUDA."""
     threads = torch.get_num_threads()
     try:
-        bench_ops.main(["--quick", "--ops", "involution", "ddf"])
+        _bench_ops().main(["--quick", "--ops", "involution", "ddf", "--device", device])
     finally:
         torch.set_num_threads(threads)
     table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 2x16x8x8")]
     # 2 baselines, 2 operators x 2 backends, 3 pixel_filter forms x 3 backends
     assert len(table) == 2 + 2 * 2 + 3 * 3
     assert not [line for line in table if "error" in line]
+    compiled = {"cpu": "native", "cuda": "triton"}[device]
+    assert sum(f"| {compiled} |" in line for line in table) == 3
+
+
+def test_bench_ops_cuda_flag_needs_a_gpu(monkeypatch, capsys):
+    """Where torch sees no GPU, --device cuda stops with a message that says so."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit):
+        _bench_ops().main(["--quick", "--device", "cuda"])
+    assert "no CUDA device is visible" in capsys.readouterr().err
 
 
 def test_kernel_checks_geometry():
