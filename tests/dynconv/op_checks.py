@@ -21,3 +21,16 @@ def per_sample_conv(x, weights, biases=None, **conv_kw):
     """`cat_b F.conv2d(x[b], weights[b], biases[b])`: one ordinary convolution per sample."""
     biases = [None] * len(x) if biases is None else biases
     return torch.cat([F.conv2d(x[b:b + 1], weights[b], biases[b], **conv_kw) for b in range(len(x))])
+
+
+def assert_channels_last_matches(op: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`op` gives the same output and input gradient on a channels_last copy of `x` as on `x`; returns the
+    contiguous-input output (its graph kept, so callers can check more gradients)."""
+    x = x.detach().requires_grad_()
+    xl = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
+    out, outl = op(x), op(xl)
+    torch.testing.assert_close(outl, out)
+    g = torch.randn_like(out)
+    (gx,), (gxl,) = (torch.autograd.grad(o, [i], g, retain_graph=True) for o, i in ((out, x), (outl, xl)))
+    torch.testing.assert_close(gxl, gx)
+    return out

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 import dynconv
 from dynconv.ops.deformable_kernel import DeformKernelGlobal, DeformKernelLocal, deform_kernel_local
-from tests.dynconv.op_checks import gradcheck_op
+from tests.dynconv.op_checks import assert_channels_last_matches, gradcheck_op
 
 
 def _planar_bilinear(plane, h, w):

@@ -7,7 +7,7 @@ import torch
 import dynconv
 from dynconv.ops.deformable_kernel import DeformKernelLocal, deform_kernel_local
 from dynconv.ops.dk_dcn import DeformKernelDCN, deform_kernel_dcn
-from tests.dynconv.op_checks import gradcheck_op
+from tests.dynconv.op_checks import assert_channels_last_matches, gradcheck_op
 from tests.dynconv.test_deformable_kernel import _planar_bilinear
 
 
@@ -143,14 +143,7 @@ def test_backward_keeps_no_per_tap_tensors():
 
 def test_channels_last_input():
     """channels_last offset-conv outputs (sliced per group) give the contiguous result and gradients."""
-    op = _op(C=6, G=3)
-    x = torch.randn(2, 6, 6, 5, requires_grad=True)
-    xl = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
-    out, outl = op(x), op(xl)
-    torch.testing.assert_close(outl, out)
-    g = torch.randn_like(out)
-    (gx,), (gxl,) = torch.autograd.grad(out, [x], g), torch.autograd.grad(outl, [xl], g)
-    torch.testing.assert_close(gxl, gx)
+    assert_channels_last_matches(_op(C=6, G=3), torch.randn(2, 6, 6, 5))
 
 
 def test_bfloat16_autocast_runs_in_float32():
