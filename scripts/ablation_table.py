@@ -21,6 +21,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 IGNORED = {"seed"}  # varies across the runs of one cell by design
 MISSING = "–"
 
@@ -71,6 +73,21 @@ def load_runs(sweep: Path, metric: str | None = None) -> tuple[list[Run], str]:
         runs.append(Run(folder, flatten(s["config"]), float(value), s.get("params"), s.get("macs_per_image"),
                         s.get("img_per_s"), history))
     return runs, metric_name
+
+
+def fill_op_defaults(runs: list[Run]) -> None:
+    """A cell that leaves an operator option out runs with the operator's default: show that value (e.g. DDF's
+    `branches: both`) wherever another cell of the sweep sets the option, instead of a blank."""
+    import dynconv  # the registry knows every operator's defaults
+
+    given = {k for r in runs for k in r.config}
+    for r in runs:
+        name = r.config.get("op.name")
+        if name not in dynconv.list_ops():
+            continue
+        for key, param in dynconv.op_options(name).items():
+            if f"op.{key}" in given and f"op.{key}" not in r.config and param.default is not param.empty:
+                r.config[f"op.{key}"] = param.default
 
 
 def swept_keys(runs: list[Run]) -> list[str]:
@@ -135,14 +152,26 @@ def _num(v, scale: float, digits: int) -> str:
     return MISSING if v is None else f"{v / scale:.{digits}f}"
 
 
+def two_se(cell: Cell, ref: Cell) -> float | None:
+    """Two standard errors of the difference of the two cells' mean accuracies (None without seed spread)."""
+    (_, s), (_, s0) = cell.acc, ref.acc
+    if s is None or s0 is None:
+        return None
+    return 2 * math.sqrt(s * s / len(cell.runs) + s0 * s0 / len(ref.runs))
+
+
 def markdown_table(cells: list[Cell], keys: list[str], metric: str) -> str:
-    head = short_names(keys) + [f"{metric} (mean ± std)", "Δ", "seeds", "params (M)", "MACs (M)", "train img/s"]
+    """One row per cell; Δ to the first cell is starred where it exceeds two standard errors (2·SE column)."""
+    head = short_names(keys) + [f"{metric} (mean ± std)", "Δ", "2·SE", "seeds", "params (M)", "MACs (M)",
+                                "train img/s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    ref = cells[0].acc[0]
+    ref = cells[0]
     for c in cells:
-        delta = c.acc[0] - ref
+        delta, se2 = c.acc[0] - ref.acc[0], two_se(c, ref)
+        star = "*" if se2 is not None and abs(delta) > se2 else ""
         lines.append("| " + " | ".join([_fmt(v) for v in c.values] + [
-            _acc_text(c), "ref" if c is cells[0] else f"{delta:+.2f}", str(len(c.runs)),
+            _acc_text(c), "ref" if c is ref else f"{delta:+.2f}{star}",
+            "" if c is ref or se2 is None else f"{se2:.2f}", str(len(c.runs)),
             _num(c.mean("params"), 1e6, 3), _num(c.mean("macs"), 1e6, 1), _num(c.mean("img_per_s"), 1, 0)]) + " |")
     return "\n".join(lines)
 
@@ -283,6 +312,7 @@ def main(argv: list[str] | None = None) -> str:
     ap.add_argument("--metric", default=None, help="validation metric (default: each run's trainer.eval_metric)")
     args = ap.parse_args(argv)
     runs, metric = load_runs(args.sweep, args.metric)
+    fill_op_defaults(runs)
     keys = swept_keys(runs)
     cells = group(runs, keys)
     parts = [f"Sweep `{args.sweep}`: {len(runs)} runs, {len(cells)} cells; swept: "

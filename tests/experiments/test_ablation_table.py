@@ -35,9 +35,26 @@ def test_table_groups_by_the_swept_keys_and_averages_the_seeds(tmp_path, capsys)
     rows = [line for line in text.splitlines() if line.startswith("| conv") or line.startswith("| ddf")]
     assert len(rows) == 4  # one per cell, in sweep order
     std = statistics.stdev([0.0, 1.0, 2.0])
-    assert rows[0].split(" | ")[:6] == ["| conv", "dw_only", "–", f"81.00 ± {std:.2f}", "ref", "3"]
-    assert rows[2].split(" | ")[:5] == ["| ddf", "dw_only", "0.2", f"85.00 ± {std:.2f}", "+4.00"]
-    assert rows[2].split(" | ")[6:9] == ["1.500", "20.0", "101 |"]  # params (M), MACs (M), mean img/s
+    assert rows[0].split(" | ")[:7] == ["| conv", "dw_only", "–", f"81.00 ± {std:.2f}", "ref", "", "3"]
+    se2 = 2 * (2 * std ** 2 / 3) ** 0.5  # two standard errors of a difference of two 3-seed means
+    assert rows[2].split(" | ")[:6] == ["| ddf", "dw_only", "0.2", f"85.00 ± {std:.2f}", "+4.00*", f"{se2:.2f}"]
+    assert rows[1].split(" | ")[4:6] == ["+1.00", f"{se2:.2f}"]  # within 2·SE: no star
+    assert rows[2].split(" | ")[7:10] == ["1.500", "20.0", "101 |"]  # params (M), MACs (M), mean img/s
+
+
+def test_an_option_a_cell_leaves_out_shows_the_operators_default(tmp_path):
+    """{name: ddf} runs with DDF's se_ratio 0.2: the table says so where another cell sets se_ratio."""
+    make_sweep(tmp_path / "sweep")
+    for summary in (tmp_path / "sweep").rglob("summary.json"):
+        s = json.loads(summary.read_text())
+        if s["config"]["policy"]["name"] == "deep_only" and s["config"]["op"]["name"] == "ddf":
+            s["config"]["op"]["se_ratio"] = 0.1
+        else:
+            s["config"]["op"].pop("se_ratio", None)
+        summary.write_text(json.dumps(s))
+    text = ablation_table.main([str(tmp_path / "sweep")])
+    rows = {tuple(line.split(" | ")[:3]) for line in text.splitlines() if line.startswith("| ")}
+    assert {("| ddf", "dw_only", "0.2"), ("| ddf", "deep_only", "0.1"), ("| conv", "dw_only", "–")} <= rows
 
 
 def test_a_two_key_product_also_prints_as_a_grid(tmp_path):
