@@ -29,6 +29,7 @@ class OptimConfig:
     filter_bias_and_bn: bool = True     # no weight decay on norm, bias and other 1-D parameters
     opt_eps: Optional[float] = None
     opt_betas: Optional[List[float]] = None
+    lr_mult: Dict[str, float] = field(default_factory=dict)  # parameter-name glob -> lr multiplier (offset convs)
     clip_grad: Optional[float] = None   # None: no clipping
     clip_mode: str = "norm"             # norm | value | agc
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import fnmatch
 import functools
 import io
 import json
@@ -79,6 +80,23 @@ def to_channels_last(model: nn.Module) -> None:
         for t in [*model.parameters(), *model.buffers()]:
             if t.dim() == 4:
                 t.data = t.data.contiguous(memory_format=torch.channels_last)
+
+
+def param_groups(model: nn.Module, weight_decay: float, filter_bias_and_bn: bool,
+                 lr_mult: dict[str, float]) -> list[dict]:
+    """Optimizer groups by (weight decay, lr multiplier): `lr_mult` maps parameter-name globs to multipliers
+    (the first matching glob wins; e.g. `{"*rotation_conv*": 0.01}` for Deformable Kernels' offset convs);
+    with `filter_bias_and_bn`, 1-D parameters and biases get no weight decay, as timm's default groups."""
+    groups: dict[tuple, dict] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        no_decay = filter_bias_and_bn and (p.ndim <= 1 or name.endswith(".bias"))
+        scale = next((m for pattern, m in lr_mult.items() if fnmatch.fnmatchcase(name, pattern)), 1.0)
+        group = groups.setdefault((no_decay, scale), {"params": [], "weight_decay": 0.0 if no_decay else weight_decay,
+                                                      "lr_scale": scale})
+        group["params"].append(p)
+    return list(groups.values())
 
 
 class Run:
@@ -156,6 +174,10 @@ class Run:
             opt_kw["betas"] = tuple(o.opt_betas)
         if o.opt.lower() in ("sgd", "nesterov", "momentum"):
             opt_kw["nesterov"] = o.nesterov
+        if o.lr_mult:  # groups carry timm's `lr_scale`, which its schedulers apply to every lr they set
+            opt_kw["param_group_fn"] = functools.partial(param_groups, weight_decay=o.weight_decay,
+                                                         filter_bias_and_bn=o.filter_bias_and_bn,
+                                                         lr_mult=dict(o.lr_mult))
         self.optimizer = create_optimizer_v2(model, opt=o.opt, lr=lr, weight_decay=o.weight_decay,
                                              momentum=o.momentum, filter_bias_and_bn=o.filter_bias_and_bn, **opt_kw)
         self.updates_per_epoch = math.ceil(self.train_batches.num_batches() / self.accum)
@@ -168,6 +190,11 @@ class Run:
                 decay_rate=s.decay_rate, min_lr=s.min_lr, warmup_lr=s.warmup_lr, warmup_epochs=s.warmup_epochs,
                 warmup_prefix=s.warmup_prefix, step_on_epochs=s.step_on_epochs,
                 updates_per_epoch=self.updates_per_epoch)
+            self.scheduler.step(0)  # the first step already sees each group's lr_scale (per-epoch schedules,
+            self.scheduler.step_update(num_updates=0)  # then per-update ones: each call is a no-op for the other)
+        else:
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr * group.get("lr_scale", 1.0)
         if t.dry_run:
             self.epochs = 1
         amp_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}[t.amp_dtype]

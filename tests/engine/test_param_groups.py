@@ -1,0 +1,46 @@
+"""optim.lr_mult: parameter groups whose learning rate is a fixed multiple of the schedule's."""
+import pytest
+import torch
+import torch.nn as nn
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+
+from engine.trainer import param_groups
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 2, 3)
+        self.rotation_conv = nn.Conv2d(2, 4, 3)
+        self.bn = nn.BatchNorm2d(2)
+
+
+def test_groups_split_by_decay_and_multiplier():
+    groups = param_groups(Net(), 1e-4, True, {"rotation_conv.*": 0.01})
+    by_key = {(g["weight_decay"], g["lr_scale"]): sorted(p.shape for p in g["params"]) for g in groups}
+    assert by_key == {
+        (1e-4, 1.0): [torch.Size([2, 2, 3, 3])],
+        (0.0, 1.0): [torch.Size([2]), torch.Size([2]), torch.Size([2])],  # conv bias, bn weight and bias
+        (1e-4, 0.01): [torch.Size([4, 2, 3, 3])],
+        (0.0, 0.01): [torch.Size([4])],
+    }
+
+
+@pytest.mark.parametrize("step_on_epochs", [False, True])
+def test_timm_schedule_applies_the_multiplier_from_the_first_step(step_on_epochs):
+    """The lr of a multiplied group follows the schedule times its multiplier, at every point of the schedule."""
+    net = Net()
+    groups = lambda m: param_groups(m, 0.0, False, {"rotation_conv.*": 0.1})  # noqa: E731
+    opt = create_optimizer_v2(net, opt="sgd", lr=0.5, momentum=0.9, param_group_fn=groups)
+    sched, _ = create_scheduler_v2(opt, sched="cosine", num_epochs=4, updates_per_epoch=2, step_on_epochs=step_on_epochs)
+    sched.step(0)
+    sched.step_update(num_updates=0)
+    for update in range(8):
+        lrs = {g["lr_scale"]: g["lr"] for g in opt.param_groups}
+        assert lrs[0.1] == pytest.approx(0.1 * lrs[1.0]) and lrs[1.0] > 0
+        if update == 0:
+            assert lrs[1.0] == pytest.approx(0.5)
+        sched.step_update(num_updates=update + 1)
+        if (update + 1) % 2 == 0:
+            sched.step((update + 1) // 2)
