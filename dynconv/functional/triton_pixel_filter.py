@@ -69,6 +69,15 @@ def available(x: Tensor, spatial: Tensor, channel: Tensor | None = None) -> bool
 if triton is not None:
 
     @triton.jit
+    def _plane_block(n_pixels, n_inner, BLOCK: tl.constexpr):
+        """This program's (outer, inner) plane index, e.g. (b, c), and its block of pixel offsets: the grid
+        is planes × ⌈n_pixels / BLOCK⌉ programs."""
+        pid = tl.program_id(0)
+        nblk = tl.cdiv(n_pixels, BLOCK)
+        plane = (pid // nblk).to(tl.int64)
+        return plane // n_inner, plane % n_inner, (pid % nblk) * BLOCK + tl.arange(0, BLOCK)
+
+    @triton.jit
     def _x_taps(x_ptr, b, c, i, j, pm, k, H, W, ph, pw, sxb, sxc, sxh, sxw,
                 K: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
                 ACC: tl.constexpr):
@@ -98,11 +107,7 @@ if triton is not None:
                         K: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, DH: tl.constexpr,
                         DW: tl.constexpr, MODE: tl.constexpr, KKP: tl.constexpr, BLOCK: tl.constexpr,
                         ACC: tl.constexpr):
-        pid = tl.program_id(0)
-        nblk = tl.cdiv(Ho * Wo, BLOCK)
-        bc = (pid // nblk).to(tl.int64)
-        b, c = bc // C, bc % C
-        offs = (pid % nblk) * BLOCK + tl.arange(0, BLOCK)
+        b, c, offs = _plane_block(Ho * Wo, C, BLOCK)
         pm = (offs < Ho * Wo)[None, :]
         i, j = (offs // Wo)[None, :], (offs % Wo)[None, :]
         k = tl.arange(0, KKP)[:, None]
@@ -120,11 +125,7 @@ if triton is not None:
                        K: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, DH: tl.constexpr,
                        DW: tl.constexpr, MODE: tl.constexpr, KKP: tl.constexpr, BLOCK: tl.constexpr,
                        ACC: tl.constexpr):
-        pid = tl.program_id(0)
-        nblk = tl.cdiv(H * W, BLOCK)
-        bc = (pid // nblk).to(tl.int64)
-        b, c = bc // C, bc % C
-        offs = (pid % nblk) * BLOCK + tl.arange(0, BLOCK)
+        b, c, offs = _plane_block(H * W, C, BLOCK)
         y, z = (offs // W)[None, :], (offs % W)[None, :]
         k = tl.arange(0, KKP)[:, None]
         # The output pixel (i, j) that read input (y, z) through tap k; clamped before dividing so
@@ -151,11 +152,7 @@ if triton is not None:
                              BLOCK: tl.constexpr, ACC: tl.constexpr):
         """One (b', g) and block of pixels; sums over the group's channels and, for a filter shared
         by the batch (b' = 0, NB = B), over the batch, so no two programs write the same element."""
-        pid = tl.program_id(0)
-        nblk = tl.cdiv(Ho * Wo, BLOCK)
-        bg = (pid // nblk).to(tl.int64)
-        bs, g = bg // G, bg % G
-        offs = (pid % nblk) * BLOCK + tl.arange(0, BLOCK)
+        bs, g, offs = _plane_block(Ho * Wo, G, BLOCK)
         pm = (offs < Ho * Wo)[None, :]
         i, j = (offs // Wo)[None, :], (offs % Wo)[None, :]
         k = tl.arange(0, KKP)[:, None]
