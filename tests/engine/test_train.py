@@ -94,14 +94,18 @@ def _free_port():
         return s.getsockname()[1]
 
 
+def _torchrun():
+    """A 2-process torchrun launcher on a free local port."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+            f"--master_port={_free_port()}"]
+
+
 def test_two_process_ddp_equals_one_process(tmp_path):
     common = ["trainer.epochs=1", "trainer.log_interval=1", "trainer.limit_train_batches=4", "trainer.sync_bn=true",
               "optim.lr=0.05"]
     single, ddp = tmp_path / "single", tmp_path / "ddp"
     run_train(common + ["data.batch_size=16"], single)
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-                f"--master_port={_free_port()}"]
-    run_train(common + ["data.batch_size=8"], ddp, launcher=torchrun)
+    run_train(common + ["data.batch_size=8"], ddp, launcher=_torchrun())
     a, b = read_scalars(single)["train/loss"], read_scalars(ddp)["train/loss"]
     assert len(a) == len(b) == 4
     for (sa, la), (sb, lb) in zip(a, b):
@@ -117,9 +121,7 @@ def test_dist_bn_reduce_averages_the_ranks_bn_statistics(tmp_path):
     common = ["trainer.epochs=1", "trainer.limit_train_batches=3", "data.batch_size=8", "optim.lr=0.05"]
     stats = {}
     for mode in ("reduce", "broadcast"):
-        torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-                    f"--master_port={_free_port()}"]
-        run_train(common + [f"trainer.dist_bn={mode}"], tmp_path / mode, launcher=torchrun)
+        run_train(common + [f"trainer.dist_bn={mode}"], tmp_path / mode, launcher=_torchrun())
         state = ck.load(tmp_path / mode / ck.CKPT_DIR / "last.pt")["model"]
         stats[mode] = {k: v for k, v in state.items() if k.endswith("running_mean")}
     assert stats["reduce"].keys() == stats["broadcast"].keys() and stats["reduce"]
