@@ -70,6 +70,7 @@ class TrainerConfig:
     model_ema_warmup: bool = False
     sync_bn: bool = False
     dist_bn: str = ""                   # at epoch end, "reduce" (average) or "broadcast" (rank 0) BN stats across ranks
+    precise_bn_batches: int = 0         # before each evaluation, recompute BN statistics over N train batches (0: off)
     threads: Optional[int] = None       # torch intra-op threads of this process (null: torch's default)
     deterministic: bool = False
     eval_metric: str = "acc1"           # key of the validation metrics that picks best.pt

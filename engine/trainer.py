@@ -36,6 +36,7 @@ import models as models_lib
 from . import checkpoint as ckpt_lib
 from . import distributed
 from .sampler import EpochBatches, SeededItems
+from .precise_bn import bn_layers, recompute_bn_stats
 from .syncbn import convert_sync_batchnorm
 from . import face  # noqa: F401  (registers task=face)
 from .tasks import build_task
@@ -138,6 +139,13 @@ class Run:
                          # RNG streams, which a mid-epoch resume restores to their state at the checkpoint
                          generator=torch.Generator().manual_seed(cfg.seed))
         self.train_loader = DataLoader(SeededItems(train_ds), batch_sampler=self.train_batches, **loader_kw)
+        self.bn_loader = None
+        if t.precise_bn_batches > 0:  # its own sampler and generator: the training stream is not touched
+            self.bn_batches = EpochBatches(len(train_ds), bs, shuffle=True, drop_last=True, seed=cfg.seed + 1,
+                                           rank=self.dist.rank, world_size=self.dist.world_size,
+                                           limit=t.precise_bn_batches)
+            self.bn_loader = DataLoader(SeededItems(train_ds), batch_sampler=self.bn_batches,
+                                        **{**loader_kw, "generator": torch.Generator().manual_seed(cfg.seed + 1)})
         self.val = val
         if isinstance(val, torch.utils.data.Dataset):
             val_batches = EpochBatches(len(val), bs, shuffle=False, drop_last=False, seed=cfg.seed,
@@ -318,6 +326,20 @@ class Run:
             end = time.perf_counter()
         bar.close()
 
+    def _precise_bn(self) -> None:
+        """Recompute the BN statistics over `trainer.precise_bn_batches` training batches (engine/precise_bn.py)."""
+        t = self.cfg.trainer
+        self.bn_batches.set_epoch(self.epoch)
+
+        def prepare(x):
+            x = x.to(self.device, non_blocking=True)
+            return x.contiguous(memory_format=torch.channels_last) if t.channels_last else x
+
+        used = recompute_bn_stats(unwrap(self.model), self.bn_loader, t.precise_bn_batches, prepare, self.autocast)
+        if self.main:
+            log.info("precise BN: statistics of %d layers recomputed over %d batches",
+                     len(bn_layers(unwrap(self.model))), used)
+
     def _optimizer_step(self) -> None:
         clip = self.cfg.optim.clip_grad
         if self.scaler is not None and clip is not None:
@@ -348,11 +370,14 @@ class Run:
                "img_per_s": totals[2].item() / max(m["time"], 1e-9), "epoch_time": m["time"],
                "data_time": m["data_time"] / max(m["steps"] * self.accum, 1)}
         last = self.epoch + 1 == self.epochs
+        evaluate = (self.epoch + 1) % t.eval_interval == 0 or last
+        if evaluate and self.bn_loader is not None:
+            self._precise_bn()
         if t.dist_bn and self.dist.enabled:  # timm's --dist-bn: one set of BN statistics before evaluating/saving
             distribute_bn(self.model, self.dist.world_size, reduce=t.dist_bn == "reduce")
             if self.ema is not None:
                 distribute_bn(self.ema.module, self.dist.world_size, reduce=t.dist_bn == "reduce")
-        if (self.epoch + 1) % t.eval_interval == 0 or last:
+        if evaluate:
             # evaluate the bare module: DDP's buffer broadcast would stall on ranks with fewer batches
             eval_model = self.model.module if self.dist.enabled else self.model
             val = self.task.evaluate(eval_model, self.val, self.device, self.autocast, self.dist, t.channels_last)
