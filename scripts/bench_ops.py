@@ -1,7 +1,7 @@
 """Operator benchmark: every registered operator, both primitive backends, side by side (issues 3, 6).
 
-For each shape (default: RedNet-50 stage 1, B=32 C=64 56x56, and stage 3, B=32 C=256 14x14) it
-measures, in one run:
+For each shape (default: the four RedNet-50 stage shapes at batch 32: C=64 56x56, C=128 28x28,
+C=256 14x14, C=512 7x7) it measures, in one run:
 - every operator of `dynconv.list_ops()` (or `--ops`) under the "reference" and "fast" backends,
   with its official kernel size (involution 7, the rest 3);
 - `nn.Conv2d` 3x3 and depthwise 3x3 as baselines;
@@ -44,7 +44,7 @@ import dynconv  # noqa: E402
 from dynconv.functional import native, triton_pixel_filter  # noqa: E402
 from dynconv.functional.pixel_filter import pixel_filter  # noqa: E402
 
-DEFAULT_SHAPES = ["32x64x56x56", "32x256x14x14"]
+DEFAULT_SHAPES = ["32x64x56x56", "32x128x28x28", "32x256x14x14", "32x512x7x7"]
 KERNEL_SIZE = {"involution": 7}  # official kernel sizes; every other operator replaces a 3x3 conv
 
 

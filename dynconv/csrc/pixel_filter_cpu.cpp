@@ -7,14 +7,19 @@
 // k = kh*K + kw, g(c) = c / (C/G), bs = b if S has a batch dimension of B, else 0 (TVConv).
 //
 // Nothing of size (B, C*K*K, Ho, Wo) is ever built. Layout of the work:
-// - Output columns go in blocks of JB (one 32-byte vector) with a compile-time trip count, so a
-//   block stays in registers across the K*K taps and no remainder loops are emitted. The input
-//   planes of up to kChunk channels are copied into zero-padded thread-local planes (L2-sized),
-//   so the tap loops need no bounds checks; the spatial filter is read in place, except the last,
-//   partial block of a row, which is copied with zero padding.
-// - Channels go CB = 4 at a time where the group allows: they share every load of the spatial
+// - Output columns go in blocks of JB (one 32- or 64-byte vector, see VecOf) with a compile-time
+//   trip count, so a block stays in registers across the K*K taps and no remainder loops are
+//   emitted. The input planes of up to kChunk planes are copied into zero-padded thread-local
+//   planes (L2-sized), so the tap loops need no bounds checks; the spatial filter is read in place,
+//   except the last, partial block of a row, which is copied with zero padding.
+// - A work item's planes all read one spatial-filter slice; plane t is q0 + t*qs in (b*C + c)
+//   numbering: the channels of one group of one sample (qs = 1), or, when the batch shares a
+//   one-channel-group filter (frozen TVConv, G = C), the samples of one channel (qs = C), so the
+//   slice stays in cache across the batch and the samples fill the lanes below.
+// - Planes go CB = 4 at a time where the item allows: they share every load of the spatial
 //   filter and give independent accumulator chains.
-// - Forward: one work item per (sample, chunk of a group's channels).
+// - Forward: one work item per chunk of such planes; with a shared filter, a thread's consecutive
+//   items use the same slice.
 // - Backward: one work item per (sample chunk, group), all rows, in one pass over grad_out and x:
 //   grad x as the transposed gather into padded grad-x planes, grad S summed over the group's
 //   channels in a row buffer, grad A summed over pixels in per-lane partials reduced (in double)
@@ -32,39 +37,56 @@ namespace {
 
 enum Combine : int { kPlain = 0, kMul = 1, kAdd = 2 };
 constexpr int64_t kChunk = 16;  // channels whose padded planes a work item holds at once
-constexpr int kVecBytes = 32;
 
-// One block of output columns as a GCC/Clang vector: it stays in registers across the
-// taps. 32 bytes, not 64: unaligned 64-byte loads always straddle two cache lines, and blocks of 8
-// floats waste fewer lanes on the 7-, 14-, 28- and 56-wide maps of the ResNet stages.
+// One block of output columns as a GCC/Clang vector of VB bytes: it stays in registers across the
+// taps. VB is 32 unless the forward's 64 covers a row with no more lanes (float maps 9-16, 25-32,
+// 41-48 wide, e.g. 14, 28 and 48): then a row takes half the blocks (forward 15 % faster at 48x48,
+// measured). Elsewhere 32: unaligned 64-byte loads always straddle two cache lines, 8-float blocks
+// waste fewer lanes on 7- and 56-wide maps, and the backward measured 5-20 % slower with 64.
 // Loads and stores go through an element-aligned vector type rather than memcpy: typed accesses
 // let the compiler keep the geometry in registers (a memcpy store may alias anything).
-template <typename T>
+template <typename T, int VB>
 struct VecOf {
-  typedef T type __attribute__((vector_size(kVecBytes)));
-  typedef T unaligned __attribute__((vector_size(kVecBytes), aligned(sizeof(T))));
+  typedef T type __attribute__((vector_size(VB)));
+  typedef T unaligned __attribute__((vector_size(VB), aligned(sizeof(T))));
 };
-template <typename T>
-using Vec = typename VecOf<T>::type;
-template <typename T>
-constexpr int64_t kJB = kVecBytes / sizeof(T);
+template <typename T, int VB>
+using Vec = typename VecOf<T, VB>::type;
+template <typename T, int VB>
+constexpr int64_t kJB = VB / sizeof(T);
 
-template <typename T>
-inline Vec<T> vload(const T* p) { return *reinterpret_cast<const typename VecOf<T>::unaligned*>(p); }
-template <typename T>
-inline void vstore(T* p, const Vec<T>& v) { *reinterpret_cast<typename VecOf<T>::unaligned*>(p) = v; }
+template <int VB, typename T>
+inline Vec<T, VB> vload(const T* p) {
+  return *reinterpret_cast<const typename VecOf<T, VB>::unaligned*>(p);
+}
+template <int VB, typename T>
+inline void vstore(T* p, const Vec<T, VB>& v) {
+  *reinterpret_cast<typename VecOf<T, VB>::unaligned*>(p) = v;
+}
 // Columns j0*s + jj*s of a row: a plain load at stride 1, a gather otherwise.
-template <bool S1, typename T>
-inline Vec<T> vload_cols(const T* p, int64_t s) {
-  if constexpr (S1) return vload(p);
-  Vec<T> v;
-  for (int64_t jj = 0; jj < kJB<T>; ++jj) v[jj] = p[jj * s];
+template <bool S1, int VB, typename T>
+inline Vec<T, VB> vload_cols(const T* p, int64_t s) {
+  if constexpr (S1) return vload<VB>(p);
+  Vec<T, VB> v;
+  for (int64_t jj = 0; jj < kJB<T, VB>; ++jj) v[jj] = p[jj * s];
   return v;
 }
 
+// Copies a row of n elements. The rows here are short (7-56 elements) and copied a million times a
+// pass, so a library memmove call per row cost 15 % of the backward at 14x14: whole 32-byte blocks,
+// then a fixed-count tail the compiler unrolls (a plain loop would be turned back into memmove).
+template <typename T>
+inline void copy_row(const T* src, int64_t n, T* dst) {
+  constexpr int64_t J = kJB<T, 32>;
+  int64_t j = 0;
+  for (; j + J <= n; j += J) vstore<32>(dst + j, vload<32, T>(src + j));
+  for (int64_t jj = 0; jj < J - 1; ++jj)
+    if (j + jj < n) dst[j + jj] = src[j + jj];
+}
+
 // The filter block the combine mode makes of channel factor `a` and spatial block `sv`.
-template <int MODE, typename T>
-inline Vec<T> filt(T a, const Vec<T>& sv) {
+template <int MODE, typename T, typename V>
+inline V filt(T a, const V& sv) {
   if constexpr (MODE == kAdd) return a + sv;
   else if constexpr (MODE == kMul) return a * sv;
   else return sv;
@@ -86,18 +108,18 @@ struct Geom {
 // The K*K spatial-filter rows of output row i, read in place: block j0 of tap k is at
 // base(j0) + k * kstride(j0). The last, partial block is copied to `tail` [KK][JB] with zeros past
 // Wo, so that no read leaves the tensor and the padding lanes hold zeros.
-template <typename T>
+template <typename T, int VB>
 struct FilterRows {
   const T* row;  // Sg + i * Wo
   int64_t HWo, Wo;
   const T* tail;
-  const T* base(int64_t j0) const { return j0 + kJB<T> <= Wo ? row + j0 : tail; }
-  int64_t kstride(int64_t j0) const { return j0 + kJB<T> <= Wo ? HWo : kJB<T>; }
+  const T* base(int64_t j0) const { return j0 + kJB<T, VB> <= Wo ? row + j0 : tail; }
+  int64_t kstride(int64_t j0) const { return j0 + kJB<T, VB> <= Wo ? HWo : kJB<T, VB>; }
 };
 
-template <typename T>
-FilterRows<T> filter_rows(const Geom& g, const T* Sg, int64_t i, T* tail) {
-  constexpr int64_t JB = kJB<T>;
+template <int VB, typename T>
+FilterRows<T, VB> filter_rows(const Geom& g, const T* Sg, int64_t i, T* tail) {
+  constexpr int64_t JB = kJB<T, VB>;
   const int64_t HWo = g.Ho * g.Wo, j0 = g.Wo / JB * JB;
   if (j0 < g.Wo)
     for (int64_t k = 0; k < g.KK(); ++k)
@@ -106,28 +128,30 @@ FilterRows<T> filter_rows(const Geom& g, const T* Sg, int64_t i, T* tail) {
   return {Sg + i * g.Wo, HWo, g.Wo, tail};
 }
 
-// Copies the H x W planes of channels [c0, c0 + n) of sample b into the padded planes xp
-// [n][Hp][Wp] at offset (p, p). The borders are never written, so they stay zero from allocation.
+// Copies the H x W planes q0 + cc*qs (cc < n) into the padded planes xp [n][Hp][Wp] at offset
+// (p, p). The borders are never written, so they stay zero from allocation.
 template <typename T>
-void load_padded_planes(const Geom& g, const T* x, int64_t b, int64_t c0, int64_t n, T* xp) {
+void load_padded_planes(const Geom& g, const T* x, int64_t q0, int64_t qs, int64_t n, T* xp) {
   for (int64_t cc = 0; cc < n; ++cc)
     for (int64_t y = 0; y < g.H; ++y)
-      std::copy_n(x + ((b * g.C + c0 + cc) * g.H + y) * g.W, g.W,
+      copy_row(x + ((q0 + cc * qs) * g.H + y) * g.W, g.W,
                   xp + (cc * g.Hp + y + g.p) * g.Wp + g.p);
 }
 
-// Forward of channels [c0, c0 + n) of sample b, all output rows. CB channels at a time share
-// each load of the spatial filter and give CB independent accumulator chains.
-template <typename T, int MODE, bool S1, int CB>
-void forward_chunk(const Geom& g, const T* x, const T* Sg, const T* A, T* out, int64_t b,
-                   int64_t c0, int64_t n, T* tail, T* xp) {
-  constexpr int64_t JB = kJB<T>;
+// Forward of the planes q0 + t*qs (t < n), which share the spatial-filter slice Sg, all output
+// rows. CB planes at a time share each load of the spatial filter and give CB independent
+// accumulator chains.
+template <typename T, int VB, int MODE, bool S1, int CB>
+void forward_chunk(const Geom& g, const T* x, const T* Sg, const T* A, T* out, int64_t q0,
+                   int64_t qs, int64_t n, T* tail, T* xp) {
+  constexpr int64_t JB = kJB<T, VB>;
   const int64_t KK = g.KK(), s = S1 ? 1 : g.s, plane = g.Hp * g.Wp;
-  load_padded_planes(g, x, b, c0, n, xp);
+  load_padded_planes(g, x, q0, qs, n, xp);
   std::vector<T> a(n * KK, T(1));  // channel-filter factors, [n][KK]
-  if (MODE != kPlain) std::copy_n(A + (b * g.C + c0) * KK, n * KK, a.data());
+  if (MODE != kPlain)
+    for (int64_t cc = 0; cc < n; ++cc) std::copy_n(A + (q0 + cc * qs) * KK, KK, a.data() + cc * KK);
   for (int64_t i = 0; i < g.Ho; ++i) {
-    const FilterRows<T> fr = filter_rows(g, Sg, i, tail);
+    const FilterRows<T, VB> fr = filter_rows<VB>(g, Sg, i, tail);
     for (int64_t cc = 0; cc < n; cc += CB) {
       const T* ac = a.data() + cc * KK;
       const T* xrow = xp + cc * plane + i * g.s * g.Wp;
@@ -135,24 +159,24 @@ void forward_chunk(const Geom& g, const T* x, const T* Sg, const T* A, T* out, i
       // multiply-add latency; JT > 1 only over whole blocks, which are read in place.
       auto tile = [&](auto jt, int64_t j0) {
         constexpr int JT = decltype(jt)::value;
-        Vec<T> acc[CB][JT] = {};
+        Vec<T, VB> acc[CB][JT] = {};
         const T* sb = fr.base(j0);
         const int64_t ks = fr.kstride(j0);
         for (int64_t kh = 0, k = 0; kh < g.K; ++kh)
           for (int64_t kw = 0; kw < g.K; ++kw, ++k) {
             const T* xk = xrow + kh * g.d * g.Wp + j0 * s + kw * g.d;
             for (int u = 0; u < JT; ++u) {
-              const Vec<T> sv = vload(sb + k * ks + u * JB);
+              const Vec<T, VB> sv = vload<VB>(sb + k * ks + u * JB);
               for (int t = 0; t < CB; ++t)
                 acc[t][u] += filt<MODE>(ac[t * KK + k], sv) *
-                             vload_cols<S1>(xk + t * plane + u * JB * s, s);
+                             vload_cols<S1, VB>(xk + t * plane + u * JB * s, s);
             }
           }
         for (int t = 0; t < CB; ++t) {
-          T* o = out + ((b * g.C + c0 + cc + t) * g.Ho + i) * g.Wo;
+          T* o = out + ((q0 + (cc + t) * qs) * g.Ho + i) * g.Wo;
           for (int u = 0; u < JT; ++u) {
             const int64_t j = j0 + u * JB;
-            if (j + JB <= g.Wo) vstore(o + j, acc[t][u]);
+            if (j + JB <= g.Wo) vstore<VB>(o + j, acc[t][u]);
             else for (int64_t jj = 0; j + jj < g.Wo; ++jj) o[j + jj] = acc[t][u][jj];
           }
         }
@@ -165,19 +189,19 @@ void forward_chunk(const Geom& g, const T* x, const T* Sg, const T* A, T* out, i
   }
 }
 
-// Backward of channels [c0, c0 + n) of group gr of sample b. gSg points at the group's slice of
-// the spatial-filter gradient this sample accumulates into (`first`: overwrites it instead).
-// Per output row, CB channels at a time: each tap's block of grad_out * x feeds grad S (summed
-// over the CB channels in registers, then into the row buffer gSr) and grad A (per-lane partials
+// Backward of the planes q0 + t*qs (t < n), which share the spatial-filter slice Sg. gSg points at
+// the slice of the spatial-filter gradient they accumulate into (`first`: overwrites it instead).
+// Per output row, CB planes at a time: each tap's block of grad_out * x feeds grad S (summed
+// over the CB planes in registers, then into the row buffer gSr) and grad A (per-lane partials
 // dacc). grad x at stride 1 is a gather: the rows P[k] = F_k * grad_out of all taps are stored
 // first, then summed, shifted by (kh*d, kw*d), into the padded grad-x rows. Shifted loads of
 // freshly stored data would stall store-to-load forwarding, hence the two passes; other strides
 // scatter lane by lane.
-template <typename T, int MODE, bool S1, int CB>
+template <typename T, int VB, int MODE, bool S1, int CB>
 void backward_chunk(const Geom& g, const T* x, const T* Sg, const T* A, const T* go, T* gx,
-                    T* gSg, T* gA, int64_t b, int64_t c0, int64_t n, bool first, T* buf,
+                    T* gSg, T* gA, int64_t q0, int64_t qs, int64_t n, bool first, T* buf,
                     T* xp) {
-  constexpr int64_t JB = kJB<T>;
+  constexpr int64_t JB = kJB<T, VB>;
   const int64_t KK = g.KK(), HWo = g.Ho * g.Wo, plane = g.Hp * g.Wp;
   const int64_t s = S1 ? 1 : g.s, M = (g.K - 1) * g.d, PW = M + g.Wx;
   T* tail = buf;                     // [KK][JB]
@@ -187,32 +211,34 @@ void backward_chunk(const Geom& g, const T* x, const T* Sg, const T* A, const T*
   T* dacc = P + CB * KK * PW;        // [n][KK][JB] per-lane partial sums for grad A
   T* gxp = dacc + n * KK * JB;       // [n][Hp][Wp] padded grad-x planes
   T* av = gxp + n * plane;           // [n][KK] channel-filter factors
-  std::fill(gor, gxp + n * plane, T(0));
+  // gor past Wo and P outside [M, M + Wq) are never written: zero from the thread's allocation
+  std::fill(dacc, gxp + n * plane, T(0));
   std::fill(av, av + n * KK, T(1));
-  if (MODE != kPlain) std::copy_n(A + (b * g.C + c0) * KK, n * KK, av);
-  load_padded_planes(g, x, b, c0, n, xp);
+  if (MODE != kPlain)
+    for (int64_t cc = 0; cc < n; ++cc) std::copy_n(A + (q0 + cc * qs) * KK, KK, av + cc * KK);
+  load_padded_planes(g, x, q0, qs, n, xp);
   for (int64_t i = 0; i < g.Ho; ++i) {
-    const FilterRows<T> fr = filter_rows(g, Sg, i, tail);
+    const FilterRows<T, VB> fr = filter_rows<VB>(g, Sg, i, tail);
     std::fill(gSr, gSr + KK * g.Wq, T(0));
     for (int64_t cc = 0; cc < n; cc += CB) {
       for (int t = 0; t < CB; ++t)
-        std::copy_n(go + ((b * g.C + c0 + cc + t) * g.Ho + i) * g.Wo, g.Wo, gor + t * g.Wq);
+        copy_row(go + ((q0 + (cc + t) * qs) * g.Ho + i) * g.Wo, g.Wo, gor + t * g.Wq);
       for (int64_t kh = 0; kh < g.K; ++kh) {
         const int64_t row = cc * plane + (i * g.s + kh * g.d) * g.Wp;
         for (int64_t kw = 0; kw < g.K; ++kw) {
           const int64_t k = kh * g.K + kw;
           T ak[CB];
-          Vec<T> dsum[CB];
+          Vec<T, VB> dsum[CB];
           for (int t = 0; t < CB; ++t) {
             ak[t] = av[(cc + t) * KK + k];
-            dsum[t] = vload(dacc + ((cc + t) * KK + k) * JB);
+            dsum[t] = vload<VB>(dacc + ((cc + t) * KK + k) * JB);
           }
           for (int64_t j0 = 0; j0 < g.Wq; j0 += JB) {
-            const Vec<T> sv = vload(fr.base(j0) + k * fr.kstride(j0));
-            Vec<T> gs = vload(gSr + k * g.Wq + j0);
+            const Vec<T, VB> sv = vload<VB>(fr.base(j0) + k * fr.kstride(j0));
+            Vec<T, VB> gs = vload<VB>(gSr + k * g.Wq + j0);
             for (int t = 0; t < CB; ++t) {
-              const Vec<T> gv = vload(gor + t * g.Wq + j0);
-              const Vec<T> prod = gv * vload_cols<S1>(xp + row + t * plane + j0 * s + kw * g.d, s);
+              const Vec<T, VB> gv = vload<VB>(gor + t * g.Wq + j0);
+              const Vec<T, VB> prod = gv * vload_cols<S1, VB>(xp + row + t * plane + j0 * s + kw * g.d, s);
               if constexpr (MODE == kMul) {
                 gs += ak[t] * prod;
                 dsum[t] += sv * prod;
@@ -220,15 +246,15 @@ void backward_chunk(const Geom& g, const T* x, const T* Sg, const T* A, const T*
                 gs += prod;
                 if constexpr (MODE == kAdd) dsum[t] += prod;
               }
-              const Vec<T> f = filt<MODE>(ak[t], sv) * gv;
-              if constexpr (S1) vstore(P + (t * KK + k) * PW + M + j0, f);
+              const Vec<T, VB> f = filt<MODE>(ak[t], sv) * gv;
+              if constexpr (S1) vstore<VB>(P + (t * KK + k) * PW + M + j0, f);
               else
                 for (int64_t jj = 0; jj < JB; ++jj)
                   gxp[row + t * plane + (j0 + jj) * s + kw * g.d] += f[jj];
             }
-            vstore(gSr + k * g.Wq + j0, gs);
+            vstore<VB>(gSr + k * g.Wq + j0, gs);
           }
-          for (int t = 0; t < CB; ++t) vstore(dacc + ((cc + t) * KK + k) * JB, dsum[t]);
+          for (int t = 0; t < CB; ++t) vstore<VB>(dacc + ((cc + t) * KK + k) * JB, dsum[t]);
         }
       }
       if constexpr (S1)
@@ -239,43 +265,49 @@ void backward_chunk(const Geom& g, const T* x, const T* Sg, const T* A, const T*
             // four blocks at a time: independent add chains instead of one latency-bound chain
             auto gather = [&](auto nb, int64_t X0) {
               constexpr int NB = decltype(nb)::value;
-              Vec<T> acc[NB];
-              for (int u = 0; u < NB; ++u) acc[u] = vload(gxrow + X0 + u * JB);
+              Vec<T, VB> acc[NB];
+              for (int u = 0; u < NB; ++u) acc[u] = vload<VB>(gxrow + X0 + u * JB);
               for (int64_t kw = 0; kw < g.K; ++kw)
-                for (int u = 0; u < NB; ++u) acc[u] += vload(Pk + kw * PW + X0 + u * JB - kw * g.d);
-              for (int u = 0; u < NB; ++u) vstore(gxrow + X0 + u * JB, acc[u]);
+                for (int u = 0; u < NB; ++u) acc[u] += vload<VB>(Pk + kw * PW + X0 + u * JB - kw * g.d);
+              for (int u = 0; u < NB; ++u) vstore<VB>(gxrow + X0 + u * JB, acc[u]);
             };
             int64_t X0 = 0;
             for (; X0 + 4 * JB <= g.Wx; X0 += 4 * JB) gather(std::integral_constant<int, 4>{}, X0);
-            for (; X0 < g.Wx; X0 += JB) gather(std::integral_constant<int, 1>{}, X0);
+            // the last 1-3 blocks together too: one block alone is a latency-bound chain of K adds
+            switch ((g.Wx - X0) / JB) {
+              case 3: gather(std::integral_constant<int, 3>{}, X0); break;
+              case 2: gather(std::integral_constant<int, 2>{}, X0); break;
+              case 1: gather(std::integral_constant<int, 1>{}, X0); break;
+              default: break;
+            }
           }
     }
     for (int64_t k = 0; k < KK; ++k) {
       T* dst = gSg + k * HWo + i * g.Wo;
       const T* src = gSr + k * g.Wq;
-      if (first) std::copy_n(src, g.Wo, dst);
+      if (first) copy_row(src, g.Wo, dst);
       else for (int64_t j = 0; j < g.Wo; ++j) dst[j] += src[j];
     }
   }
   for (int64_t cc = 0; cc < n; ++cc) {
     for (int64_t y = 0; y < g.H; ++y)
-      std::copy_n(gxp + cc * plane + (y + g.p) * g.Wp + g.p, g.W,
-                  gx + ((b * g.C + c0 + cc) * g.H + y) * g.W);
+      copy_row(gxp + cc * plane + (y + g.p) * g.Wp + g.p, g.W,
+                  gx + ((q0 + cc * qs) * g.H + y) * g.W);
     if (MODE != kPlain)
       for (int64_t k = 0; k < KK; ++k) {
         double sum = 0;
         for (int64_t jj = 0; jj < JB; ++jj) sum += dacc[(cc * KK + k) * JB + jj];
-        gA[(b * g.C + c0 + cc) * KK + k] = T(sum);
+        gA[(q0 + cc * qs) * KK + k] = T(sum);
       }
   }
 }
 
-template <typename T>
+template <typename T, int VB>
 Geom make_geom(const at::Tensor& x, const at::Tensor& S, int64_t K, int64_t s, int64_t p,
                int64_t d) {
   Geom g{x.size(0), x.size(1), x.size(2), x.size(3), S.size(1), S.size(0), K, s, p, d,
          S.size(3), S.size(4)};
-  constexpr int64_t JB = kJB<T>;
+  constexpr int64_t JB = kJB<T, VB>;
   g.Wq = (g.Wo + JB - 1) / JB * JB;
   g.Wx = ((g.Wq - 1) * s + (K - 1) * d + 1 + JB - 1) / JB * JB;
   g.Wp = std::max(g.p + g.W, g.Wx);
@@ -304,28 +336,46 @@ void check_inputs(const at::Tensor& x, const at::Tensor& S, const at::Tensor& A,
                 "native pixel_filter: channel filter must be contiguous (B, C, K*K) of x's dtype");
 }
 
-// Work items are (sample, chunk of up to kChunk channels of one group); they write disjoint
-// outputs.
-template <typename T, int MODE, bool S1>
+// Work items are chunks of up to kChunk planes that share a filter slice (see the top of the
+// file); they write disjoint outputs.
+template <typename T, int VB, int MODE, bool S1>
 struct Fwd {
   static void run(const at::Tensor& x, const at::Tensor& S, const at::Tensor& A, at::Tensor& out,
                   int64_t K, int64_t s, int64_t p, int64_t d) {
-    const Geom g = make_geom<T>(x, S, K, s, p, d);
+    const Geom g = make_geom<T, VB>(x, S, K, s, p, d);
     const T* xp = x.data_ptr<T>();
     const T* Sp = S.data_ptr<T>();
     const T* Ap = MODE == kPlain ? nullptr : A.data_ptr<T>();
     T* op = out.data_ptr<T>();
-    const int64_t cpg = g.cpg(), n = std::min(cpg, kChunk), per_group = (cpg + n - 1) / n;
-    const int64_t slice = g.KK() * g.Ho * g.Wo;
+    const int64_t cpg = g.cpg(), slice = g.KK() * g.Ho * g.Wo;
+    const bool shared = g.Bs == 1 && g.B > 1;
+    if (shared && cpg == 1) {
+      // One channel per group (TVConv): a work item takes up to kChunk samples of one channel, which
+      // all read the channel's filter slice (plane ids b*C + c: stride C).
+      const int64_t n = std::min(g.B, kChunk), items = (g.B + n - 1) / n;
+      at::parallel_for(0, g.G * items, grain_for(n * g.Ho * g.Wq * g.KK()), [&](int64_t u0, int64_t u1) {
+        std::vector<T> tail(g.KK() * kJB<T, VB>), planes(n * g.Hp * g.Wp, T(0));
+        for (int64_t u = u0; u < u1; ++u) {
+          const int64_t c = u / items, b0 = u % items * n, m = std::min(n, g.B - b0);
+          const T* Sg = Sp + c * slice;
+          if (m % 4 == 0) forward_chunk<T, VB, MODE, S1, 4>(g, xp, Sg, Ap, op, b0 * g.C + c, g.C, m, tail.data(), planes.data());
+          else forward_chunk<T, VB, MODE, S1, 1>(g, xp, Sg, Ap, op, b0 * g.C + c, g.C, m, tail.data(), planes.data());
+        }
+      });
+      return;
+    }
+    const int64_t n = std::min(cpg, kChunk), per_group = (cpg + n - 1) / n;
     const int64_t grain = grain_for(n * g.Ho * g.Wq * g.KK());
     at::parallel_for(0, g.B * g.G * per_group, grain, [&](int64_t u0, int64_t u1) {
-      std::vector<T> tail(g.KK() * kJB<T>), planes(n * g.Hp * g.Wp, T(0));
+      std::vector<T> tail(g.KK() * kJB<T, VB>), planes(n * g.Hp * g.Wp, T(0));
       for (int64_t u = u0; u < u1; ++u) {
-        const int64_t b = u / (g.G * per_group), gr = u / per_group % g.G;
+        // a shared filter: group-major, so a thread's consecutive items reuse one filter slice
+        const int64_t b = shared ? u / per_group % g.B : u / (g.G * per_group);
+        const int64_t gr = shared ? u / (g.B * per_group) : u / per_group % g.G;
         const int64_t c0 = gr * cpg + u % per_group * n, m = std::min(n, (gr + 1) * cpg - c0);
         const T* Sg = Sp + ((g.Bs == 1 ? 0 : b) * g.G + gr) * slice;
-        if (m % 4 == 0) forward_chunk<T, MODE, S1, 4>(g, xp, Sg, Ap, op, b, c0, m, tail.data(), planes.data());
-        else forward_chunk<T, MODE, S1, 1>(g, xp, Sg, Ap, op, b, c0, m, tail.data(), planes.data());
+        if (m % 4 == 0) forward_chunk<T, VB, MODE, S1, 4>(g, xp, Sg, Ap, op, b * g.C + c0, 1, m, tail.data(), planes.data());
+        else forward_chunk<T, VB, MODE, S1, 1>(g, xp, Sg, Ap, op, b * g.C + c0, 1, m, tail.data(), planes.data());
       }
     });
   }
@@ -334,13 +384,14 @@ struct Fwd {
 // Work items are (chunk, group) pairs; a chunk is a range of samples whose spatial-filter
 // gradient goes to its own slice of gSbuf. With a per-sample filter a chunk is one sample and
 // gSbuf is the gradient itself; with a shared filter (Bs == 1) the samples form as few chunks as
-// keep every thread busy, and their partial gradients are summed afterwards.
-template <typename T, int MODE, bool S1>
+// keep every thread busy, and their partial gradients are summed afterwards; a chunk of
+// one-channel groups sends its samples through the lanes together.
+template <typename T, int VB, int MODE, bool S1>
 struct Bwd {
   static void run(const at::Tensor& x, const at::Tensor& S, const at::Tensor& A,
                   const at::Tensor& go, at::Tensor& gx, at::Tensor& gSbuf, at::Tensor& gA,
                   int64_t nchunk, int64_t K, int64_t s, int64_t p, int64_t d) {
-    const Geom g = make_geom<T>(x, S, K, s, p, d);
+    const Geom g = make_geom<T, VB>(x, S, K, s, p, d);
     const T* xp = x.data_ptr<T>();
     const T* Sp = S.data_ptr<T>();
     const T* Ap = MODE == kPlain ? nullptr : A.data_ptr<T>();
@@ -349,26 +400,40 @@ struct Bwd {
     T* gSp = gSbuf.data_ptr<T>();
     T* gAp = MODE == kPlain ? nullptr : gA.data_ptr<T>();
     const int64_t KK = g.KK(), slice = KK * g.Ho * g.Wo, cpg = g.cpg();
-    const int64_t n = std::min(cpg, kChunk);
+    const bool lanes_over_samples = g.Bs == 1 && cpg == 1;  // one-channel groups, shared filter
+    const int64_t n = std::min(lanes_over_samples ? (g.B + nchunk - 1) / nchunk : cpg, kChunk);
     const int64_t grain = grain_for((g.B / nchunk) * cpg * g.Ho * g.Wq * KK);
     at::parallel_for(0, nchunk * g.G, grain, [&](int64_t u0, int64_t u1) {
-      std::vector<T> buf(KK * kJB<T> + KK * g.Wq + 4 * g.Wq + 4 * KK * ((g.K - 1) * d + g.Wx) +
-                         n * KK * kJB<T> + n * g.Hp * g.Wp + n * KK);
+      std::vector<T> buf(KK * kJB<T, VB> + KK * g.Wq + 4 * g.Wq + 4 * KK * ((g.K - 1) * d + g.Wx) +
+                         n * KK * kJB<T, VB> + n * g.Hp * g.Wp + n * KK);
       std::vector<T> planes(n * g.Hp * g.Wp, T(0));
       for (int64_t u = u0; u < u1; ++u) {
         const int64_t chunk = u / g.G, gr = u % g.G;
         T* gSg = gSp + (chunk * g.G + gr) * slice;
         const int64_t b0 = chunk * g.B / nchunk, b1 = (chunk + 1) * g.B / nchunk;
+        if (lanes_over_samples) {  // the chunk's samples of channel gr go through the lanes together
+          const T* Sg = Sp + gr * slice;
+          for (int64_t b = b0; b < b1; b += n) {
+            const int64_t m = std::min(n, b1 - b);
+            if (m % 4 == 0)
+              backward_chunk<T, VB, MODE, S1, 4>(g, xp, Sg, Ap, gop, gxp, gSg, gAp, b * g.C + gr, g.C, m,
+                                             b == b0, buf.data(), planes.data());
+            else
+              backward_chunk<T, VB, MODE, S1, 1>(g, xp, Sg, Ap, gop, gxp, gSg, gAp, b * g.C + gr, g.C, m,
+                                             b == b0, buf.data(), planes.data());
+          }
+          continue;
+        }
         for (int64_t b = b0; b < b1; ++b) {
           const T* Sg = Sp + ((g.Bs == 1 ? 0 : b) * g.G + gr) * slice;
           for (int64_t c0 = gr * cpg; c0 < (gr + 1) * cpg; c0 += n) {
             const int64_t m = std::min(n, (gr + 1) * cpg - c0);
             const bool first = b == b0 && c0 == gr * cpg;
             if (m % 4 == 0)
-              backward_chunk<T, MODE, S1, 4>(g, xp, Sg, Ap, gop, gxp, gSg, gAp, b, c0, m, first,
+              backward_chunk<T, VB, MODE, S1, 4>(g, xp, Sg, Ap, gop, gxp, gSg, gAp, b * g.C + c0, 1, m, first,
                                              buf.data(), planes.data());
             else
-              backward_chunk<T, MODE, S1, 1>(g, xp, Sg, Ap, gop, gxp, gSg, gAp, b, c0, m, first,
+              backward_chunk<T, VB, MODE, S1, 1>(g, xp, Sg, Ap, gop, gxp, gSg, gAp, b * g.C + c0, 1, m, first,
                                              buf.data(), planes.data());
           }
         }
@@ -377,14 +442,26 @@ struct Bwd {
   }
 };
 
-// Calls F<T, MODE, S1>::run with the compile-time parameters chosen at run time.
-template <template <typename, int, bool> class F, typename... Args>
-void dispatch(at::ScalarType dt, int64_t mode, bool s1, Args&&... args) {
+// 64-byte forward blocks where they cover an output row with no more lanes than 32-byte ones
+// (float only: in double the 32-byte variant is kept, to bound the build time).
+inline bool wide_blocks(at::ScalarType dt, int64_t Wo) {
+  return dt == at::kFloat && Wo > 8 && (Wo + 15) / 16 * 16 == (Wo + 7) / 8 * 8;
+}
+
+// Calls F<T, VB, MODE, S1>::run with the compile-time parameters chosen at run time.
+template <template <typename, int, int, bool> class F, typename... Args>
+void dispatch(at::ScalarType dt, bool wide, int64_t mode, bool s1, Args&&... args) {
   AT_DISPATCH_FLOATING_TYPES(dt, "pixel_filter_native", [&] {
     auto with_mode = [&](auto m) {
       constexpr int M = decltype(m)::value;
-      if (s1) F<scalar_t, M, true>::run(args...);
-      else F<scalar_t, M, false>::run(args...);
+      if constexpr (std::is_same_v<scalar_t, float>)
+        if (wide) {
+          if (s1) F<scalar_t, 64, M, true>::run(args...);
+          else F<scalar_t, 64, M, false>::run(args...);
+          return;
+        }
+      if (s1) F<scalar_t, 32, M, true>::run(args...);
+      else F<scalar_t, 32, M, false>::run(args...);
     };
     if (mode == kMul) with_mode(std::integral_constant<int, kMul>{});
     else if (mode == kAdd) with_mode(std::integral_constant<int, kAdd>{});
@@ -396,7 +473,7 @@ at::Tensor forward(const at::Tensor& x, const at::Tensor& S, const at::Tensor& A
                    int64_t K, int64_t s, int64_t p, int64_t d) {
   check_inputs(x, S, A, mode, K, s, p, d);
   at::Tensor out = at::empty({x.size(0), x.size(1), S.size(3), S.size(4)}, x.options());
-  dispatch<Fwd>(x.scalar_type(), mode, s == 1, x, S, A, out, K, s, p, d);
+  dispatch<Fwd>(x.scalar_type(), wide_blocks(x.scalar_type(), S.size(4)), mode, s == 1, x, S, A, out, K, s, p, d);
   return out;
 }
 
@@ -413,7 +490,7 @@ std::vector<at::Tensor> backward(const at::Tensor& go, const at::Tensor& x, cons
   // Every slice is written first by one work item and then accumulated, so no zero-fill.
   at::Tensor gSbuf = at::empty({nchunk, G, S.size(2), S.size(3), S.size(4)}, S.options());
   at::Tensor gA = mode == kPlain ? at::Tensor() : at::empty_like(A);
-  dispatch<Bwd>(x.scalar_type(), mode, s == 1, x, S, A, go, gx, gSbuf, gA, nchunk, K, s, p, d);
+  dispatch<Bwd>(x.scalar_type(), false, mode, s == 1, x, S, A, go, gx, gSbuf, gA, nchunk, K, s, p, d);
   at::Tensor gS = nchunk == Bs ? gSbuf : gSbuf.sum(0, /*keepdim=*/true);
   return {gx, gS, gA};
 }

@@ -110,6 +110,42 @@ def test_shared_filter_gradient_over_threads(threads, G):
     torch.testing.assert_close(gs, rs)
 
 
+@pytest.mark.parametrize("batch,G,C", [(8, 4, 4), (9, 4, 4), (3, 2, 12), (6, 1, 3)])
+def test_shared_filter_planes_of_several_samples_share_lanes(batch, G, C):
+    """With a filter shared by the batch and one-channel groups (G = C), a work item's planes are
+    samples of one channel: 8 fill 4-plane lanes, 9 leave a remainder; with larger groups the
+    items go group by group. Forward and all gradients equal the oracle in float64."""
+    torch.manual_seed(batch * G)
+    for combine in (None, "mul", "add"):
+        x, spatial, channel, p = make(3, 1, 1, 5, 6, C, G, True, combine, batch=batch)
+        mode = combine or "mul"
+        out = native.pixel_filter(x, spatial, channel, kernel_size=3, combine=mode)
+        ref = tap_loop(x, spatial, channel, 3, 1, p, 1, mode)
+        torch.testing.assert_close(out, ref)
+        go = torch.randn_like(out)
+        for g, rg in zip(grads(out, (x, spatial, channel), go), grads(ref, (x, spatial, channel), go)):
+            torch.testing.assert_close(g, rg)
+
+
+@pytest.mark.parametrize("W,s", [(9, 1), (14, 1), (28, 1), (28, 2), (48, 1), (7, 1), (56, 2)])
+def test_float32_block_widths(W, s):
+    """float32 forwards over rows of 9-16, 25-32 and 41-48 outputs use 64-byte blocks, others (and
+    every backward) 32-byte ones: the kernel picks by the output width. Every width equals the
+    float64 oracle within 1e-5."""
+    torch.manual_seed(W + s)
+    for shared, combine, G in ((False, "mul", 2), (True, None, 8), (False, None, 1)):
+        x, spatial, channel, p = make(3, s, 1, 4, W, 8, G, shared, combine, batch=3)
+        mode = combine or "mul"
+        ref = tap_loop(x, spatial, channel, 3, s, p, 1, mode)
+        go = torch.randn_like(ref)
+        ref_grads = grads(ref, (x, spatial, channel), go)
+        leaves = [t if t is None else t.detach().float().requires_grad_() for t in (x, spatial, channel)]
+        out = native.pixel_filter(*leaves, kernel_size=3, stride=s, combine=mode)
+        torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+        for g, rg in zip(grads(out, leaves, go.float()), ref_grads):
+            torch.testing.assert_close(g.double(), rg, atol=1e-4, rtol=1e-5)
+
+
 @pytest.mark.parametrize("combine,shared,s", [(None, False, 1), ("mul", False, 2), ("add", True, 1),
                                                ("mul", True, 2)])
 def test_gradcheck(combine, shared, s):
