@@ -140,10 +140,11 @@ class Run:
                          generator=torch.Generator().manual_seed(cfg.seed))
         self.train_loader = DataLoader(SeededItems(train_ds), batch_sampler=self.train_batches, **loader_kw)
         self.bn_loader = None
-        if t.precise_bn_batches > 0:  # its own sampler and generator: the training stream is not touched
+        self.precise_bn_batches = min(t.precise_bn_batches, 1) if t.dry_run else t.precise_bn_batches
+        if self.precise_bn_batches > 0:  # its own sampler and generator: the training stream is not touched
             self.bn_batches = EpochBatches(len(train_ds), bs, shuffle=True, drop_last=True, seed=cfg.seed + 1,
                                            rank=self.dist.rank, world_size=self.dist.world_size,
-                                           limit=t.precise_bn_batches)
+                                           limit=self.precise_bn_batches)
             self.bn_loader = DataLoader(SeededItems(train_ds), batch_sampler=self.bn_batches,
                                         **{**loader_kw, "generator": torch.Generator().manual_seed(cfg.seed + 1)})
         self.val = val
@@ -335,7 +336,7 @@ class Run:
             x = x.to(self.device, non_blocking=True)
             return x.contiguous(memory_format=torch.channels_last) if t.channels_last else x
 
-        used = recompute_bn_stats(unwrap(self.model), self.bn_loader, t.precise_bn_batches, prepare, self.autocast)
+        used = recompute_bn_stats(unwrap(self.model), self.bn_loader, self.precise_bn_batches, prepare, self.autocast)
         if self.main:
             log.info("precise BN: statistics of %d layers recomputed over %d batches",
                      len(bn_layers(unwrap(self.model))), used)
