@@ -42,7 +42,8 @@ constexpr int64_t kChunk = 16;  // channels whose padded planes a work item hold
 // taps. VB is 32 unless the forward's 64 covers a row with no more lanes (float maps 9-16, 25-32,
 // 41-48 wide, e.g. 14, 28 and 48): then a row takes half the blocks (forward 15 % faster at 48x48,
 // measured). Elsewhere 32: unaligned 64-byte loads always straddle two cache lines, 8-float blocks
-// waste fewer lanes on 7- and 56-wide maps, and the backward measured 5-20 % slower with 64.
+// waste fewer lanes on 7- and 56-wide maps, and the backward keeps 32 (with 64 it measured 16 %
+// slower at 14x14, equal at 28x28, 8 % faster at 48x48 with a shared filter).
 // Loads and stores go through an element-aligned vector type rather than memcpy: typed accesses
 // let the compiler keep the geometry in registers (a memcpy store may alias anything).
 template <typename T, int VB>
