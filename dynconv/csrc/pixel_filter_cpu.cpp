@@ -350,6 +350,11 @@ struct Fwd {
     T* op = out.data_ptr<T>();
     const int64_t cpg = g.cpg(), slice = g.KK() * g.Ho * g.Wo;
     const bool shared = g.Bs == 1 && g.B > 1;
+    // the planes q0 + t*qs (t < m) through 4-plane lanes when they fill them
+    auto chunk = [&](const T* Sg, int64_t q0, int64_t qs, int64_t m, T* tail, T* planes) {
+      if (m % 4 == 0) forward_chunk<T, VB, MODE, S1, 4>(g, xp, Sg, Ap, op, q0, qs, m, tail, planes);
+      else forward_chunk<T, VB, MODE, S1, 1>(g, xp, Sg, Ap, op, q0, qs, m, tail, planes);
+    };
     if (shared && cpg == 1) {
       // One channel per group (TVConv): a work item takes up to kChunk samples of one channel, which
       // all read the channel's filter slice (plane ids b*C + c: stride C).
@@ -358,9 +363,7 @@ struct Fwd {
         std::vector<T> tail(g.KK() * kJB<T, VB>), planes(n * g.Hp * g.Wp, T(0));
         for (int64_t u = u0; u < u1; ++u) {
           const int64_t c = u / items, b0 = u % items * n, m = std::min(n, g.B - b0);
-          const T* Sg = Sp + c * slice;
-          if (m % 4 == 0) forward_chunk<T, VB, MODE, S1, 4>(g, xp, Sg, Ap, op, b0 * g.C + c, g.C, m, tail.data(), planes.data());
-          else forward_chunk<T, VB, MODE, S1, 1>(g, xp, Sg, Ap, op, b0 * g.C + c, g.C, m, tail.data(), planes.data());
+          chunk(Sp + c * slice, b0 * g.C + c, g.C, m, tail.data(), planes.data());
         }
       });
       return;
@@ -375,8 +378,7 @@ struct Fwd {
         const int64_t gr = shared ? u / (g.B * per_group) : u / per_group % g.G;
         const int64_t c0 = gr * cpg + u % per_group * n, m = std::min(n, (gr + 1) * cpg - c0);
         const T* Sg = Sp + ((g.Bs == 1 ? 0 : b) * g.G + gr) * slice;
-        if (m % 4 == 0) forward_chunk<T, VB, MODE, S1, 4>(g, xp, Sg, Ap, op, b * g.C + c0, 1, m, tail.data(), planes.data());
-        else forward_chunk<T, VB, MODE, S1, 1>(g, xp, Sg, Ap, op, b * g.C + c0, 1, m, tail.data(), planes.data());
+        chunk(Sg, b * g.C + c0, 1, m, tail.data(), planes.data());
       }
     });
   }
@@ -408,6 +410,15 @@ struct Bwd {
       std::vector<T> buf(KK * kJB<T, VB> + KK * g.Wq + 4 * g.Wq + 4 * KK * ((g.K - 1) * d + g.Wx) +
                          n * KK * kJB<T, VB> + n * g.Hp * g.Wp + n * KK);
       std::vector<T> planes(n * g.Hp * g.Wp, T(0));
+      // the planes q0 + t*qs (t < m) through 4-plane lanes when they fill them
+      auto planes_bwd = [&](const T* Sg, T* gSg, int64_t q0, int64_t qs, int64_t m, bool first) {
+        if (m % 4 == 0)
+          backward_chunk<T, VB, MODE, S1, 4>(g, xp, Sg, Ap, gop, gxp, gSg, gAp, q0, qs, m, first, buf.data(),
+                                             planes.data());
+        else
+          backward_chunk<T, VB, MODE, S1, 1>(g, xp, Sg, Ap, gop, gxp, gSg, gAp, q0, qs, m, first, buf.data(),
+                                             planes.data());
+      };
       for (int64_t u = u0; u < u1; ++u) {
         const int64_t chunk = u / g.G, gr = u % g.G;
         T* gSg = gSp + (chunk * g.G + gr) * slice;
@@ -415,27 +426,14 @@ struct Bwd {
         if (lanes_over_samples) {  // the chunk's samples of channel gr go through the lanes together
           const T* Sg = Sp + gr * slice;
           for (int64_t b = b0; b < b1; b += n) {
-            const int64_t m = std::min(n, b1 - b);
-            if (m % 4 == 0)
-              backward_chunk<T, VB, MODE, S1, 4>(g, xp, Sg, Ap, gop, gxp, gSg, gAp, b * g.C + gr, g.C, m,
-                                             b == b0, buf.data(), planes.data());
-            else
-              backward_chunk<T, VB, MODE, S1, 1>(g, xp, Sg, Ap, gop, gxp, gSg, gAp, b * g.C + gr, g.C, m,
-                                             b == b0, buf.data(), planes.data());
+            planes_bwd(Sg, gSg, b * g.C + gr, g.C, std::min(n, b1 - b), b == b0);
           }
           continue;
         }
         for (int64_t b = b0; b < b1; ++b) {
           const T* Sg = Sp + ((g.Bs == 1 ? 0 : b) * g.G + gr) * slice;
           for (int64_t c0 = gr * cpg; c0 < (gr + 1) * cpg; c0 += n) {
-            const int64_t m = std::min(n, (gr + 1) * cpg - c0);
-            const bool first = b == b0 && c0 == gr * cpg;
-            if (m % 4 == 0)
-              backward_chunk<T, VB, MODE, S1, 4>(g, xp, Sg, Ap, gop, gxp, gSg, gAp, b * g.C + c0, 1, m, first,
-                                             buf.data(), planes.data());
-            else
-              backward_chunk<T, VB, MODE, S1, 1>(g, xp, Sg, Ap, gop, gxp, gSg, gAp, b * g.C + c0, 1, m, first,
-                                             buf.data(), planes.data());
+            planes_bwd(Sg, gSg, b * g.C + c0, 1, std::min(n, (gr + 1) * cpg - c0), b == b0 && c0 == gr * cpg);
           }
         }
       }
