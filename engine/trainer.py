@@ -74,15 +74,6 @@ def unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "_orig_mod", model)         # torch.compile
 
 
-def to_channels_last(model: nn.Module) -> None:
-    """channels_last for every 4-D parameter and buffer; `Module.to(memory_format=...)` would fail on the
-    5-D expert kernels of CondConv/DY-Conv/ODConv."""
-    with torch.no_grad():
-        for t in [*model.parameters(), *model.buffers()]:
-            if t.dim() == 4:
-                t.data = t.data.contiguous(memory_format=torch.channels_last)
-
-
 def param_groups(model: nn.Module, weight_decay: float, filter_bias_and_bn: bool,
                  lr_mult: dict[str, float]) -> list[dict]:
     """Optimizer groups by (weight decay, lr multiplier): `lr_mult` maps parameter-name globs to multipliers
@@ -162,8 +153,8 @@ class Run:
                                                  num_classes=self.info.num_classes if num_classes is None else num_classes,
                                                  in_chans=self.info.in_chans, input_size=tuple(self.info.input_size))
         model = self.task.wrap(backbone).to(self.device)
-        if t.channels_last:
-            to_channels_last(model)
+        if t.channels_last:  # the expert convs (CondConv, DY-Conv, ODConv) convert their 5-D kernels per expert
+            model = model.to(memory_format=torch.channels_last)
         if t.sync_bn and self.dist.enabled:
             model = convert_sync_batchnorm(model, self.device.type)
         self.model = model

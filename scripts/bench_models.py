@@ -1,6 +1,6 @@
 """Model benchmark: training step and inference latency of the dynamic-conv backbones (issue 6).
 
-Side by side in one run, float32 on CPU: ResNet-50, RedNet-50 and DDF-ResNet-50 at 224 (ratios to
+Side by side in one run (float32 on CPU by default; `--device cuda`, `--amp`, `--channels-last`): ResNet-50, RedNet-50 and DDF-ResNet-50 at 224 (ratios to
 ResNet-50), and the face MobileNetV2 (depthwise) against its TVConv version, trained and frozen
 for inference, at 96 (ratios to the depthwise one). A training step is forward, cross-entropy on
 random labels over the model's outputs, backward and an SGD (momentum) step; inference is eval
@@ -11,10 +11,15 @@ registered are listed as missing.
 
     python scripts/bench_models.py                 # batch 16, 5 repeats
     python scripts/bench_models.py --quick         # batch 2 at reduced size, 1 repeat: a smoke test
+    python scripts/bench_models.py --device cuda --batch 64 --amp --channels-last   # a GPU, as trained there
+
+On CUDA every timed step is bracketed by `torch.cuda.synchronize()`, the pixel_filter operators run
+the Triton kernels and the first step includes their compilation (cached by Triton afterwards).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 from dataclasses import dataclass, field
@@ -22,7 +27,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from bench_ops import header, median_ms  # also puts the repository on sys.path
+import bench_ops  # also puts the repository on sys.path
+from bench_ops import header, median_ms
 
 
 @dataclass
@@ -49,31 +55,40 @@ SPECS = [
 
 def timed(fn, repeat: int) -> tuple[float, float]:
     """(first call's time, median of the next `repeat` calls), in milliseconds."""
+    bench_ops._sync()
     t0 = time.perf_counter()
     fn()
+    bench_ops._sync()
     return 1e3 * (time.perf_counter() - t0), median_ms(fn, repeat, warmup=0)
 
 
-def bench(spec: Spec, batch: int, repeat: int, size_scale: float) -> dict:
+def bench(spec: Spec, batch: int, repeat: int, size_scale: float, amp: bool = False,
+          channels_last: bool = False) -> dict:
     import timm
 
+    device = bench_ops.DEVICE
     size = max(32, int(spec.size * size_scale) // 32 * 32)
     kwargs = dict(spec.kwargs)
     if size != spec.size:
         kwargs["input_size"] = (size, size)
     torch.manual_seed(0)
-    model = timm.create_model(spec.name, **kwargs)
-    x = torch.randn(batch, 3, size, size)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model = timm.create_model(spec.name, **kwargs).to(device, memory_format=fmt)
+    x = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=fmt)
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if amp else contextlib.nullcontext
     row = dict(label=spec.label, name=spec.name, size=size, baseline=spec.baseline)
     if not spec.frozen:
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
         model.train()
-        n_out = model(x[:2]).shape[1]
-        y = torch.randint(0, n_out, (batch,))
+        with autocast():
+            n_out = model(x[:2]).shape[1]
+        y = torch.randint(0, n_out, (batch,), device=device)
 
         def step():
             opt.zero_grad(set_to_none=True)
-            F.cross_entropy(model(x), y).backward()
+            with autocast():
+                loss = F.cross_entropy(model(x), y)
+            loss.backward()
             opt.step()
 
         row["first"], row["train"] = timed(step, repeat)
@@ -84,7 +99,7 @@ def bench(spec: Spec, batch: int, repeat: int, size_scale: float) -> dict:
             raise RuntimeError(f"{spec.name} with {spec.kwargs} has no operator with freeze()")
 
     def infer():
-        with torch.inference_mode():
+        with torch.inference_mode(), autocast():
             model(x)
 
     row["infer"] = timed(infer, repeat)[1]
@@ -117,8 +132,14 @@ def main(argv=None) -> None:
     ap.add_argument("--repeat", type=int, default=5, help="timed steps per model (median reported)")
     ap.add_argument("--models", nargs="+", default=None, help="labels or timm names to run (default: all)")
     ap.add_argument("--quick", action="store_true", help="batch 2, inputs at 1/3 size, 1 repeat")
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    ap.add_argument("--amp", action="store_true", help="bfloat16 autocast for training and inference")
+    ap.add_argument("--channels-last", action="store_true", help="channels_last model and input")
     args = ap.parse_args(argv)
     batch, repeat, scale = (2, 1, 1 / 3) if args.quick else (args.batch, args.repeat, 1.0)
+    bench_ops.DEVICE = torch.device(args.device)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: no CUDA device is visible to torch")
 
     import timm
     import models  # noqa: F401  (registers the project's backbones with timm)
@@ -126,7 +147,8 @@ def main(argv=None) -> None:
     specs = [s for s in SPECS if not args.models or s.label in args.models or s.name in args.models]
     known = set(timm.list_models())
     missing = sorted({s.name for s in specs if s.name not in known})
-    print(header())
+    print(header() + f"; float32{' + bfloat16 autocast' if args.amp else ''}"
+          f"{', channels_last' if args.channels_last else ''}")
     if missing:
         print(f"missing models (not registered with timm yet): {', '.join(missing)}")
     rows = []
@@ -134,7 +156,7 @@ def main(argv=None) -> None:
         if spec.name in missing:
             continue
         try:
-            rows.append(bench(spec, batch, repeat, scale))
+            rows.append(bench(spec, batch, repeat, scale, args.amp, args.channels_last))
         except Exception as err:  # report and go on: one broken model must not hide the others
             rows.append(dict(label=spec.label, error=f"error: {type(err).__name__}: {str(err).splitlines()[0][:120]}"))
         print(rows[-1], file=sys.stderr)

@@ -60,23 +60,30 @@ def median_ms(fn, repeat: int, warmup: int = 1) -> float:
     """Median wall time of `fn()` in milliseconds over `repeat` runs after `warmup` runs."""
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(repeat):
-        gc.collect()
-        _sync()
-        t0 = time.perf_counter()
-        fn()
-        _sync()
-        times.append(time.perf_counter() - t0)
+    gc.collect()
+    gc.disable()  # as timeit does: no collector pauses inside the timed calls
+    try:
+        times = []
+        for _ in range(repeat):
+            _sync()
+            t0 = time.perf_counter()
+            fn()
+            _sync()
+            times.append(time.perf_counter() - t0)
+    finally:
+        gc.enable()
     return 1e3 * statistics.median(times)
 
 
-def peak_extra_mb(fn) -> float:
+def peak_extra_mb(fn, clear=None) -> float:
     """Peak extra memory of `fn()` in MB (CPU: allocator events recorded by torch.profiler; CUDA: the
-    caching allocator's peak above what was allocated before)."""
+    caching allocator's peak above what was allocated before, after `clear()` dropped the gradients
+    that an earlier call left, which `fn` would free and count against its own allocations)."""
     from torch.profiler import ProfilerActivity, profile
 
     if DEVICE.type == "cuda":
+        if clear is not None:
+            clear()
         _sync()
         torch.cuda.reset_peak_memory_stats(DEVICE)
         base = torch.cuda.memory_allocated(DEVICE)
@@ -121,9 +128,12 @@ def measure_module(module: nn.Module, x: torch.Tensor, repeat: int) -> dict:
     """fwd (eval, no grad), fwd+bwd (train) medians and the fwd+bwd peak memory of `module(x)`."""
     xg = x.detach().requires_grad_()
 
-    def train_step():
+    def clear():
         module.zero_grad(set_to_none=True)
         xg.grad = None
+
+    def train_step():
+        clear()
         module(xg).sum().backward()
 
     def infer():
@@ -134,23 +144,27 @@ def measure_module(module: nn.Module, x: torch.Tensor, repeat: int) -> dict:
     fwd = median_ms(infer, repeat)
     module.train()
     fb = median_ms(train_step, repeat)
-    return dict(fwd=fwd, fb=fb, mem=peak_extra_mb(train_step))
+    return dict(fwd=fwd, fb=fb, mem=peak_extra_mb(train_step, clear))
 
 
 def measure_fn(fn, inputs: list[torch.Tensor], repeat: int) -> dict:
     """As `measure_module` for a function of tensors (all of which get gradients)."""
     leaves = [t.detach().requires_grad_() for t in inputs]
 
-    def train_step():
+    def clear():
         for t in leaves:
             t.grad = None
+
+    def train_step():
+        clear()
         fn(*leaves).sum().backward()
 
     def infer():
         with torch.no_grad():
             fn(*inputs)
 
-    return dict(fwd=median_ms(infer, repeat), fb=median_ms(train_step, repeat), mem=peak_extra_mb(train_step))
+    return dict(fwd=median_ms(infer, repeat), fb=median_ms(train_step, repeat),
+                mem=peak_extra_mb(train_step, clear))
 
 
 def parse_shape(text: str) -> tuple[int, int, int, int]:
@@ -244,13 +258,15 @@ def markdown(rows: list[dict]) -> str:
 
 
 def header() -> str:
+    """The machine and the compiled kernel the run uses (on CPU: whether the C++ build was cached)."""
+    if DEVICE.type == "cuda":
+        import triton
+        return f"torch {torch.__version__}, {torch.cuda.get_device_name(DEVICE)}; triton {triton.__version__}"
     info = native.build_info()
     how = "loaded from cache" if info.get("cached") else "compiled now"
     native_line = (f"native kernel: {how} in {info['seconds']:.2f} s ({info['path']})" if info.get("built")
                    else "native kernel: not available")
-    where = (torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda"
-             else f"{torch.get_num_threads()} threads, {platform_cpu()}")
-    return f"torch {torch.__version__}, {where}; {native_line}"
+    return f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform_cpu()}; {native_line}"
 
 
 def platform_cpu() -> str:

@@ -37,6 +37,8 @@ except ImportError:
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _MODE = {None: 0, "mul": 1, "add": 2}
 _TILE = 4096  # taps × pixels per program: 16×256 for K=3, 32×128 for K=5, 64×64 for K=7
+# Channels (or, for the filter gradient, (sample, channel) pairs) one program handles with one filter tile.
+_CHANNELS_PER_PROGRAM = int(os.environ.get("DYNCONV_TRITON_CPB", "16"))
 
 # Triton decides at decoration time whether a kernel is compiled or interpreted.
 _INTERPRETED = triton is not None and bool(triton.knobs.runtime.interpret)
@@ -63,69 +65,79 @@ def available(x: Tensor, spatial: Tensor, channel: Tensor | None = None) -> bool
         return False
     if x.numel() == 0:  # nothing to launch; the PyTorch path handles empty batches
         return False
+    if max(x[0].numel(), spatial[0].numel()) >= 2**31:  # offsets within one sample are 32-bit
+        return False
     return x.device.type == "cuda" or (x.device.type == "cpu" and interpreter_opted_in())
 
 
 if triton is not None:
 
     @triton.jit
-    def _plane_block(n_pixels, n_inner, BLOCK: tl.constexpr):
-        """This program's (outer, inner) plane index, e.g. (b, c), and its block of pixel offsets: the grid
-        is planes × ⌈n_pixels / BLOCK⌉ programs."""
+    def _program(n_pixels, G, NCB, BLOCK: tl.constexpr):
+        """This program's (b, g, channel chunk, pixel offsets): the grid is B·G·NCB·⌈n_pixels / BLOCK⌉
+        programs, pixel blocks fastest, so the programs that share a filter tile run together."""
         pid = tl.program_id(0)
         nblk = tl.cdiv(n_pixels, BLOCK)
-        plane = (pid // nblk).to(tl.int64)
-        return plane // n_inner, plane % n_inner, (pid % nblk) * BLOCK + tl.arange(0, BLOCK)
+        rest = pid // nblk
+        bg = rest // NCB
+        return (bg // G).to(tl.int64), bg % G, rest % NCB, (pid % nblk) * BLOCK + tl.arange(0, BLOCK)
 
     @triton.jit
-    def _x_taps(x_ptr, b, c, i, j, pm, k, H, W, ph, pw, sxb, sxc, sxh, sxw,
-                K: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
-                ACC: tl.constexpr):
-        """x[b, c, i·sh − ph + kh·dh, j·sw − pw + kw·dw] for taps k (rows) × output pixels (i, j)."""
+    def _tap_offsets(i, j, pm, k, H, W, ph, pw, sh_, sw_,
+                     K: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr):
+        """Offsets (within one plane, strides sh_, sw_) and mask of x[i·sh − ph + kh·dh, j·sw − pw + kw·dw]
+        for taps k (rows) × output pixels (i, j)."""
         y = i * SH - ph + (k // K) * DH
         z = j * SW - pw + (k % K) * DW
-        m = pm & (k < K * K) & (y >= 0) & (y < H) & (z >= 0) & (z < W)
-        return tl.load(x_ptr + b * sxb + c * sxc + y * sxh + z * sxw, mask=m, other=0.0).to(ACC)
+        return y * sh_ + z * sw_, pm & (k < K * K) & (y >= 0) & (y < H) & (z >= 0) & (z < W)
 
     @triton.jit
-    def _filter(s_ptr, a_ptr, b, c, g, k, i, j, m, ssb, ssg, ssk, ssh, ssw, sab, sac, sak,
-                K: tl.constexpr, MODE: tl.constexpr, ACC: tl.constexpr):
-        """F[b,c,k,i,j] = S[b,g,k,i,j] (·|+) A[b,c,k], zero where `m` is false (ssb = 0 when shared)."""
-        f = tl.load(s_ptr + b * ssb + g * ssg + k * ssk + i * ssh + j * ssw, mask=m, other=0.0).to(ACC)
+    def _combine(f, a_ptr, c, k, sac, sak, valid, K: tl.constexpr, MODE: tl.constexpr, ACC: tl.constexpr):
+        """F = S (·|+) A[b, c, k] for one channel (a_ptr already at sample b); S alone when MODE is 0.
+        Positions outside the image need no masking here: the operand F meets is zero there."""
         if MODE != 0:
-            a = tl.load(a_ptr + b * sab + c * sac + k * sak, mask=k < K * K, other=0.0).to(ACC)
+            a = tl.load(a_ptr + c * sac + k * sak, mask=(k < K * K) & valid, other=0.0).to(ACC)
             if MODE == 1:
                 f = f * a
             else:
                 f = f + a
-            f = tl.where(m, f, 0.0)
         return f
 
     @triton.jit
-    def _forward_kernel(x_ptr, s_ptr, a_ptr, o_ptr, C, CG, H, W, Ho, Wo, ph, pw,
+    def _forward_kernel(x_ptr, s_ptr, a_ptr, o_ptr, G, CG, NCB, H, W, Ho, Wo, ph, pw,
                         sxb, sxc, sxh, sxw, ssb, ssg, ssk, ssh, ssw, sab, sac, sak, sob, soc, soh, sow,
                         K: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, DH: tl.constexpr,
                         DW: tl.constexpr, MODE: tl.constexpr, KKP: tl.constexpr, BLOCK: tl.constexpr,
-                        ACC: tl.constexpr):
-        b, c, offs = _plane_block(Ho * Wo, C, BLOCK)
+                        CPB: tl.constexpr, ACC: tl.constexpr):
+        """One (b, g, chunk of CPB of the group's channels, pixel block): the filter tile and the tap
+        offsets are loaded and computed once, then each channel costs one gather and one reduction."""
+        b, g, cb, offs = _program(Ho * Wo, G, NCB, BLOCK)
         pm = (offs < Ho * Wo)[None, :]
         i, j = (offs // Wo)[None, :], (offs % Wo)[None, :]
         k = tl.arange(0, KKP)[:, None]
-        xv = _x_taps(x_ptr, b, c, i, j, pm, k, H, W, ph, pw, sxb, sxc, sxh, sxw, K, SH, SW, DH, DW, ACC)
-        f = _filter(s_ptr, a_ptr, b, c, c // CG, k, i, j, pm & (k < K * K),
-                    ssb, ssg, ssk, ssh, ssw, sab, sac, sak, K, MODE, ACC)
-        out = tl.sum(xv * f, axis=0)
-        i, j = offs // Wo, offs % Wo
-        tl.store(o_ptr + b * sob + c * soc + i * soh + j * sow, out.to(o_ptr.dtype.element_ty),
-                 mask=offs < Ho * Wo)
+        xoff, m = _tap_offsets(i, j, pm, k, H, W, ph, pw, sxh, sxw, K, SH, SW, DH, DW)
+        f0 = tl.load(s_ptr + b * ssb + g * ssg + k * ssk + i * ssh + j * ssw, mask=pm & (k < K * K),
+                     other=0.0).to(ACC)
+        ooff = offs // Wo * soh + offs % Wo * sow
+        for cc in range(CPB):
+            c0 = cb * CPB + cc
+            valid = c0 < CG
+            c = (g * CG + c0).to(tl.int64)
+            xv = tl.load(x_ptr + b * sxb + c * sxc + xoff, mask=m & valid, other=0.0).to(ACC)
+            f = _combine(f0, a_ptr + b * sab, c, k, sac, sak, valid, K, MODE, ACC)
+            out = tl.sum(xv * f, axis=0)
+            tl.store(o_ptr + b * sob + c * soc + ooff, out.to(o_ptr.dtype.element_ty),
+                     mask=(offs < Ho * Wo) & valid)
 
     @triton.jit
-    def _grad_x_kernel(go_ptr, s_ptr, a_ptr, gx_ptr, C, CG, H, W, Ho, Wo, ph, pw,
+    def _grad_x_kernel(go_ptr, s_ptr, a_ptr, gx_ptr, G, CG, NCB, H, W, Ho, Wo, ph, pw,
                        sgb, sgc, sgh, sgw, ssb, ssg, ssk, ssh, ssw, sab, sac, sak, sxb, sxc, sxh, sxw,
                        K: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, DH: tl.constexpr,
                        DW: tl.constexpr, MODE: tl.constexpr, KKP: tl.constexpr, BLOCK: tl.constexpr,
-                       ACC: tl.constexpr):
-        b, c, offs = _plane_block(H * W, C, BLOCK)
+                       CPB: tl.constexpr, ACC: tl.constexpr):
+        """As the forward, over input pixels: the filter and grad_out offsets of the taps that read
+        each input pixel are computed once per (b, g, chunk, block)."""
+        b, g, cb, offs = _program(H * W, G, NCB, BLOCK)
         y, z = (offs // W)[None, :], (offs % W)[None, :]
         k = tl.arange(0, KKP)[:, None]
         # The output pixel (i, j) that read input (y, z) through tap k; clamped before dividing so
@@ -135,41 +147,51 @@ if triton is not None:
         i, j = tl.maximum(th, 0) // SH, tl.maximum(tw, 0) // SW
         m = ((offs < H * W)[None, :] & (k < K * K) & (th >= 0) & (tw >= 0)
              & (th % SH == 0) & (tw % SW == 0) & (i < Ho) & (j < Wo))
-        go = tl.load(go_ptr + b * sgb + c * sgc + i * sgh + j * sgw, mask=m, other=0.0).to(ACC)
-        f = _filter(s_ptr, a_ptr, b, c, c // CG, k, i, j, m, ssb, ssg, ssk, ssh, ssw, sab, sac, sak,
-                    K, MODE, ACC)
-        gx = tl.sum(go * f, axis=0)
-        y, z = offs // W, offs % W
-        tl.store(gx_ptr + b * sxb + c * sxc + y * sxh + z * sxw, gx.to(gx_ptr.dtype.element_ty),
-                 mask=offs < H * W)
+        f0 = tl.load(s_ptr + b * ssb + g * ssg + k * ssk + i * ssh + j * ssw, mask=m, other=0.0).to(ACC)
+        gooff = i * sgh + j * sgw
+        xoff = offs // W * sxh + offs % W * sxw
+        for cc in range(CPB):
+            c0 = cb * CPB + cc
+            valid = c0 < CG
+            c = (g * CG + c0).to(tl.int64)
+            go = tl.load(go_ptr + b * sgb + c * sgc + gooff, mask=m & valid, other=0.0).to(ACC)
+            f = _combine(f0, a_ptr + b * sab, c, k, sac, sak, valid, K, MODE, ACC)
+            gx = tl.sum(go * f, axis=0)
+            tl.store(gx_ptr + b * sxb + c * sxc + xoff, gx.to(gx_ptr.dtype.element_ty),
+                     mask=(offs < H * W) & valid)
 
     @triton.jit
-    def _grad_spatial_kernel(x_ptr, go_ptr, a_ptr, gs_ptr, G, CG, NB, H, W, Ho, Wo, ph, pw,
+    def _grad_spatial_kernel(x_ptr, go_ptr, a_ptr, gs_ptr, G, CG, NB, NCB, H, W, Ho, Wo, ph, pw,
                              sxb, sxc, sxh, sxw, sgb, sgc, sgh, sgw, sab, sac, sak,
-                             srb, srg, srk, srh, srw,
+                             srb, srg, srn, srk, srh, srw,
                              K: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, DH: tl.constexpr,
                              DW: tl.constexpr, MODE: tl.constexpr, KKP: tl.constexpr,
-                             BLOCK: tl.constexpr, ACC: tl.constexpr):
-        """One (b', g) and block of pixels; sums over the group's channels and, for a filter shared
-        by the batch (b' = 0, NB = B), over the batch, so no two programs write the same element."""
-        bs, g, offs = _plane_block(Ho * Wo, G, BLOCK)
+                             BLOCK: tl.constexpr, CPB: tl.constexpr, ACC: tl.constexpr):
+        """One (b', g, chunk, pixel block): sums P·A over a chunk of CPB of the NB·CG (sample, channel)
+        pairs that share the filter (NB = B for a filter shared by the batch, else 1) into partial sums
+        (b', g, chunk, k, i, j), which the caller adds over chunks when there are several: no two
+        programs write one element and no atomics are needed."""
+        bs, g, cb, offs = _program(Ho * Wo, G, NCB, BLOCK)
         pm = (offs < Ho * Wo)[None, :]
         i, j = (offs // Wo)[None, :], (offs % Wo)[None, :]
         k = tl.arange(0, KKP)[:, None]
+        xoff, m = _tap_offsets(i, j, pm, k, H, W, ph, pw, sxh, sxw, K, SH, SW, DH, DW)
+        gooff = i * sgh + j * sgw
         acc = tl.zeros((KKP, BLOCK), dtype=ACC)
-        for bb in range(NB):
-            b = bs + bb
-            for cc in range(CG):
-                c = g * CG + cc
-                xv = _x_taps(x_ptr, b, c, i, j, pm, k, H, W, ph, pw, sxb, sxc, sxh, sxw,
-                             K, SH, SW, DH, DW, ACC)
-                go = tl.load(go_ptr + b * sgb + c * sgc + i * sgh + j * sgw, mask=pm, other=0.0).to(ACC)
-                p = xv * go
-                if MODE == 1:
-                    p = p * tl.load(a_ptr + b * sab + c * sac + k * sak, mask=k < K * K, other=0.0).to(ACC)
-                acc += p
-        tl.store(gs_ptr + bs * srb + g * srg + k * srk + i * srh + j * srw, acc.to(gs_ptr.dtype.element_ty),
-                 mask=pm & (k < K * K))
+        for t in range(CPB):
+            n = cb * CPB + t
+            valid = n < NB * CG
+            b = bs + (n // CG).to(tl.int64)
+            c = (g * CG + n % CG).to(tl.int64)
+            xv = tl.load(x_ptr + b * sxb + c * sxc + xoff, mask=m & valid, other=0.0).to(ACC)
+            go = tl.load(go_ptr + b * sgb + c * sgc + gooff, mask=pm & valid, other=0.0).to(ACC)
+            p = xv * go
+            if MODE == 1:
+                p = p * tl.load(a_ptr + b * sab + c * sac + k * sak, mask=(k < K * K) & valid,
+                                other=0.0).to(ACC)
+            acc += p
+        tl.store(gs_ptr + bs * srb + g * srg + cb * srn + k * srk + i * srh + j * srw,
+                 acc.to(gs_ptr.dtype.element_ty), mask=pm & (k < K * K))
 
     @triton.jit
     def _grad_channel_kernel(x_ptr, go_ptr, s_ptr, ga_ptr, C, CG, H, W, Ho, Wo, ph, pw,
@@ -183,17 +205,17 @@ if triton is not None:
         b, c = bc // C, bc % C
         g = c // CG
         k = tl.arange(0, KKP)[:, None]
+        x_base, go_base, s_base = x_ptr + b * sxb + c * sxc, go_ptr + b * sgb + c * sgc, s_ptr + b * ssb + g * ssg
         acc = tl.zeros((KKP, BLOCK), dtype=ACC)
         for start in range(0, Ho * Wo, BLOCK):
             offs = start + tl.arange(0, BLOCK)
             pm = (offs < Ho * Wo)[None, :]
             i, j = (offs // Wo)[None, :], (offs % Wo)[None, :]
-            xv = _x_taps(x_ptr, b, c, i, j, pm, k, H, W, ph, pw, sxb, sxc, sxh, sxw, K, SH, SW, DH, DW, ACC)
-            go = tl.load(go_ptr + b * sgb + c * sgc + i * sgh + j * sgw, mask=pm, other=0.0).to(ACC)
-            p = xv * go
+            xoff, m = _tap_offsets(i, j, pm, k, H, W, ph, pw, sxh, sxw, K, SH, SW, DH, DW)
+            p = tl.load(x_base + xoff, mask=m, other=0.0).to(ACC)
+            p = p * tl.load(go_base + i * sgh + j * sgw, mask=pm, other=0.0).to(ACC)
             if MODE == 1:
-                p = p * tl.load(s_ptr + b * ssb + g * ssg + k * ssk + i * ssh + j * ssw,
-                                mask=pm & (k < K * K), other=0.0).to(ACC)
+                p = p * tl.load(s_base + k * ssk + i * ssh + j * ssw, mask=pm & (k < K * K), other=0.0).to(ACC)
             acc += p
         kk = tl.arange(0, KKP)
         tl.store(ga_ptr + b * srb + c * src + kk * srk, tl.sum(acc, axis=1).to(ga_ptr.dtype.element_ty),
@@ -220,13 +242,14 @@ class _TritonPixelFilter(torch.autograd.Function):
         ctx.save_for_backward(x, spatial, channel)
         ctx.geometry = (K, s, p, d, combine)
         B, C, H, W = x.shape
-        Ho, Wo = spatial.shape[-2:]
+        G, Ho, Wo = spatial.shape[1], *spatial.shape[-2:]
         out = _empty(x, (B, C, Ho, Wo), x.dtype)
         sb = _batched(spatial, B)
-        meta = _meta(x, spatial, channel, K, s, d, combine, Ho * Wo)
+        meta = _meta(x, spatial, channel, K, s, d, combine, Ho * Wo, C // G)
+        ncb = triton.cdiv(C // G, meta["CPB"])
         with _device(x):
-            _forward_kernel[(B * C * triton.cdiv(Ho * Wo, meta["BLOCK"]),)](
-                x, sb, _or(channel, x), out, C, C // spatial.shape[1], H, W, Ho, Wo, *p,
+            _forward_kernel[(B * G * ncb * triton.cdiv(Ho * Wo, meta["BLOCK"]),)](
+                x, sb, _or(channel, x), out, G, C // G, ncb, H, W, Ho, Wo, *p,
                 *x.stride(), *sb.stride(), *_strides(channel, 3), *out.stride(), **meta)
         return out
 
@@ -242,23 +265,32 @@ class _TritonPixelFilter(torch.autograd.Function):
         gx = gs = gc = None
         with _device(x):
             if need_x:
-                meta = _meta(x, spatial, channel, K, s, d, combine, H * W)
+                meta = _meta(x, spatial, channel, K, s, d, combine, H * W, C // G)
+                ncb = triton.cdiv(C // G, meta["CPB"])
                 gx = _empty(x, x.shape, x.dtype)
-                _grad_x_kernel[(B * C * triton.cdiv(H * W, meta["BLOCK"]),)](
-                    grad_out, sb, a, gx, C, C // G, H, W, Ho, Wo, *p, *grad_out.stride(), *sb.stride(),
+                _grad_x_kernel[(B * G * ncb * triton.cdiv(H * W, meta["BLOCK"]),)](
+                    grad_out, sb, a, gx, G, C // G, ncb, H, W, Ho, Wo, *p, *grad_out.stride(), *sb.stride(),
                     *_strides(channel, 3), *gx.stride(), **meta)
-            meta = _meta(x, spatial, channel, K, s, d, combine, Ho * Wo)
+            pairs = (B // Bs) * (C // G)  # (sample, channel) pairs summed into each filter element
+            meta = _meta(x, spatial, channel, K, s, d, combine, Ho * Wo, pairs)
             if need_s:
-                gs = torch.empty(spatial.shape, dtype=spatial.dtype, device=x.device)
-                _grad_spatial_kernel[(Bs * G * triton.cdiv(Ho * Wo, meta["BLOCK"]),)](
-                    x, grad_out, a, gs, G, C // G, B // Bs, H, W, Ho, Wo, *p, *x.stride(), *grad_out.stride(),
-                    *_strides(channel, 3), *gs.stride(), **meta)
+                ncb = triton.cdiv(pairs, meta["CPB"])
+                acc = spatial.dtype if ncb == 1 else _acc_torch(x.dtype)
+                part = torch.empty((Bs, G, ncb, KK, Ho, Wo), dtype=acc, device=x.device)
+                _grad_spatial_kernel[(Bs * G * ncb * triton.cdiv(Ho * Wo, meta["BLOCK"]),)](
+                    x, grad_out, a, part, G, C // G, B // Bs, ncb, H, W, Ho, Wo, *p, *x.stride(),
+                    *grad_out.stride(), *_strides(channel, 3), *part.stride(), **meta)
+                gs = part.sum(2, dtype=spatial.dtype) if ncb > 1 else part.squeeze(2)
             if need_c and channel is not None:
                 gc = torch.empty(channel.shape, dtype=channel.dtype, device=x.device)
                 _grad_channel_kernel[(B * C,)](
                     x, grad_out, sb, gc, C, C // G, H, W, Ho, Wo, *p, *x.stride(), *grad_out.stride(),
-                    *sb.stride(), *gc.stride(), **meta)
+                    *sb.stride(), *gc.stride(), **{k: v for k, v in meta.items() if k != "CPB"})
         return gx, gs, gc, None, None, None, None, None
+
+
+def _acc_torch(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _batched(spatial: Tensor, B: int) -> Tensor:
@@ -276,13 +308,15 @@ def _strides(t: Tensor | None, n: int) -> tuple[int, ...]:
     return (0,) * n if t is None else t.stride()
 
 
-def _meta(x, spatial, channel, K, s, d, combine, pixels) -> dict:
-    """The compile-time parameters: geometry, combine mode, tile shape, accumulation dtype, warps."""
+def _meta(x, spatial, channel, K, s, d, combine, pixels, items) -> dict:
+    """The compile-time parameters: geometry, combine mode, tile shape, accumulation dtype, warps, and
+    how many of the `items` (channels or (sample, channel) pairs) that share a filter one program takes."""
     kkp = triton.next_power_of_2(K * K)
     block = min(max(16, _TILE // kkp), triton.next_power_of_2(pixels))
+    cpb = max(1, min(_CHANNELS_PER_PROGRAM, items))
     # 8 warps keep a full tile at 16 elements per thread (64-128 registers for K=7 with ptxas, sm_90).
     return dict(K=K, SH=s[0], SW=s[1], DH=d[0], DW=d[1], MODE=_MODE[None if channel is None else combine],
-                KKP=kkp, BLOCK=block, ACC=tl.float64 if x.dtype == torch.float64 else tl.float32,
+                KKP=kkp, BLOCK=block, CPB=cpb, ACC=tl.float64 if x.dtype == torch.float64 else tl.float32,
                 num_warps=8 if kkp * block >= _TILE else 4)
 
 

@@ -48,6 +48,15 @@ class ExpertConv(nn.Module):
             bound = 1 / math.sqrt(self.weight[0, 0].numel())
             nn.init.uniform_(self.bias, -bound, bound)
 
+    def _apply(self, fn, recurse=True):
+        """`Module.to(memory_format=torch.channels_last)` converts 4-D and 5-D tensors and fails on the 5-D
+        expert kernels (channels_last needs rank 4): apply each conversion to the (E·C_out, C_in/g, kh, kw)
+        view instead, so every expert's kernel becomes channels_last like an `nn.Conv2d` weight."""
+        def per_expert(t):
+            return fn(t.flatten(0, 1)).unflatten(0, t.shape[:2]) if t.dim() == 5 else fn(t)
+
+        return super()._apply(per_expert, recurse)
+
     def mix(self, coeff: Tensor) -> tuple[Tensor, Tensor | None]:
         """Per-sample kernel and bias `Σ_e coeff[b, e]·(W_e, b_e)` for coeff (B, E)."""
         weight = (coeff @ self.weight.flatten(1)).view(-1, *self.weight.shape[1:])

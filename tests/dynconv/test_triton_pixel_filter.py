@@ -33,6 +33,10 @@ GEOMETRY = list(itertools.product([3, 5], [1, 2], [1, 2]))
 FILTERS = list(itertools.product([1, 2], [False, True], [None, "mul", "add"]))
 CASES = [(*GEOMETRY[n % 8], *FILTERS[n % 12], [(7, 6), (5, 7)][n % 2]) for n in range(16)]
 CASES += [(7, 1, 1, 2, True, "mul", (9, 9)), (7, 1, 2, 1, False, "add", (9, 10))]
+# More channels per group than one program takes (16; 3 in the interpreter run, DYNCONV_TRITON_CPB):
+# several channel chunks, the last one partial, and several partial sums of the filter gradient.
+WIDE = [(3, 1, 1, 1, True, "add", (6, 5)), (3, 2, 1, 2, False, "mul", (5, 6)), (5, 1, 1, 1, False, None, (5, 5))]
+WIDE_C = 36
 
 
 def _inputs(device, K, s, d, H, W, G, combine, shared, dtype=torch.float32, batch=B, channels=C):
@@ -58,12 +62,22 @@ def check_matches_reference(device):
         kw = dict(kernel_size=K, stride=s, dilation=d, combine=combine or "mul")
         leaves = _inputs(device, K, s, d, H, W, G, combine, shared)
         go = torch.randn(B, C, *leaves[1].shape[-2:], device=device)
-        out, grads = _forward_backward(None, leaves, go, **kw)
-        ref, ref_grads = _forward_backward("reference", leaves, go, **kw)
-        assert type(out.grad_fn).__name__ == TRITON_NODE, f"{case}: dispatched to {out.grad_fn}"
-        torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4, msg=lambda m: f"{case}: {m}")
-        for name, g, r in zip(("x", "spatial", "channel"), grads, ref_grads):
-            torch.testing.assert_close(g, r, atol=1e-4, rtol=1e-4, msg=lambda m: f"{case} grad {name}: {m}")
+        _compare(case, leaves, go, kw)
+    for K, s, d, G, shared, combine, (H, W) in WIDE:
+        case = dict(K=K, s=s, d=d, G=G, shared=shared, combine=combine, H=H, W=W, C=WIDE_C)
+        kw = dict(kernel_size=K, stride=s, dilation=d, combine=combine or "mul")
+        leaves = _inputs(device, K, s, d, H, W, G, combine, shared, channels=WIDE_C)
+        _compare(case, leaves, torch.randn(B, WIDE_C, *leaves[1].shape[-2:], device=device), kw)
+
+
+def _compare(case, leaves, go, kw):
+    """Triton forward and gradients against the reference backend's, float32."""
+    out, grads = _forward_backward(None, leaves, go, **kw)
+    ref, ref_grads = _forward_backward("reference", leaves, go, **kw)
+    assert type(out.grad_fn).__name__ == TRITON_NODE, f"{case}: dispatched to {out.grad_fn}"
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4, msg=lambda m: f"{case}: {m}")
+    for name, g, r in zip(("x", "spatial", "channel"), grads, ref_grads):
+        torch.testing.assert_close(g, r, atol=1e-4, rtol=1e-4, msg=lambda m: f"{case} grad {name}: {m}")
 
 
 def check_gradcheck(device):
@@ -139,6 +153,7 @@ CHECKS = ["check_matches_reference", "check_gradcheck", "check_half_precision", 
 def interpreter_results():
     """{check: "" or its traceback}: all checks in one child process (one torch/triton start-up)."""
     env = dict(os.environ, TRITON_INTERPRET="1", DYNCONV_TRITON_INTERPRET="1", DYNCONV_NATIVE="0",
+               DYNCONV_TRITON_CPB="3",
                PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     run = subprocess.run([sys.executable, __file__], env=env, cwd=ROOT, capture_output=True, text=True,
                          timeout=300)

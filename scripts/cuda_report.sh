@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Everything issue 6 asks of a GPU, in one command: the CUDA test cases (Triton kernels, every operator
+# against the float64 CPU reference, channels_last, bf16 autocast), the operator table against cuDNN
+# and the unfold reference, the model table in float32 and in bf16 autocast + channels_last, and a
+# few training steps of train.py on the GPU (TensorBoard events read back).
+#
+#   bash scripts/cuda_report.sh [OUT_DIR]          # default: cuda_report/ ; PYTHON=... to pick python
+#
+# Each step's full log goes to OUT_DIR/<step>.log; its tail and exit code are printed. STEPS picks
+# steps (default: "env tests ops profile models models_amp train"), STEP_TIMEOUT bounds each (s, default 300).
+set -u
+out=${1:-cuda_report}
+mkdir -p "$out"
+py=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1
+export DYNCONV_NATIVE=${DYNCONV_NATIVE:-0}  # CPU kernel not needed here: skip its build
+steps=${STEPS:-env tests ops profile models models_amp train}
+cd "$(dirname "$0")/.."
+
+step() {
+    local name=$1
+    shift
+    case " $steps " in *" $name "*) ;; *) return 0 ;; esac
+    echo "== $name: $*"
+    local start=$SECONDS
+    timeout "${STEP_TIMEOUT:-300}" "$@" >"$out/$name.log" 2>&1
+    local rc=$?
+    echo "== $name: exit $rc after $((SECONDS - start)) s"
+    tail -n "${TAIL:-25}" "$out/$name.log"
+}
+
+step env bash -c "nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv;
+  $py -c 'import torch, triton; print(\"torch\", torch.__version__, \"triton\", triton.__version__, torch.cuda.get_device_name())'"
+step tests "$py" -m pytest -q -p no:cacheprovider -k cuda tests/dynconv/test_triton_pixel_filter.py \
+    tests/dynconv/test_devices.py tests/dynconv/test_sample_conv.py tests/dynconv/test_native.py
+step ops "$py" scripts/bench_ops.py --device cuda --repeat 20
+step profile "$py" scripts/profile_pixel_filter.py --device cuda --rows 6
+step models "$py" scripts/bench_models.py --device cuda --batch 64 --repeat 10
+step models_amp "$py" scripts/bench_models.py --device cuda --batch 64 --repeat 10 --amp --channels-last
+step train bash -c "$py train.py model=rednet26 data=synthetic data.img_size=64 data.batch_size=64 \
+    trainer.device=cuda trainer.amp=true trainer.channels_last=true trainer.epochs=2 hydra.run.dir=$out/train_run \
+  && $py -c 'import glob, sys
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+acc = EventAccumulator(glob.glob(sys.argv[1] + \"/**/events.out.tfevents.*\", recursive=True)[0]); acc.Reload()
+for tag in acc.Tags()[\"scalars\"]: print(tag, len(acc.Scalars(tag)), \"points, last\", acc.Scalars(tag)[-1].value)' $out/train_run"
