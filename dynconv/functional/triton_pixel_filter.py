@@ -3,16 +3,20 @@
     out[b,c,i,j] = Σ_k F[b,c,k,i,j] · x[b, c, i·sh − ph + kh·dh, j·sw − pw + kw·dw]      k = kh·K + kw
 
 with F = S[b', g(c), k, i, j], times or plus A[b,c,k] (DESIGN.md "The one idea"; involution Eq. 4,
-DDF Eq. 5). Each program holds a (taps × pixels) tile for one (b, c): zero padding is a load mask,
-nothing is padded or unfolded, sums run in float32 (float64 for float64 inputs) and are stored in
-the input dtype. Tensors are addressed through their strides, so channels_last and expanded
+DDF Eq. 5). The forward, grad_x and grad_S kernels hold a (planes × pixels) tile: up to 16 of the
+(sample, channel) planes that one filter serves (the channels of a group, and the batch too when the
+filter is shared) × a block of pixels, and loop over the taps, so each filter row is read once for
+the whole tile and the sum over taps stays in registers (measured on an H100 in docs/BENCHMARKS.md).
+Zero padding is a load mask, nothing is padded or unfolded, sums run in float32 (float64 for
+float64 inputs) and are stored in the input dtype; offsets within one sample are 32-bit. Tensors are addressed through their strides, so channels_last and expanded
 (stride-0) tensors need no copy; a filter shared by the batch is read with batch stride 0.
 
 Backward, with P_k = grad_out · x_tap_k, three kernels, none with atomics (deterministic):
   grad_x[b,c,y,z]   = Σ_k grad_out[b,c,i,j] · F_k[i,j]   over the taps k whose output (i, j) read
                       (y, z): i = (y + ph − kh·dh) / sh when that is a whole number in [0, Ho)
                       (a gather over input pixels, instead of the scatter-add of `_PixelFilter`);
-  grad_S[b',g,k,i,j] = Σ_{c∈g} P_k · A_k ("mul") or Σ_{c∈g} P_k, also Σ_b when S is shared;
+  grad_S[b',g,k,i,j] = Σ_{c∈g} P_k · A_k ("mul") or Σ_{c∈g} P_k, also Σ_b when S is shared
+                      (one partial sum per chunk of planes, added by the caller when there are several);
   grad_A[b,c,k]     = Σ_{i,j} P_k · S_k ("mul") or Σ_{i,j} P_k ("add").
 
 `available(...)` is true for CUDA tensors when triton imports, and on CPU only when Triton's
@@ -36,8 +40,11 @@ except ImportError:
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _MODE = {None: 0, "mul": 1, "add": 2}
-_TILE = 4096  # taps × pixels per program: 16×256 for K=3, 32×128 for K=5, 64×64 for K=7
-# Channels (or, for the filter gradient, (sample, channel) pairs) one program handles with one filter tile.
+_TILE = 4096  # taps × pixels of grad_channel's tile (16×256 for K=3, 64×64 for K=7)
+# planes × pixels of the other kernels' tiles (16×128) and their warps: about 16 elements and 160
+# registers per thread (ptxas, sm_90), so three programs fit an SM
+_PLANE_TILE, _PLANE_WARPS = 2048, 4
+# Planes ((sample, channel) pairs sharing one filter) in one program's tile: a power of two, at most this.
 _CHANNELS_PER_PROGRAM = int(os.environ.get("DYNCONV_TRITON_CPB", "16"))
 
 # Triton decides at decoration time whether a kernel is compiled or interpreted.
@@ -74,8 +81,8 @@ if triton is not None:
 
     @triton.jit
     def _program(n_pixels, G, NCB, BLOCK: tl.constexpr):
-        """This program's (b, g, channel chunk, pixel offsets): the grid is B·G·NCB·⌈n_pixels / BLOCK⌉
-        programs, pixel blocks fastest, so the programs that share a filter tile run together."""
+        """This program's (b', g, chunk, pixel offsets): the grid is B'·G·NCB·⌈n_pixels / BLOCK⌉ programs
+        (B' the filter's batch, 1 when shared), pixel blocks fastest."""
         pid = tl.program_id(0)
         nblk = tl.cdiv(n_pixels, BLOCK)
         rest = pid // nblk
@@ -83,115 +90,111 @@ if triton is not None:
         return (bg // G).to(tl.int64), bg % G, rest % NCB, (pid % nblk) * BLOCK + tl.arange(0, BLOCK)
 
     @triton.jit
+    def _rows(bs, g, cb, CG, NB, CPB: tl.constexpr):
+        """The tile's rows: chunk `cb` of the NB·CG (sample, channel) planes that filter (b', g) serves
+        (NB = B when the filter is shared by the batch, else 1): their b, c and whether they exist."""
+        n = cb * CPB + tl.arange(0, CPB)
+        return bs + (n // CG).to(tl.int64), (g * CG + n % CG).to(tl.int64), n < NB * CG
+
+    @triton.jit
     def _tap_offsets(i, j, pm, k, H, W, ph, pw, sh_, sw_,
                      K: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr):
         """Offsets (within one plane, strides sh_, sw_) and mask of x[i·sh − ph + kh·dh, j·sw − pw + kw·dw]
-        for taps k (rows) × output pixels (i, j)."""
+        for tap(s) k and output pixels (i, j)."""
         y = i * SH - ph + (k // K) * DH
         z = j * SW - pw + (k % K) * DW
         return y * sh_ + z * sw_, pm & (k < K * K) & (y >= 0) & (y < H) & (z >= 0) & (z < W)
 
     @triton.jit
-    def _combine(f, a_ptr, c, k, sac, sak, valid, K: tl.constexpr, MODE: tl.constexpr, ACC: tl.constexpr):
-        """F = S (·|+) A[b, c, k] for one channel (a_ptr already at sample b); S alone when MODE is 0.
-        Positions outside the image need no masking here: the operand F meets is zero there."""
-        if MODE != 0:
-            a = tl.load(a_ptr + c * sac + k * sak, mask=(k < K * K) & valid, other=0.0).to(ACC)
+    def _fma(acc, v, f, a_ptr, arow, k, sak, rv, MODE: tl.constexpr, ACC: tl.constexpr):
+        """acc + v · F for tap k, with the (planes × pixels) filter F = S (pixels) alone, or times or plus
+        A[b, c, k] (planes). Positions outside the image need no mask: v is zero there."""
+        if MODE == 0:
+            acc += v * f[None, :]
+        else:
+            a = tl.load(a_ptr + arow + k * sak, mask=rv, other=0.0).to(ACC)[:, None]
             if MODE == 1:
-                f = f * a
+                acc += v * (f[None, :] * a)
             else:
-                f = f + a
-        return f
+                acc += v * (f[None, :] + a)
+        return acc
 
     @triton.jit
-    def _forward_kernel(x_ptr, s_ptr, a_ptr, o_ptr, G, CG, NCB, H, W, Ho, Wo, ph, pw,
+    def _forward_kernel(x_ptr, s_ptr, a_ptr, o_ptr, G, CG, NB, NCB, H, W, Ho, Wo, ph, pw,
                         sxb, sxc, sxh, sxw, ssb, ssg, ssk, ssh, ssw, sab, sac, sak, sob, soc, soh, sow,
                         K: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, DH: tl.constexpr,
-                        DW: tl.constexpr, MODE: tl.constexpr, KKP: tl.constexpr, BLOCK: tl.constexpr,
-                        CPB: tl.constexpr, ACC: tl.constexpr):
-        """One (b, g, chunk of CPB of the group's channels, pixel block): the filter tile and the tap
-        offsets are loaded and computed once, then each channel costs one gather and one reduction."""
-        b, g, cb, offs = _program(Ho * Wo, G, NCB, BLOCK)
-        pm = (offs < Ho * Wo)[None, :]
-        i, j = (offs // Wo)[None, :], (offs % Wo)[None, :]
-        k = tl.arange(0, KKP)[:, None]
-        xoff, m = _tap_offsets(i, j, pm, k, H, W, ph, pw, sxh, sxw, K, SH, SW, DH, DW)
-        f0 = tl.load(s_ptr + b * ssb + g * ssg + k * ssk + i * ssh + j * ssw, mask=pm & (k < K * K),
-                     other=0.0).to(ACC)
-        ooff = offs // Wo * soh + offs % Wo * sow
-        for cc in range(CPB):
-            c0 = cb * CPB + cc
-            valid = c0 < CG
-            c = (g * CG + c0).to(tl.int64)
-            xv = tl.load(x_ptr + b * sxb + c * sxc + xoff, mask=m & valid, other=0.0).to(ACC)
-            f = _combine(f0, a_ptr + b * sab, c, k, sac, sak, valid, K, MODE, ACC)
-            out = tl.sum(xv * f, axis=0)
-            tl.store(o_ptr + b * sob + c * soc + ooff, out.to(o_ptr.dtype.element_ty),
-                     mask=(offs < Ho * Wo) & valid)
+                        DW: tl.constexpr, MODE: tl.constexpr, BLOCK: tl.constexpr, CPB: tl.constexpr,
+                        ACC: tl.constexpr):
+        """A (planes × pixels) tile of planes that share one filter: per tap, one filter row is read and
+        used by every plane; the sum over taps stays in registers (no reduction across threads)."""
+        bs, g, cb, offs = _program(Ho * Wo, G, NCB, BLOCK)
+        b, c, rv = _rows(bs, g, cb, CG, NB, CPB)
+        pm = offs < Ho * Wo
+        i, j = offs // Wo, offs % Wo
+        xrow, arow = (b * sxb + c * sxc)[:, None], b * sab + c * sac
+        s_base = s_ptr + bs * ssb + g * ssg + i * ssh + j * ssw
+        acc = tl.zeros((CPB, BLOCK), dtype=ACC)
+        for k in range(K * K):
+            xoff, m = _tap_offsets(i, j, pm, k, H, W, ph, pw, sxh, sxw, K, SH, SW, DH, DW)
+            f = tl.load(s_base + k * ssk, mask=pm, other=0.0).to(ACC)
+            xv = tl.load(x_ptr + xrow + xoff[None, :], mask=rv[:, None] & m[None, :], other=0.0).to(ACC)
+            acc = _fma(acc, xv, f, a_ptr, arow, k, sak, rv, MODE, ACC)
+        tl.store(o_ptr + (b * sob + c * soc)[:, None] + (i * soh + j * sow)[None, :],
+                 acc.to(o_ptr.dtype.element_ty), mask=rv[:, None] & pm[None, :])
 
     @triton.jit
-    def _grad_x_kernel(go_ptr, s_ptr, a_ptr, gx_ptr, G, CG, NCB, H, W, Ho, Wo, ph, pw,
+    def _grad_x_kernel(go_ptr, s_ptr, a_ptr, gx_ptr, G, CG, NB, NCB, H, W, Ho, Wo, ph, pw,
                        sgb, sgc, sgh, sgw, ssb, ssg, ssk, ssh, ssw, sab, sac, sak, sxb, sxc, sxh, sxw,
                        K: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, DH: tl.constexpr,
-                       DW: tl.constexpr, MODE: tl.constexpr, KKP: tl.constexpr, BLOCK: tl.constexpr,
-                       CPB: tl.constexpr, ACC: tl.constexpr):
-        """As the forward, over input pixels: the filter and grad_out offsets of the taps that read
-        each input pixel are computed once per (b, g, chunk, block)."""
-        b, g, cb, offs = _program(H * W, G, NCB, BLOCK)
-        y, z = (offs // W)[None, :], (offs % W)[None, :]
-        k = tl.arange(0, KKP)[:, None]
-        # The output pixel (i, j) that read input (y, z) through tap k; clamped before dividing so
-        # negative numerators never meet the division (they are masked off anyway).
-        th = y + ph - (k // K) * DH
-        tw = z + pw - (k % K) * DW
-        i, j = tl.maximum(th, 0) // SH, tl.maximum(tw, 0) // SW
-        m = ((offs < H * W)[None, :] & (k < K * K) & (th >= 0) & (tw >= 0)
-             & (th % SH == 0) & (tw % SW == 0) & (i < Ho) & (j < Wo))
-        f0 = tl.load(s_ptr + b * ssb + g * ssg + k * ssk + i * ssh + j * ssw, mask=m, other=0.0).to(ACC)
-        gooff = i * sgh + j * sgw
-        xoff = offs // W * sxh + offs % W * sxw
-        for cc in range(CPB):
-            c0 = cb * CPB + cc
-            valid = c0 < CG
-            c = (g * CG + c0).to(tl.int64)
-            go = tl.load(go_ptr + b * sgb + c * sgc + gooff, mask=m & valid, other=0.0).to(ACC)
-            f = _combine(f0, a_ptr + b * sab, c, k, sac, sak, valid, K, MODE, ACC)
-            gx = tl.sum(go * f, axis=0)
-            tl.store(gx_ptr + b * sxb + c * sxc + xoff, gx.to(gx_ptr.dtype.element_ty),
-                     mask=(offs < H * W) & valid)
+                       DW: tl.constexpr, MODE: tl.constexpr, BLOCK: tl.constexpr, CPB: tl.constexpr,
+                       ACC: tl.constexpr):
+        """As the forward, over input pixels (y, z): tap k was read by output (i, j) with
+        i = (y + ph − kh·dh) / sh when that is a whole number in [0, Ho) (likewise j)."""
+        bs, g, cb, offs = _program(H * W, G, NCB, BLOCK)
+        b, c, rv = _rows(bs, g, cb, CG, NB, CPB)
+        pm = offs < H * W
+        y, z = offs // W, offs % W
+        gorow, arow = (b * sgb + c * sgc)[:, None], b * sab + c * sac
+        s_base = s_ptr + bs * ssb + g * ssg
+        acc = tl.zeros((CPB, BLOCK), dtype=ACC)
+        for k in range(K * K):
+            # clamped before dividing so negative numerators never meet the division (masked anyway)
+            th = y + ph - (k // K) * DH
+            tw = z + pw - (k % K) * DW
+            i, j = tl.maximum(th, 0) // SH, tl.maximum(tw, 0) // SW
+            m = pm & (th >= 0) & (tw >= 0) & (th % SH == 0) & (tw % SW == 0) & (i < Ho) & (j < Wo)
+            f = tl.load(s_base + k * ssk + i * ssh + j * ssw, mask=m, other=0.0).to(ACC)
+            go = tl.load(go_ptr + gorow + (i * sgh + j * sgw)[None, :], mask=rv[:, None] & m[None, :],
+                         other=0.0).to(ACC)
+            acc = _fma(acc, go, f, a_ptr, arow, k, sak, rv, MODE, ACC)
+        tl.store(gx_ptr + (b * sxb + c * sxc)[:, None] + (y * sxh + z * sxw)[None, :],
+                 acc.to(gx_ptr.dtype.element_ty), mask=rv[:, None] & pm[None, :])
 
     @triton.jit
     def _grad_spatial_kernel(x_ptr, go_ptr, a_ptr, gs_ptr, G, CG, NB, NCB, H, W, Ho, Wo, ph, pw,
                              sxb, sxc, sxh, sxw, sgb, sgc, sgh, sgw, sab, sac, sak,
                              srb, srg, srn, srk, srh, srw,
                              K: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, DH: tl.constexpr,
-                             DW: tl.constexpr, MODE: tl.constexpr, KKP: tl.constexpr,
-                             BLOCK: tl.constexpr, CPB: tl.constexpr, ACC: tl.constexpr):
-        """One (b', g, chunk, pixel block): sums P·A over a chunk of CPB of the NB·CG (sample, channel)
-        pairs that share the filter (NB = B for a filter shared by the batch, else 1) into partial sums
-        (b', g, chunk, k, i, j), which the caller adds over chunks when there are several: no two
-        programs write one element and no atomics are needed."""
+                             DW: tl.constexpr, MODE: tl.constexpr, BLOCK: tl.constexpr,
+                             CPB: tl.constexpr, ACC: tl.constexpr):
+        """Per tap, Σ over the tile's planes of grad_out · x_tap (· A): a partial sum (b', g, chunk, k,
+        i, j) per chunk, which the caller adds over chunks when there are several; no two programs
+        write one element and no atomics are needed."""
         bs, g, cb, offs = _program(Ho * Wo, G, NCB, BLOCK)
-        pm = (offs < Ho * Wo)[None, :]
-        i, j = (offs // Wo)[None, :], (offs % Wo)[None, :]
-        k = tl.arange(0, KKP)[:, None]
-        xoff, m = _tap_offsets(i, j, pm, k, H, W, ph, pw, sxh, sxw, K, SH, SW, DH, DW)
-        gooff = i * sgh + j * sgw
-        acc = tl.zeros((KKP, BLOCK), dtype=ACC)
-        for t in range(CPB):
-            n = cb * CPB + t
-            valid = n < NB * CG
-            b = bs + (n // CG).to(tl.int64)
-            c = (g * CG + n % CG).to(tl.int64)
-            xv = tl.load(x_ptr + b * sxb + c * sxc + xoff, mask=m & valid, other=0.0).to(ACC)
-            go = tl.load(go_ptr + b * sgb + c * sgc + gooff, mask=pm & valid, other=0.0).to(ACC)
-            p = xv * go
+        b, c, rv = _rows(bs, g, cb, CG, NB, CPB)
+        pm = offs < Ho * Wo
+        i, j = offs // Wo, offs % Wo
+        xrow, arow = (b * sxb + c * sxc)[:, None], b * sab + c * sac
+        rm = rv[:, None] & pm[None, :]
+        go = tl.load(go_ptr + (b * sgb + c * sgc)[:, None] + (i * sgh + j * sgw)[None, :], mask=rm,
+                     other=0.0).to(ACC)
+        out = gs_ptr + bs * srb + g * srg + cb * srn + i * srh + j * srw
+        for k in range(K * K):
+            xoff, m = _tap_offsets(i, j, pm, k, H, W, ph, pw, sxh, sxw, K, SH, SW, DH, DW)
+            p = go * tl.load(x_ptr + xrow + xoff[None, :], mask=rv[:, None] & m[None, :], other=0.0).to(ACC)
             if MODE == 1:
-                p = p * tl.load(a_ptr + b * sab + c * sac + k * sak, mask=(k < K * K) & valid,
-                                other=0.0).to(ACC)
-            acc += p
-        tl.store(gs_ptr + bs * srb + g * srg + cb * srn + k * srk + i * srh + j * srw,
-                 acc.to(gs_ptr.dtype.element_ty), mask=pm & (k < K * K))
+                p = p * tl.load(a_ptr + arow + k * sak, mask=rv, other=0.0).to(ACC)[:, None]
+            tl.store(out + k * srk, tl.sum(p, axis=0).to(gs_ptr.dtype.element_ty), mask=pm)
 
     @triton.jit
     def _grad_channel_kernel(x_ptr, go_ptr, s_ptr, ga_ptr, C, CG, H, W, Ho, Wo, ph, pw,
@@ -245,11 +248,10 @@ class _TritonPixelFilter(torch.autograd.Function):
         G, Ho, Wo = spatial.shape[1], *spatial.shape[-2:]
         out = _empty(x, (B, C, Ho, Wo), x.dtype)
         sb = _batched(spatial, B)
-        meta = _meta(x, spatial, channel, K, s, d, combine, Ho * Wo, C // G)
-        ncb = triton.cdiv(C // G, meta["CPB"])
+        grid, meta = _launch(x, spatial, channel, K, s, d, combine, Ho * Wo)
         with _device(x):
-            _forward_kernel[(B * G * ncb * triton.cdiv(Ho * Wo, meta["BLOCK"]),)](
-                x, sb, _or(channel, x), out, G, C // G, ncb, H, W, Ho, Wo, *p,
+            _forward_kernel[grid](
+                x, sb, _or(channel, x), out, G, C // G, *meta.pop("NB_NCB"), H, W, Ho, Wo, *p,
                 *x.stride(), *sb.stride(), *_strides(channel, 3), *out.stride(), **meta)
         return out
 
@@ -265,27 +267,29 @@ class _TritonPixelFilter(torch.autograd.Function):
         gx = gs = gc = None
         with _device(x):
             if need_x:
-                meta = _meta(x, spatial, channel, K, s, d, combine, H * W, C // G)
-                ncb = triton.cdiv(C // G, meta["CPB"])
+                grid, meta = _launch(x, spatial, channel, K, s, d, combine, H * W)
                 gx = _empty(x, x.shape, x.dtype)
-                _grad_x_kernel[(B * G * ncb * triton.cdiv(H * W, meta["BLOCK"]),)](
-                    grad_out, sb, a, gx, G, C // G, ncb, H, W, Ho, Wo, *p, *grad_out.stride(), *sb.stride(),
-                    *_strides(channel, 3), *gx.stride(), **meta)
-            pairs = (B // Bs) * (C // G)  # (sample, channel) pairs summed into each filter element
-            meta = _meta(x, spatial, channel, K, s, d, combine, Ho * Wo, pairs)
+                _grad_x_kernel[grid](
+                    grad_out, sb, a, gx, G, C // G, *meta.pop("NB_NCB"), H, W, Ho, Wo, *p, *grad_out.stride(),
+                    *sb.stride(), *_strides(channel, 3), *gx.stride(), **meta)
             if need_s:
-                ncb = triton.cdiv(pairs, meta["CPB"])
+                grid, meta = _launch(x, spatial, channel, K, s, d, combine, Ho * Wo)
+                nb, ncb = meta.pop("NB_NCB")
                 acc = spatial.dtype if ncb == 1 else _acc_torch(x.dtype)
                 part = torch.empty((Bs, G, ncb, KK, Ho, Wo), dtype=acc, device=x.device)
-                _grad_spatial_kernel[(Bs * G * ncb * triton.cdiv(Ho * Wo, meta["BLOCK"]),)](
-                    x, grad_out, a, part, G, C // G, B // Bs, ncb, H, W, Ho, Wo, *p, *x.stride(),
+                _grad_spatial_kernel[grid](
+                    x, grad_out, a, part, G, C // G, nb, ncb, H, W, Ho, Wo, *p, *x.stride(),
                     *grad_out.stride(), *_strides(channel, 3), *part.stride(), **meta)
                 gs = part.sum(2, dtype=spatial.dtype) if ncb > 1 else part.squeeze(2)
             if need_c and channel is not None:
                 gc = torch.empty(channel.shape, dtype=channel.dtype, device=x.device)
+                kkp = triton.next_power_of_2(K * K)
+                block = min(max(16, _TILE // kkp), triton.next_power_of_2(Ho * Wo))
                 _grad_channel_kernel[(B * C,)](
                     x, grad_out, sb, gc, C, C // G, H, W, Ho, Wo, *p, *x.stride(), *grad_out.stride(),
-                    *sb.stride(), *gc.stride(), **{k: v for k, v in meta.items() if k != "CPB"})
+                    *sb.stride(), *gc.stride(), K=K, SH=s[0], SW=s[1], DH=d[0], DW=d[1],
+                    MODE=_MODE[combine], KKP=kkp, BLOCK=block, ACC=_acc_tl(x.dtype),
+                    num_warps=8 if kkp * block >= _TILE else 4)
         return gx, gs, gc, None, None, None, None, None
 
 
@@ -308,16 +312,26 @@ def _strides(t: Tensor | None, n: int) -> tuple[int, ...]:
     return (0,) * n if t is None else t.stride()
 
 
-def _meta(x, spatial, channel, K, s, d, combine, pixels, items) -> dict:
-    """The compile-time parameters: geometry, combine mode, tile shape, accumulation dtype, warps, and
-    how many of the `items` (channels or (sample, channel) pairs) that share a filter one program takes."""
-    kkp = triton.next_power_of_2(K * K)
-    block = min(max(16, _TILE // kkp), triton.next_power_of_2(pixels))
-    cpb = max(1, min(_CHANNELS_PER_PROGRAM, items))
-    # 8 warps keep a full tile at 16 elements per thread (64-128 registers for K=7 with ptxas, sm_90).
-    return dict(K=K, SH=s[0], SW=s[1], DH=d[0], DW=d[1], MODE=_MODE[None if channel is None else combine],
-                KKP=kkp, BLOCK=block, CPB=cpb, ACC=tl.float64 if x.dtype == torch.float64 else tl.float32,
-                num_warps=8 if kkp * block >= _TILE else 4)
+def _acc_tl(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _launch(x, spatial, channel, K, s, d, combine, pixels) -> tuple[tuple[int], dict]:
+    """Grid and compile-time parameters of the tiled kernels (forward, grad_x, grad_spatial): tiles of
+    CPB planes that share a filter (a power of two, at most DYNCONV_TRITON_CPB) × BLOCK pixels (about
+    _PLANE_TILE elements), over B'·G·NCB·⌈pixels / BLOCK⌉ programs; "NB_NCB" (planes per filter sample,
+    chunks) goes to the kernel as arguments."""
+    B, C = x.shape[:2]
+    Bs, G = spatial.shape[:2]
+    nb = B // Bs
+    planes = nb * (C // G)
+    cpb = max(2, min(triton.next_power_of_2(_CHANNELS_PER_PROGRAM), triton.next_power_of_2(planes)))
+    block = min(max(32, _PLANE_TILE // cpb), triton.next_power_of_2(pixels))
+    ncb = triton.cdiv(planes, cpb)
+    meta = dict(NB_NCB=(nb, ncb), K=K, SH=s[0], SW=s[1], DH=d[0], DW=d[1],
+                MODE=_MODE[None if channel is None else combine], BLOCK=block, CPB=cpb, ACC=_acc_tl(x.dtype),
+                num_warps=_PLANE_WARPS)
+    return (Bs * G * ncb * triton.cdiv(pixels, block),), meta
 
 
 def pixel_filter(x: Tensor, spatial: Tensor, channel: Tensor | None = None, *, kernel_size: int,

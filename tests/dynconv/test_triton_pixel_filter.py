@@ -33,7 +33,7 @@ GEOMETRY = list(itertools.product([3, 5], [1, 2], [1, 2]))
 FILTERS = list(itertools.product([1, 2], [False, True], [None, "mul", "add"]))
 CASES = [(*GEOMETRY[n % 8], *FILTERS[n % 12], [(7, 6), (5, 7)][n % 2]) for n in range(16)]
 CASES += [(7, 1, 1, 2, True, "mul", (9, 9)), (7, 1, 2, 1, False, "add", (9, 10))]
-# More channels per group than one program takes (16; 3 in the interpreter run, DYNCONV_TRITON_CPB):
+# More planes per filter than one program takes (16; 8 in the interpreter run, DYNCONV_TRITON_CPB):
 # several channel chunks, the last one partial, and several partial sums of the filter gradient.
 WIDE = [(3, 1, 1, 1, True, "add", (6, 5)), (3, 2, 1, 2, False, "mul", (5, 6)), (5, 1, 1, 1, False, None, (5, 5))]
 WIDE_C = 36
@@ -153,7 +153,7 @@ CHECKS = ["check_matches_reference", "check_gradcheck", "check_half_precision", 
 def interpreter_results():
     """{check: "" or its traceback}: all checks in one child process (one torch/triton start-up)."""
     env = dict(os.environ, TRITON_INTERPRET="1", DYNCONV_TRITON_INTERPRET="1", DYNCONV_NATIVE="0",
-               DYNCONV_TRITON_CPB="3",
+               DYNCONV_TRITON_CPB="8",
                PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     run = subprocess.run([sys.executable, __file__], env=env, cwd=ROOT, capture_output=True, text=True,
                          timeout=300)

@@ -1,0 +1,85 @@
+"""A/B of the Triton `pixel_filter` kernels in one process: a previous version of
+`dynconv/functional/triton_pixel_filter.py` (a copy of the file, e.g. from `git show`) against the working
+tree's, at several (plane tile, warps) settings, timings interleaved, outputs and gradients compared.
+
+    git show 074294b:dynconv/functional/triton_pixel_filter.py > /tmp/old_tpf.py
+    python scripts/ab_triton.py --old /tmp/old_tpf.py            # needs a CUDA GPU
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import statistics
+
+import torch
+
+import bench_ops  # noqa: F401  (puts the repository on sys.path)
+from dynconv.functional import triton_pixel_filter as new
+
+SHAPES = [(32, 64, 56, 56), (32, 128, 28, 28), (32, 256, 14, 14), (32, 512, 7, 7)]
+CONFIGS = [(1024, 4), (2048, 4), (4096, 8), (4096, 4)]  # (_PLANE_TILE, _PLANE_WARPS)
+
+
+def forms(b, c, h, w):
+    """(name, K, inputs) of the involution, DDF and TVConv forms, as in bench_ops.py."""
+    g = max(c // 16, 1)
+    r = lambda *s: torch.randn(*s, device="cuda")  # noqa: E731
+    return [("involution", 7, [r(b, c, h, w), r(b, g, 49, h, w)]),
+            ("ddf", 3, [r(b, c, h, w), r(b, 1, 9, h, w), r(b, c, 9)]),
+            ("tvconv", 3, [r(b, c, h, w), r(1, c, 9, h, w)])]
+
+
+def call(mod, K, inputs):
+    x, s, *a = inputs
+    return mod._TritonPixelFilter.apply(x, s, a[0] if a else None, K, (1, 1), ((K - 1) // 2,) * 2, (1, 1), "mul")
+
+
+def main(argv=None) -> None:
+    import triton
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--old", required=True, help="path of the previous triton_pixel_filter.py")
+    ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds (median reported)")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        ap.error("needs a CUDA device")
+    spec = importlib.util.spec_from_file_location("old_triton_pixel_filter", args.old)
+    old = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(old)
+    default = (new._PLANE_TILE, new._PLANE_WARPS)
+    variants = [("old", old, None)] + [(f"{t}/{w}", new, (t, w)) for t, w in CONFIGS]
+    print("fwd+bwd ms (forward ms); median over rounds of triton.testing.do_bench medians; "
+          "rel. diff: working tree (default setting) vs old, output and gradients")
+    print("| shape | form | " + " | ".join(v[0] for v in variants) + " | rel. diff |")
+    for shape in SHAPES:
+        torch.manual_seed(0)
+        for name, K, inputs in forms(*shape):
+            leaves = [t.detach().requires_grad_() for t in inputs]
+            out = call(old, K, leaves)
+            go = torch.randn_like(out)
+            ref = [out.detach(), *torch.autograd.grad(out, leaves, go)]
+            new._PLANE_TILE, new._PLANE_WARPS = default
+            out = call(new, K, leaves)
+            got = [out.detach(), *torch.autograd.grad(out, leaves, go)]
+            diff = max(float((a - b).norm() / b.norm()) for a, b in zip(got, ref))
+            times: dict[str, list[float]] = {}
+            for _ in range(args.rounds):
+                for tag, mod, cfg in variants:
+                    if cfg:
+                        new._PLANE_TILE, new._PLANE_WARPS = cfg
+                    with torch.no_grad():
+                        times.setdefault(tag + "f", []).append(triton.testing.do_bench(
+                            lambda: call(mod, K, inputs), warmup=10, rep=40, return_mode="median"))
+
+                    def fwd_bwd(mod=mod):
+                        torch.autograd.grad(call(mod, K, leaves), leaves, go)
+                    times.setdefault(tag + "b", []).append(triton.testing.do_bench(
+                        fwd_bwd, warmup=10, rep=40, return_mode="median"))
+            m = {k: statistics.median(v) for k, v in times.items()}
+            cells = " | ".join(f"{m[v[0] + 'b']:.3f} ({m[v[0] + 'f']:.3f})" for v in variants)
+            print(f"| {'x'.join(map(str, shape))} | {name} | {cells} | {diff:.1e} |", flush=True)
+    new._PLANE_TILE, new._PLANE_WARPS = default
+
+
+if __name__ == "__main__":
+    main()

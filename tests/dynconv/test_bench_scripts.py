@@ -1,0 +1,54 @@
+"""The model benchmark and the profiler script run end to end (tiny settings) and print their tables."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _script(name, *args, check=True):
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / name), *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    if check:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+@pytest.mark.slow
+def test_bench_models_quick_with_autocast_and_channels_last():
+    out = _script("bench_models.py", "--quick", "--amp", "--channels-last", "--models", "ResNet-50", "RedNet-50",
+                  "face MobileNetV2 + TVConv (frozen)").stdout
+    assert "bfloat16 autocast, channels_last" in out.splitlines()[0]
+    rows = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| ")}
+    assert set(rows) >= {"ResNet-50", "RedNet-50", "face MobileNetV2 + TVConv (frozen)"}
+    assert "error" not in out
+    assert rows["ResNet-50"].split("|")[4].strip() == "1.00"  # its own baseline
+    assert "(inference only)" in rows["face MobileNetV2 + TVConv (frozen)"]
+
+
+def test_bench_models_cuda_flag_needs_a_gpu(monkeypatch, capsys):
+    """Where torch sees no GPU, --device cuda stops with a message that says so."""
+    import importlib.util
+
+    import torch
+
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    spec = importlib.util.spec_from_file_location("bench_models", ROOT / "scripts" / "bench_models.py")
+    bench_models = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "bench_models", bench_models)  # dataclasses look their module up
+    spec.loader.exec_module(bench_models)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit):
+        bench_models.main(["--quick", "--device", "cuda"])
+    assert "no CUDA device is visible" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_profile_pixel_filter_lists_the_kernels_of_each_form():
+    out = _script("profile_pixel_filter.py", "--shapes", "2x16x8x8", "--steps", "1", "--rows", "5").stdout
+    for form in ("involution", "DDF", "TVConv"):
+        assert f"## 2x16x8x8 pixel_filter {form}" in out
+    assert out.count("Self CPU time total") == 3
+    assert "_PixelFilterBackward" in out  # the compiled CPU kernel's backward appears in the profile
