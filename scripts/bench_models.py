@@ -1,8 +1,9 @@
 """Model benchmark: training step and inference latency of the dynamic-conv backbones (issue 6).
 
-Side by side in one run (float32 on CPU by default; `--device cuda`, `--amp`, `--channels-last`): ResNet-50, RedNet-50 and DDF-ResNet-50 at 224 (ratios to
-ResNet-50), and the face MobileNetV2 (depthwise) against its TVConv version, trained and frozen
-for inference, at 96 (ratios to the depthwise one). A training step is forward, cross-entropy on
+Side by side in one run (float32 on CPU by default; `--device cuda`, `--amp`, `--channels-last`):
+ResNet-50, RedNet-50 and DDF-ResNet-50 at 224 (ratios to ResNet-50), and the face MobileNetV2
+(depthwise) against its TVConv version, trained and frozen for inference, at 96 (ratios to the
+depthwise one). A training step is forward, cross-entropy on
 random labels over the model's outputs, backward and an SGD (momentum) step; inference is eval
 mode under `torch.inference_mode()`. Medians over `--repeat` steps after one warm-up step, whose
 time is reported as "first step" (it includes any one-off cost such as building the compiled

@@ -8,8 +8,9 @@ DDF Eq. 5). The forward, grad_x and grad_S kernels hold a (planes × pixels) til
 filter is shared) × a block of pixels, and loop over the taps, so each filter row is read once for
 the whole tile and the sum over taps stays in registers (measured on an H100 in docs/BENCHMARKS.md).
 Zero padding is a load mask, nothing is padded or unfolded, sums run in float32 (float64 for
-float64 inputs) and are stored in the input dtype; offsets within one sample are 32-bit. Tensors are addressed through their strides, so channels_last and expanded
-(stride-0) tensors need no copy; a filter shared by the batch is read with batch stride 0.
+float64 inputs) and are stored in the input dtype; offsets within one sample are 32-bit. Tensors
+are addressed through their strides, so channels_last and expanded (stride-0) tensors need no
+copy; a filter shared by the batch is read with batch stride 0.
 
 Backward, with P_k = grad_out · x_tap_k, three kernels, none with atomics (deterministic):
   grad_x[b,c,y,z]   = Σ_k grad_out[b,c,i,j] · F_k[i,j]   over the taps k whose output (i, j) read
