@@ -9,28 +9,22 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import math
 import statistics
 
 import torch
 
-import bench_ops  # noqa: F401  (puts the repository on sys.path)
+import bench_ops  # also puts the repository on sys.path
+from bench_ops import DEFAULT_SHAPES, parse_shape, pixel_filter_forms
 from dynconv.functional import triton_pixel_filter as new
 
-SHAPES = [(32, 64, 56, 56), (32, 128, 28, 28), (32, 256, 14, 14), (32, 512, 7, 7)]
 CONFIGS = [(1024, 4), (2048, 4), (4096, 8), (4096, 4)]  # (_PLANE_TILE, _PLANE_WARPS)
 
 
-def forms(b, c, h, w):
-    """(name, K, inputs) of the involution, DDF and TVConv forms, as in bench_ops.py."""
-    g = max(c // 16, 1)
-    r = lambda *s: torch.randn(*s, device="cuda")  # noqa: E731
-    return [("involution", 7, [r(b, c, h, w), r(b, g, 49, h, w)]),
-            ("ddf", 3, [r(b, c, h, w), r(b, 1, 9, h, w), r(b, c, 9)]),
-            ("tvconv", 3, [r(b, c, h, w), r(1, c, 9, h, w)])]
-
-
-def call(mod, K, inputs):
+def call(mod, inputs):
+    """One module's `_TritonPixelFilter` on a form's inputs (K from the filter's taps, centred padding)."""
     x, s, *a = inputs
+    K = math.isqrt(s.shape[2])
     return mod._TritonPixelFilter.apply(x, s, a[0] if a else None, K, (1, 1), ((K - 1) // 2,) * 2, (1, 1), "mul")
 
 
@@ -43,6 +37,7 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         ap.error("needs a CUDA device")
+    bench_ops.DEVICE = torch.device("cuda")
     spec = importlib.util.spec_from_file_location("old_triton_pixel_filter", args.old)
     old = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(old)
@@ -51,15 +46,15 @@ def main(argv=None) -> None:
     print("fwd+bwd ms (forward ms); median over rounds of triton.testing.do_bench medians; "
           "rel. diff: working tree (default setting) vs old, output and gradients")
     print("| shape | form | " + " | ".join(v[0] for v in variants) + " | rel. diff |")
-    for shape in SHAPES:
+    for shape in map(parse_shape, DEFAULT_SHAPES):
         torch.manual_seed(0)
-        for name, K, inputs in forms(*shape):
+        for name, _, inputs in pixel_filter_forms(*shape):
             leaves = [t.detach().requires_grad_() for t in inputs]
-            out = call(old, K, leaves)
+            out = call(old, leaves)
             go = torch.randn_like(out)
             ref = [out.detach(), *torch.autograd.grad(out, leaves, go)]
             new._PLANE_TILE, new._PLANE_WARPS = default
-            out = call(new, K, leaves)
+            out = call(new, leaves)
             got = [out.detach(), *torch.autograd.grad(out, leaves, go)]
             diff = max(float((a - b).norm() / b.norm()) for a, b in zip(got, ref))
             times: dict[str, list[float]] = {}
@@ -69,10 +64,10 @@ def main(argv=None) -> None:
                         new._PLANE_TILE, new._PLANE_WARPS = cfg
                     with torch.no_grad():
                         times.setdefault(tag + "f", []).append(triton.testing.do_bench(
-                            lambda: call(mod, K, inputs), warmup=10, rep=40, return_mode="median"))
+                            lambda: call(mod, inputs), warmup=10, rep=40, return_mode="median"))
 
                     def fwd_bwd(mod=mod):
-                        torch.autograd.grad(call(mod, K, leaves), leaves, go)
+                        torch.autograd.grad(call(mod, leaves), leaves, go)
                     times.setdefault(tag + "b", []).append(triton.testing.do_bench(
                         fwd_bwd, warmup=10, rep=40, return_mode="median"))
             m = {k: statistics.median(v) for k, v in times.items()}

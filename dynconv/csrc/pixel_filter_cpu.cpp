@@ -139,6 +139,12 @@ void load_padded_planes(const Geom& g, const T* x, int64_t q0, int64_t qs, int64
                   xp + (cc * g.Hp + y + g.p) * g.Wp + g.p);
 }
 
+// The channel-filter factors A[q0 + cc*qs, :] of the planes cc < n, as the rows of dst [n][KK].
+template <typename T>
+void load_channel_factors(const T* A, int64_t q0, int64_t qs, int64_t n, int64_t KK, T* dst) {
+  for (int64_t cc = 0; cc < n; ++cc) std::copy_n(A + (q0 + cc * qs) * KK, KK, dst + cc * KK);
+}
+
 // Forward of the planes q0 + t*qs (t < n), which share the spatial-filter slice Sg, all output
 // rows. CB planes at a time share each load of the spatial filter and give CB independent
 // accumulator chains.
@@ -149,8 +155,7 @@ void forward_chunk(const Geom& g, const T* x, const T* Sg, const T* A, T* out, i
   const int64_t KK = g.KK(), s = S1 ? 1 : g.s, plane = g.Hp * g.Wp;
   load_padded_planes(g, x, q0, qs, n, xp);
   std::vector<T> a(n * KK, T(1));  // channel-filter factors, [n][KK]
-  if (MODE != kPlain)
-    for (int64_t cc = 0; cc < n; ++cc) std::copy_n(A + (q0 + cc * qs) * KK, KK, a.data() + cc * KK);
+  if (MODE != kPlain) load_channel_factors(A, q0, qs, n, KK, a.data());
   for (int64_t i = 0; i < g.Ho; ++i) {
     const FilterRows<T, VB> fr = filter_rows<VB>(g, Sg, i, tail);
     for (int64_t cc = 0; cc < n; cc += CB) {
@@ -215,8 +220,7 @@ void backward_chunk(const Geom& g, const T* x, const T* Sg, const T* A, const T*
   // gor past Wo and P outside [M, M + Wq) are never written: zero from the thread's allocation
   std::fill(dacc, gxp + n * plane, T(0));
   std::fill(av, av + n * KK, T(1));
-  if (MODE != kPlain)
-    for (int64_t cc = 0; cc < n; ++cc) std::copy_n(A + (q0 + cc * qs) * KK, KK, av + cc * KK);
+  if (MODE != kPlain) load_channel_factors(A, q0, qs, n, KK, av);
   load_padded_planes(g, x, q0, qs, n, xp);
   for (int64_t i = 0; i < g.Ho; ++i) {
     const FilterRows<T, VB> fr = filter_rows<VB>(g, Sg, i, tail);

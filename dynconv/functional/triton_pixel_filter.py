@@ -276,7 +276,7 @@ class _TritonPixelFilter(torch.autograd.Function):
             if need_s:
                 grid, meta = _launch(x, spatial, channel, K, s, d, combine, Ho * Wo)
                 nb, ncb = meta.pop("NB_NCB")
-                acc = spatial.dtype if ncb == 1 else _acc_torch(x.dtype)
+                acc = spatial.dtype if ncb == 1 else torch.promote_types(x.dtype, torch.float32)
                 part = torch.empty((Bs, G, ncb, KK, Ho, Wo), dtype=acc, device=x.device)
                 _grad_spatial_kernel[grid](
                     x, grad_out, a, part, G, C // G, nb, ncb, H, W, Ho, Wo, *p, *x.stride(),
@@ -292,10 +292,6 @@ class _TritonPixelFilter(torch.autograd.Function):
                     MODE=_MODE[combine], KKP=kkp, BLOCK=block, ACC=_acc_tl(x.dtype),
                     num_warps=8 if kkp * block >= _TILE else 4)
         return gx, gs, gc, None, None, None, None, None
-
-
-def _acc_torch(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _batched(spatial: Tensor, B: int) -> Tensor:

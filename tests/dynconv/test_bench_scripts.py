@@ -1,4 +1,5 @@
 """The model benchmark and the profiler script run end to end (tiny settings) and print their tables."""
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def _script(name, *args, check=True):
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / name), *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=600, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+                          text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     if check:
         assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
