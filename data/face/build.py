@@ -27,8 +27,12 @@ def _info(num_classes: int, kw: dict) -> DataInfo:
     return DataInfo(num_classes, kw["channels"], (kw["img_size"],) * 2, kw["mean"], kw["std"])
 
 
-def val_pairsets(cfg, kw: dict) -> list[PairSet]:
-    """The evaluation sets named by `cfg.val_sets`."""
+def val_pairsets(cfg, kw: dict, required: bool = False) -> list[PairSet]:
+    """The evaluation sets named by `cfg.val_sets`; `required`: the dataset has no held-out set of its own, so an
+    empty list fails here, at start-up, rather than at the first evaluation."""
+    if required and not cfg.val_sets:
+        raise ValueError(f"data.name={cfg.name} has no evaluation sets: set data.val_sets, e.g. "
+                         "data.val_sets=[lfw,cfp_fp,agedb_30] (<data.root>/<name>.bin) or a pairs.txt path")
     sets = []
     for entry in cfg.val_sets:
         path = entry
@@ -63,16 +67,18 @@ def build_face_rec(cfg):
     if not cfg.root:
         raise ValueError("data.name=face_rec needs data.root: the folder with train.rec and train.idx")
     kw = _face_kwargs(cfg)
+    val = val_pairsets(cfg, kw, required=True)
     train = RecordFaces(cfg.root, **kw, **_train_aug(cfg))
-    return train, val_pairsets(cfg, kw), _info(train.num_classes, kw)
+    return train, val, _info(train.num_classes, kw)
 
 
 def build_face_folder(cfg):
     if not cfg.root:
         raise ValueError("data.name=face_folder needs data.root: a folder with one sub-folder per identity")
     kw = _face_kwargs(cfg)
+    val = val_pairsets(cfg, kw, required=True)
     train = identity_folder(cfg.root, **kw, **_train_aug(cfg))
-    return train, val_pairsets(cfg, kw), _info(len(train.classes), kw)
+    return train, val, _info(len(train.classes), kw)
 
 
 FACE_DATASETS = {"orl": build_orl, "face_rec": build_face_rec, "face_folder": build_face_folder}

@@ -73,10 +73,23 @@ class IndexedRecordIO:
                 if line.strip():
                     key, offset = line.split()
                     self.offsets[int(key)] = int(offset)
+        size = os.path.getsize(self.rec_path)
+        last = max(self.offsets, key=self.offsets.get, default=None)
+        if last is not None and self.offsets[last] + _CHUNK.size > size:
+            raise ValueError(f"{self.rec_path}: record {last} starts at byte {self.offsets[last]} of {idx_path}, "
+                             f"past the end of the {size}-byte file; the .rec is truncated (copy it again) or the "
+                             ".idx belongs to another .rec")
         self._file, self._pid = None, None
 
     def __getstate__(self):
         return {**self.__dict__, "_file": None, "_pid": None}
+
+    def _read_exact(self, n: int, key: int) -> bytes:
+        data = self._file.read(n)
+        if len(data) != n:
+            raise ValueError(f"{self.rec_path}: record {key} is cut short ({len(data)} of {n} bytes at byte "
+                             f"{self._file.tell() - len(data)}); the file is truncated: copy or download it again")
+        return data
 
     def read(self, key: int) -> bytes:
         if self._pid != os.getpid():
@@ -84,15 +97,12 @@ class IndexedRecordIO:
         self._file.seek(self.offsets[key])
         parts = []
         while True:
-            head = self._file.read(_CHUNK.size)
-            if len(head) < _CHUNK.size:
-                raise ValueError(f"{self.rec_path}: record {key} is truncated")
-            magic, lrec = _CHUNK.unpack(head)
+            magic, lrec = _CHUNK.unpack(self._read_exact(_CHUNK.size, key))
             if magic != MAGIC:
                 raise ValueError(f"{self.rec_path}: bad magic at record {key}; is the .idx "
                                  "the one written with this .rec?")
             cflag, length = lrec >> 29, lrec & _LENGTH_MASK
-            parts.append(self._file.read(length))
+            parts.append(self._read_exact(length, key))
             self._file.seek(-length % 4, os.SEEK_CUR)
             if cflag in (0, 3):
                 return _MAGIC_BYTES.join(parts)

@@ -129,3 +129,31 @@ def test_build_face_rec_with_insightface_layout(tmp_path):
     train, val_sets, info = FACE_DATASETS["face_rec"](cfg)
     assert len(train) == 4 and info.num_classes == 3 and train.hflip == 0.5
     assert [v.name for v in val_sets] == ["lfw"] and val_sets[0].issame.tolist() == [True, False]
+
+
+def _truncate(path, nbytes):
+    with open(path, "r+b") as f:
+        f.truncate(nbytes)
+
+
+def test_truncated_rec_names_the_file_and_the_record(tmp_path):
+    """A cut inside the last record fails on that record's read; a cut before the last record fails at open."""
+    records = write_insightface_fixture(tmp_path, faces(3), [0, 1, 1])
+    rec, idx = tmp_path / "train.rec", tmp_path / "train.idx"
+    reader = IndexedRecordIO(rec, idx)
+    last = max(reader.offsets, key=reader.offsets.get)
+    _truncate(rec, reader.offsets[last] + 10)  # the chunk header survives, the data is cut
+    reader = IndexedRecordIO(rec, idx)
+    assert reader.read(1) == records[1]  # records before the cut still read
+    with pytest.raises(ValueError, match=rf"train\.rec: record {last} is cut short .*truncated: copy"):
+        reader.read(last)
+    _truncate(rec, reader.offsets[2] + 8)
+    with pytest.raises(ValueError, match=rf"train\.rec: record {last} starts at byte .* past the end"):
+        IndexedRecordIO(rec, idx)
+
+
+def test_face_rec_without_evaluation_sets_fails_at_build(tmp_path):
+    write_insightface_fixture(tmp_path, faces(2), [0, 1])
+    cfg = SimpleNamespace(**{**vars(DataConfig()), "name": "face_rec", "root": str(tmp_path), "val_sets": []})
+    with pytest.raises(ValueError, match="data.name=face_rec has no evaluation sets: set data.val_sets"):
+        FACE_DATASETS["face_rec"](cfg)
