@@ -20,6 +20,7 @@ import torch.nn as nn
 from timm.models import register_model
 
 import dynconv
+from dynconv.registry import check_op_kwargs
 from dynconv.replace import Policy, format_report
 
 _MODELS: dict[str, "ModelSpec"] = {}
@@ -115,6 +116,8 @@ def build(model_cfg: dict, op_cfg: dict | None = None, policy_cfg: dict | None =
     cfg = dict(model_cfg)
     name = cfg.pop("name")
     op = dict(op_cfg) if op_cfg and op_cfg.get("name") else None  # no name: the model's own operator
+    if op:  # a misspelt op.<key> is named with the valid ones, as create_op does
+        check_op_kwargs(op["name"], {k: v for k, v in op.items() if k != "name"})
     policy = Policy.parse(policy_cfg)
     if name in _MODELS:
         model = create(name, num_classes=num_classes, in_chans=in_chans, op=op, policy=policy,

@@ -135,3 +135,10 @@ def test_build_any_timm_model_with_a_policy():
     with torch.device("meta"):
         red, _ = models.build({"name": "rednet26"}, {"name": None}, None, num_classes=1000, input_size=(64, 64))
     assert n_params(red) == 9_233_166  # an op config without a name: the model's own operator
+
+
+def test_build_lists_the_operator_options_for_a_misspelt_op_key():
+    with pytest.raises(TypeError, match=r"operator 'dyconv' got unknown option\(s\) \['tempp'\]; its options are: "
+                                        r".*temperature"):
+        models.build({"name": "resnet18"}, {"name": "dyconv", "tempp": 3.0}, {"name": "all_3x3"}, num_classes=10,
+                     input_size=(32, 32))
