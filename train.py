@@ -9,29 +9,53 @@
 """
 from __future__ import annotations
 
+import shutil
 import sys
 import tempfile
 from pathlib import Path
 
 import hydra
-import yaml
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from engine.checkpoint import resolve_resume
-from engine.config import register_configs
+from engine.checkpoint import check_resumable, resolve_resume
+from engine.config import CONFIG_DIR, ConfigError, register_configs, replayable_overrides, validate
 from engine.distributed import env_rank
+
+RANK_DIR_PREFIX = "dynconv-rank"
 
 
 def _key(override: str) -> str:
     return override.lstrip("+~").split("=", 1)[0]
 
 
+def compose(overrides: list[str]) -> DictConfig:
+    """The config these overrides give, composed without running a job (nothing is written)."""
+    from hydra import compose as hydra_compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return hydra_compose("train", overrides=[o for o in overrides if not _key(o).startswith("hydra")])
+
+
+def resume_args(args: list[str], run_dir: Path, ckpt: Path) -> list[str]:
+    """Replay the run's checked overrides under the new command line (which wins where both set a key), then
+    refuse a config that cannot continue this checkpoint before Hydra rewrites anything in the folder."""
+    new_keys = {_key(a) for a in args if not a.startswith("-")}
+    replay = [o for o in replayable_overrides(run_dir / ".hydra" / "overrides.yaml")
+              if _key(o) not in new_keys | {"trainer.resume", "hydra.run.dir"}]
+    args = replay + [a for a in args if _key(a) != "trainer.resume"]
+    cfg = compose([a for a in args if not a.startswith("-")])
+    validate(cfg)
+    check_resumable(ckpt, cfg)
+    return args + [f"trainer.resume={ckpt.resolve()}", f"hydra.run.dir={run_dir}"]
+
+
 def prepare_argv(argv: list[str]) -> list[str]:
     """Rewrite the command line before Hydra composes it.
 
     - `trainer.resume=...` continues in the run's own folder, replaying that run's overrides
-      (the new command line wins where both set a key), and names the checkpoint explicitly.
+      (only config groups and schema keys; the new command line wins where both set a key), and names
+      the checkpoint explicitly.
     - `-m`/`--multirun` may stand anywhere on the line (argparse wants it before the overrides).
     - torchrun ranks other than 0 get a throw-away Hydra folder: rank 0 picks the one run folder
       and hands it to them (otherwise every process resolves `${now:}` and makes its own).
@@ -43,28 +67,31 @@ def prepare_argv(argv: list[str]) -> list[str]:
     resume = next((a.split("=", 1)[1] for a in args if _key(a) == "trainer.resume"), None)
     target = resolve_resume(resume) if resume is not None and not multirun else None
     if target is not None:
-        run_dir, ckpt = target
-        saved = run_dir / ".hydra" / "overrides.yaml"
-        new_keys = {_key(a) for a in args if not a.startswith("-")}
-        replay = [o for o in (yaml.safe_load(saved.read_text()) if saved.exists() else [])
-                  if _key(o) not in new_keys | {"trainer.resume", "hydra.run.dir"}]
-        args = replay + [a for a in args if _key(a) != "trainer.resume"]
-        args += [f"trainer.resume={ckpt.resolve()}", f"hydra.run.dir={run_dir}"]
-    if env_rank() != 0:
-        args += [f"hydra.run.dir={tempfile.mkdtemp(prefix='dynconv-rank')}", "hydra.output_subdir=null",
+        args = resume_args(args, *target)
+    if env_rank() != 0:  # main() removes this folder again
+        args += [f"hydra.run.dir={tempfile.mkdtemp(prefix=RANK_DIR_PREFIX)}", "hydra.output_subdir=null",
                  "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
     return [argv[0], *args]
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
 def main(cfg: DictConfig):
+    validate(cfg)
     from engine.trainer import fit  # heavy imports after Hydra has parsed the command line
 
-    result = fit(cfg, Path(HydraConfig.get().runtime.output_dir))
+    out = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        result = fit(cfg, out)
+    finally:
+        if env_rank() != 0 and out.name.startswith(RANK_DIR_PREFIX):
+            shutil.rmtree(out, ignore_errors=True)
     return result["best"]["metric"]
 
 
 if __name__ == "__main__":
     register_configs()
-    sys.argv = prepare_argv(sys.argv)
+    try:
+        sys.argv = prepare_argv(sys.argv)
+    except ConfigError as e:
+        sys.exit(f"train.py: error: {e}")
     main()

@@ -1,7 +1,25 @@
 """Schema of the `data` config group (configs/data/*.yaml); the engine composes it into the top-level config, so a
 misspelt key or a wrong type fails at compose time. Augmentation names follow timm's flags (`aa`, `reprob`, ...)."""
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Callable, List, Optional
+
+
+class ConfigError(ValueError):
+    """A config value or command line that cannot run; found before any work is done (one-line message)."""
+
+
+Rule = tuple[Callable[[float], bool], str]
+POSITIVE: Rule = (lambda v: v > 0, "> 0")
+NON_NEGATIVE: Rule = (lambda v: v >= 0, ">= 0")
+PROBABILITY: Rule = (lambda v: 0 <= v <= 1, "in [0, 1]")
+
+
+def check_ranges(obj, group: str, rules: dict[str, Rule]) -> None:
+    """Raise `ConfigError` naming `<group>.<key>` for the first value (not None) outside its range."""
+    for name, (ok, need) in rules.items():
+        value = getattr(obj, name)
+        if value is not None and not ok(value):
+            raise ConfigError(f"{group}.{name}={value!r}: must be {need}")
 
 
 @dataclass
@@ -46,3 +64,11 @@ class DataConfig:
     pairs_root: Optional[str] = None  # images folder of the pairs.txt lists; null: each list's own folder
     num_test: int = 10  # orl: identities held out per fold (40 // num_test folds)
     fold: int = 0  # orl: which block of the seeded identity permutation is held out
+
+    def __post_init__(self):
+        check_ranges(self, "data", dict(
+            num_classes=POSITIVE, img_size=POSITIVE, train_subset=POSITIVE, crop_padding=NON_NEGATIVE,
+            batch_size=POSITIVE, workers=NON_NEGATIVE, reprob=PROBABILITY, recount=POSITIVE, hflip=PROBABILITY,
+            color_jitter=NON_NEGATIVE, crop_pct=(lambda v: 0 < v <= 1, "in (0, 1]"), train_size=POSITIVE,
+            val_size=POSITIVE, num_test=POSITIVE, fold=NON_NEGATIVE,
+            channels=(lambda v: v in (1, 3), "1 (gray) or 3 (RGB)")))

@@ -7,13 +7,21 @@ the new file, never a torn one. Loading always uses `weights_only=True`: a check
 from __future__ import annotations
 
 import os
+import pickle
 import random
+import re
 from pathlib import Path
 
 import numpy as np
 import torch
+from omegaconf import DictConfig, OmegaConf
+
+from .config import ConfigError
 
 CKPT_DIR = "checkpoints"
+# what fixes the network a checkpoint's weights belong to; a resume may change anything else
+NETWORK_GROUPS = ("model", "op", "policy", "head")
+NETWORK_KEYS = ("task.name", "data.name", "data.num_classes")
 
 
 def _fsync_dir(path: Path) -> None:
@@ -50,9 +58,43 @@ def atomic_copy(src: str | Path, dst: str | Path) -> None:
     _fsync_dir(dst.parent)
 
 
-def load(path: str | Path, map_location="cpu") -> dict:
+def load(path: str | Path, map_location="cpu", mmap: bool = False) -> dict:
     """Load a checkpoint without executing code (`weights_only=True`)."""
-    return torch.load(path, map_location=map_location, weights_only=True)
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        ref = re.search(r"GLOBAL (\S+)", str(e))  # torch's own text goes on to suggest disabling the check
+        found = f"a reference to {ref.group(1)}" if ref else "objects beyond tensors and plain containers"
+        raise pickle.UnpicklingError(
+            f"{path} is not a dynconv checkpoint, or is unsafe: it holds {found}. Only tensors and plain "
+            "containers are loaded, so a checkpoint cannot run code; use a last.pt/best.pt written by train.py"
+        ) from None
+
+
+def _network(cfg: DictConfig) -> dict:
+    """Flat `key: value` view of what decides the network's architecture."""
+    flat = {}
+    for group in NETWORK_GROUPS:
+        node = OmegaConf.to_container(cfg[group], resolve=False) if group in cfg else {}
+        flat.update({f"{group}.{k}": v for k, v in (node or {}).items()})
+    flat.update({k: OmegaConf.select(cfg, k) for k in NETWORK_KEYS})
+    return flat
+
+
+def _describe(net: dict) -> str:
+    return f"{net.get('model.name')}/{net.get('op.name') or 'default'}"
+
+
+def check_resumable(ckpt: Path, cfg: DictConfig) -> None:
+    """Refuse to resume `ckpt` under a config that builds another network, in one line and before any file of
+    the run folder is touched (train.py calls this before Hydra starts the job)."""
+    saved = OmegaConf.create(load(ckpt, mmap=True)["config"])
+    old, new = _network(saved), _network(cfg)
+    diffs = [f"{k}: {old.get(k)} -> {new.get(k)}" for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)]
+    if diffs:
+        raise ConfigError(f"trainer.resume={ckpt}: checkpoint is {_describe(old)}, the command asks for "
+                          f"{_describe(new)} ({'; '.join(diffs)}); resume with the checkpoint's model, op, policy, "
+                          "task and data, or start a new run")
 
 
 def rng_state() -> dict:

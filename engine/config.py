@@ -7,13 +7,19 @@ valid names. Everything else is typed here, so a misspelt key or a wrong type fa
 """
 from __future__ import annotations
 
+import dataclasses
+import difflib
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+import yaml
 from hydra.core.config_store import ConfigStore
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
-from data.config import DataConfig
+from data.config import NON_NEGATIVE, POSITIVE, PROBABILITY, ConfigError, DataConfig, check_ranges
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 
 @dataclass
@@ -33,6 +39,11 @@ class OptimConfig:
     clip_grad: Optional[float] = None   # None: no clipping
     clip_mode: str = "norm"             # norm | value | agc
 
+    def __post_init__(self):
+        check_ranges(self, "optim", dict(lr=NON_NEGATIVE, lr_base=NON_NEGATIVE, lr_base_size=POSITIVE,
+                                         momentum=NON_NEGATIVE, weight_decay=NON_NEGATIVE, opt_eps=POSITIVE,
+                                         clip_grad=POSITIVE))
+
 
 @dataclass
 class SchedConfig:
@@ -47,6 +58,11 @@ class SchedConfig:
     decay_milestones: List[int] = field(default_factory=lambda: [30, 60, 90])
     decay_rate: float = 0.1
     step_on_epochs: bool = False        # False: lr updated every optimizer step
+
+    def __post_init__(self):
+        check_ranges(self, "sched", dict(warmup_epochs=NON_NEGATIVE, warmup_lr=NON_NEGATIVE, min_lr=NON_NEGATIVE,
+                                         cooldown_epochs=NON_NEGATIVE, decay_epochs=POSITIVE,
+                                         decay_rate=NON_NEGATIVE))
 
 
 @dataclass
@@ -84,6 +100,18 @@ class TrainerConfig:
     dry_run: bool = False               # a few steps of train and eval, then stop
     count_flops: bool = True
     anneal_temperature: bool = True     # call the operators' temperature schedules (DY-Conv, ODConv)
+    skip_nonfinite: int = 0             # skip up to N steps whose loss is NaN/inf (warning each), then stop
+
+    def __post_init__(self):
+        check_ranges(self, "trainer", dict(
+            epochs=POSITIVE, grad_accum_steps=POSITIVE, smoothing=(lambda v: 0 <= v < 1, "in [0, 1)"),
+            mixup=NON_NEGATIVE, cutmix=NON_NEGATIVE, mixup_prob=PROBABILITY, mixup_switch_prob=PROBABILITY,
+            mixup_off_epoch=NON_NEGATIVE, mixup_ramp_epochs=NON_NEGATIVE, model_ema_decay=PROBABILITY,
+            precise_bn_batches=NON_NEGATIVE, threads=POSITIVE, eval_interval=POSITIVE, ckpt_interval=NON_NEGATIVE,
+            log_interval=POSITIVE, limit_train_batches=POSITIVE, limit_val_batches=POSITIVE,
+            skip_nonfinite=NON_NEGATIVE,
+            amp_dtype=(lambda v: v in ("bfloat16", "float16"), "bfloat16 or float16"),
+            dist_bn=(lambda v: v in ("", "reduce", "broadcast"), "'' (off), reduce or broadcast")))
 
 
 @dataclass
@@ -105,3 +133,62 @@ def register_configs() -> None:
     ConfigStore.instance().store(name="schema", node=Config)
     if not OmegaConf.has_resolver("or"):  # `${or:a,b}`: a unless it is null (run-folder names)
         OmegaConf.register_new_resolver("or", lambda a, b: b if a is None else a)
+
+
+CLOSED_GROUPS = {"optim": OptimConfig, "sched": SchedConfig, "trainer": TrainerConfig, "data": DataConfig}
+# keys Hydra's `instantiate` (and its callbacks) act on: a config we replay or compose never carries them
+INSTANTIATE_KEYS = ("_target_", "_args_", "_partial_", "_recursive_", "_convert_")
+
+
+def _fields(cls) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def _unknown(key: str, valid: list[str], group: str = "") -> ConfigError:
+    near = difflib.get_close_matches(key.rsplit(".", 1)[-1], valid, n=1)
+    hint = f"did you mean {group}{near[0]}?" if near else f"valid keys: {', '.join(sorted(valid))}"
+    return ConfigError(f"unknown config key '{group}{key}'; {hint}")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Refuse keys outside the typed schema (also those added with `+`) and values out of range, naming the
+    key; runs right after composing, before anything is built."""
+    extra = set(cfg.keys()) - set(_fields(Config)) - {"hydra"}
+    if extra:
+        raise _unknown(sorted(extra)[0], _fields(Config))
+    for group, cls in CLOSED_GROUPS.items():
+        extra = set(cfg[group].keys()) - set(_fields(cls))
+        if extra:
+            raise _unknown(sorted(extra)[0], _fields(cls), f"{group}.")
+        OmegaConf.to_object(cfg[group])  # the dataclass's __post_init__ checks the ranges
+
+
+def _replay_problem(override: str) -> str | None:
+    """Why an override read from a run folder must not be replayed, or None when it may."""
+    key, _, value = override.lstrip("+~").partition("=")
+    parts = key.split(".")
+    if parts[0] == "hydra" or key.startswith("hydra/"):
+        return "hydra.* keys configure Hydra itself (callbacks can run code)"
+    if any(k in override for k in INSTANTIATE_KEYS):
+        return f"instantiation keys ({', '.join(INSTANTIATE_KEYS)}) can run code"
+    if "." not in key:
+        ok = (CONFIG_DIR / key).is_dir() or key in ("seed", "name")
+    else:
+        cls = CLOSED_GROUPS.get(parts[0])
+        ok = parts[1] in _fields(cls) if cls else parts[0] in _fields(Config)
+    return None if ok else f"{key} is not a key of the config schema"
+
+
+def replayable_overrides(path: Path) -> list[str]:
+    """The overrides saved in a run folder's `.hydra/overrides.yaml`, each checked: only config groups and keys
+    of the schema are replayed; anything else stops the resume with the file and line."""
+    if not path.exists():
+        return []
+    nodes = yaml.compose(path.read_text())
+    items = nodes.value if isinstance(nodes, yaml.SequenceNode) else []
+    for node in items:
+        problem = _replay_problem(str(node.value)) if isinstance(node, yaml.ScalarNode) else "not a plain override"
+        if problem:
+            raise ConfigError(f"{path}:{node.start_mark.line + 1}: refusing to replay {node.value!r}: {problem}. "
+                              "Remove that line to resume this run.")
+    return [str(node.value) for node in items]

@@ -42,7 +42,10 @@ from . import face  # noqa: F401  (registers task=face)
 from .tasks import build_task
 
 log = logging.getLogger("dynconv")
-DIST_BN = ("", "reduce", "broadcast")
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or inf; nothing of the diverged state was saved."""
 
 
 def build_data(cfg):
@@ -96,8 +99,6 @@ class Run:
 
     def __init__(self, cfg: DictConfig, run_dir: Path):
         self.cfg, t = cfg, cfg.trainer
-        if t.dist_bn not in DIST_BN:
-            raise ValueError(f"trainer.dist_bn={t.dist_bn!r}: choose one of {DIST_BN} ('' leaves each rank's BN stats)")
         if t.threads:
             torch.set_num_threads(t.threads)
         self.device = pick_device(t.device)
@@ -203,7 +204,8 @@ class Run:
             if t.amp and amp_dtype == torch.float16 and self.device.type == "cuda" else None
 
         # state that a checkpoint restores
-        self.epoch, self.batch, self.num_updates = 0, 0, 0
+        self.epoch, self.batch, self.num_updates, self.skipped = 0, 0, 0, 0
+        self.bad_update = False  # a micro-batch of the current update had a non-finite loss
         self.meters = self._fresh_meters()
         self.best = {"metric": None, "epoch": None}
         self.history: list[dict] = []
@@ -219,7 +221,7 @@ class Run:
                 self.scaler.load_state_dict(state["scaler"])
             self.epoch, self.batch, self.num_updates = state["epoch"], state["batch"], state["num_updates"]
             self.meters, self.best, self.history = state["meters"], state["best"], state["history"]
-            self.wall_time = state["wall_time"]
+            self.wall_time, self.skipped = state["wall_time"], state.get("skipped", 0)
         self.ema = None
         if t.model_ema:
             self.ema = ModelEmaV3(unwrap(self.model), decay=t.model_ema_decay, use_warmup=t.model_ema_warmup)
@@ -252,9 +254,14 @@ class Run:
             self.writer.add_scalar(tag, value, self.num_updates)
 
     def save(self) -> None:
-        """Write `last.pt` (rank 0 only) with everything needed to continue exactly."""
+        """Write `last.pt` (rank 0 only) with everything needed to continue exactly; never a non-finite state."""
         if not self.main:
             return
+        bad = next((n for n, v in unwrap(self.model).state_dict().items()
+                    if v.is_floating_point() and not torch.isfinite(v).all()), None)
+        if bad is not None:
+            raise NonFiniteLossError(f"{bad} holds NaN/inf at step {self.num_updates} (lr {self.lr():.3g}); "
+                                     f"{self.ckpt_dir / 'last.pt'} keeps the last finite state")
         state = {
             "model": unwrap(self.model).state_dict(),
             "ema": self.ema.module.state_dict() if self.ema is not None else None,
@@ -263,7 +270,7 @@ class Run:
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "epoch": self.epoch, "batch": self.batch, "num_updates": self.num_updates,
             "meters": dict(self.meters), "best": dict(self.best), "history": list(self.history),
-            "rng": ckpt_lib.rng_state(), "wall_time": self.wall_time,
+            "rng": ckpt_lib.rng_state(), "wall_time": self.wall_time, "skipped": self.skipped,
             "config": OmegaConf.to_yaml(self.cfg),
         }
         ckpt_lib.atomic_save(state, self.ckpt_dir / "last.pt")
@@ -292,10 +299,14 @@ class Run:
                 with self.autocast():
                     loss, correct = self.task.train_step(self.model, x, y, self.epoch)
                 scaled = loss / micro_in_update
+                # backward even on a bad loss: every DDP rank must finish the same reduction
                 (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
-            m["loss"] += loss.item() * y.numel()
-            m["correct"] += correct.item()
-            m["samples"] += y.numel()
+            if self._nonfinite(loss):
+                self._skip_bad_step(loss)
+            else:
+                m["loss"] += loss.item() * y.numel()
+                m["correct"] += correct.item()
+                m["samples"] += y.numel()
             m["data_time"] += data_time
             self.batch += 1
             if last_micro:
@@ -332,7 +343,31 @@ class Run:
             log.info("precise BN: statistics of %d layers recomputed over %d batches",
                      len(bn_layers(unwrap(self.model))), used)
 
+    def _nonfinite(self, loss: torch.Tensor) -> bool:
+        """Whether any rank's loss of this micro-batch is NaN/inf (all ranks agree, so they skip or stop together)."""
+        flag = (~torch.isfinite(loss.detach())).float().reshape(1)
+        return distributed.all_reduce_sum(flag, self.dist).item() > 0
+
+    def _skip_bad_step(self, loss: torch.Tensor) -> None:
+        """Drop this update (up to `trainer.skip_nonfinite` times in the run), else stop before anything is saved."""
+        where = (f"step {self.num_updates} (epoch {self.epoch}, batch {self.batch}), lr {self.lr():.3g}, "
+                 f"loss {loss.item()}")
+        limit = self.cfg.trainer.skip_nonfinite
+        if self.skipped >= limit:
+            raise NonFiniteLossError(
+                f"non-finite loss at {where}; {self.skipped} bad step(s) skipped before (trainer.skip_nonfinite="
+                f"{limit}). Nothing was saved from this state: lower optim.lr, set optim.clip_grad, or allow skips "
+                "with trainer.skip_nonfinite=N")
+        self.skipped += 1
+        self.bad_update = True
+        log.warning("non-finite loss at %s: update skipped (%d of trainer.skip_nonfinite=%d)", where, self.skipped,
+                    limit)
+
     def _optimizer_step(self) -> None:
+        if self.bad_update:  # the GradScaler's way for a bad loss: no step, fresh gradients
+            self.optimizer.zero_grad(set_to_none=True)
+            self.bad_update = False
+            return
         clip = self.cfg.optim.clip_grad
         if self.scaler is not None and clip is not None:
             self.scaler.unscale_(self.optimizer)
@@ -386,7 +421,8 @@ class Run:
             self.scheduler.step(self.epoch + 1, row.get(f"val_{t.eval_metric}"))
         self.epoch, self.batch, self.meters = self.epoch + 1, 0, self._fresh_meters()
         key = f"val_ema_{t.eval_metric}" if self.ema is not None else f"val_{t.eval_metric}"
-        improved = key in row and (self.best["metric"] is None or self._better(row[key], self.best["metric"]))
+        improved = key in row and math.isfinite(row[key]) and (self.best["metric"] is None
+                                                                or self._better(row[key], self.best["metric"]))
         if improved:
             self.best = {"metric": row[key], "epoch": row["epoch"], "key": key}
         self.save()
@@ -456,8 +492,6 @@ class Run:
         log.info("model: %s params, %s MACs/image; %d layers replaced; device %s, world size %d",
                  f"{self.param_count:,}", f"{self.macs:,}" if self.macs is not None else "n/a", len(self.report),
                  self.device, self.dist.world_size)
-        if self.report:
-            log.info("replacement report:\n%s", models_lib.format_report(self.report))
 
     def fit(self) -> dict:
         self.start_logging()

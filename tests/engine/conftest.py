@@ -18,7 +18,7 @@ TINY = [
 ]
 
 
-def run_train(args, run_dir=None, env=None, check=True, launcher=None, timeout=600, tiny=True):
+def run_train(args, run_dir=None, env=None, check=True, launcher=None, timeout=600, tiny=True, cwd=ROOT):
     """Run train.py (optionally under a launcher such as torchrun) and return the CompletedProcess.
 
     tiny=False runs exactly `args` (an experiment's own model and data are kept)."""
@@ -28,7 +28,7 @@ def run_train(args, run_dir=None, env=None, check=True, launcher=None, timeout=6
     if run_dir is not None:
         cmd.append(f"hydra.run.dir={run_dir}")
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    proc = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"train.py failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc

@@ -4,6 +4,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
+from engine.config import validate
 from tests.engine.conftest import compose_cfg
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -28,6 +29,7 @@ def test_default_config_composes():
 def test_every_option_composes(group, option):
     cfg = _compose([f"{'' if group in PRIMARY else '+'}{group}={option}"])
     OmegaConf.resolve(cfg)  # every interpolation resolves
+    validate(cfg)  # only schema keys, every value in range
 
 
 def test_misspelt_key_is_rejected_at_compose_time():

@@ -103,15 +103,16 @@ def _torchrun():
 def test_two_process_ddp_equals_one_process(tmp_path):
     common = ["trainer.epochs=1", "trainer.log_interval=1", "trainer.limit_train_batches=4", "trainer.sync_bn=true",
               "optim.lr=0.05"]
-    single, ddp = tmp_path / "single", tmp_path / "ddp"
+    single, ddp, temp = tmp_path / "single", tmp_path / "ddp", tmp_path / "temp"
+    temp.mkdir()
     run_train(common + ["data.batch_size=16"], single)
-    run_train(common + ["data.batch_size=8"], ddp, launcher=_torchrun())
+    run_train(common + ["data.batch_size=8"], ddp, launcher=_torchrun(), env={"TMPDIR": str(temp)})
     a, b = read_scalars(single)["train/loss"], read_scalars(ddp)["train/loss"]
     assert len(a) == len(b) == 4
     for (sa, la), (sb, lb) in zip(a, b):
         assert sa == sb and abs(la - lb) < 1e-5, (a, b)
-    assert not list(tmp_path.glob("dynconv-rank*"))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp", "single"]  # one run folder per run
+    assert not list(temp.glob("dynconv-rank*"))  # rank 1's throw-away Hydra folder is removed
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp", "single", "temp"]  # one run folder per run
 
 
 def test_dist_bn_reduce_averages_the_ranks_bn_statistics(tmp_path):
@@ -140,7 +141,7 @@ def test_multirun_sweep_makes_one_folder_per_run(tmp_path):
     ("trainer.epoch=3", "epoch"),
     ("trainer.epochs=three", "epochs"),
     ("op=nosuchop", "nosuchop"),
-    ("trainer.dist_bn=mean", "trainer.dist_bn='mean': choose one of"),
+    ("trainer.dist_bn=mean", "trainer.dist_bn='mean': must be '' (off), reduce or broadcast"),
 ])
 def test_bad_config_fails_with_a_clear_error(tmp_path, override, message):
     proc = run_train([override], tmp_path / "run", check=False)

@@ -1,0 +1,119 @@
+"""Bad inputs fail early and clearly, and nothing a run folder holds can run code or be damaged (issue 17)."""
+import hashlib
+import math
+import pickle
+import re
+
+import pytest
+import torch
+
+from engine import checkpoint as ck
+from engine.config import ConfigError, validate
+from tests.engine.conftest import compose_cfg, run_train, summary
+
+PAYLOAD = ["+hydra.callbacks.pwn._target_=os.system", "+hydra.callbacks.pwn._args_=[touch PWNED]"]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A finished one-epoch DY-Conv run (the replacement table is logged on the way)."""
+    run = tmp_path_factory.mktemp("finished") / "run"
+    proc = run_train(["debug=fdr", "op=dyconv", "policy=all_3x3"], run)
+    return run, proc
+
+
+def _digest(folder):
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_resume_refuses_hydra_callbacks_from_the_run_folder(finished_run, tmp_path):
+    run, _ = finished_run
+    overrides = run / ".hydra" / "overrides.yaml"
+    clean = overrides.read_text()
+    try:
+        overrides.write_text(clean + "".join(f"- {o}\n" for o in PAYLOAD))
+        line = clean.count("\n") + 1  # the payload's first line
+        proc = run_train([f"trainer.resume={run}"], check=False, cwd=tmp_path)
+    finally:
+        overrides.write_text(clean)
+    assert not (tmp_path / "PWNED").exists() and not list(tmp_path.rglob("PWNED"))
+    assert proc.returncode != 0
+    assert f"{overrides}:{line}: refusing to replay '{PAYLOAD[0]}'" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_failed_resume_leaves_the_run_folder_unchanged(finished_run, tmp_path):
+    run, _ = finished_run
+    before = _digest(run)
+    proc = run_train([f"trainer.resume={run}", "model=rednet26"], check=False, cwd=tmp_path)
+    assert proc.returncode != 0
+    assert "checkpoint is resnet50/dyconv, the command asks for rednet26/dyconv" in proc.stderr, proc.stderr[-2000:]
+    assert len(proc.stderr.strip().splitlines()) == 1  # one line, not a state_dict dump
+    assert _digest(run) == before
+
+
+def test_replacement_table_is_logged_once(finished_run):
+    _, proc = finished_run
+    assert (proc.stdout + proc.stderr).count("params before→after") == 1
+
+
+def test_diverging_run_stops_naming_step_lr_and_loss(tmp_path):
+    run = tmp_path / "run"
+    proc = run_train(["data=mnist5k", "optim.lr=1e30", "debug=limit", "model=resnet50_small"], run, check=False,
+                     tiny=False)
+    assert proc.returncode != 0
+    err = proc.stderr[-3000:]
+    assert re.search(r"NonFiniteLossError: non-finite loss at step \d+ \(epoch 0, batch \d+\), "
+                     r"lr [\d.]+e\+(29|30), loss -?(nan|inf);", err), err
+    assert not (run / "checkpoints" / "last.pt").exists() and not (run / "summary.json").exists()
+
+
+def test_skipped_steps_warn_and_a_later_divergence_keeps_the_last_finite_checkpoints(tmp_path):
+    """The lr jumps ×1e30 at epoch 1: epoch 0's checkpoints and summary survive, one bad step is skipped."""
+    run = tmp_path / "run"
+    proc = run_train(["debug=limit", "sched=step", "sched.decay_epochs=1", "sched.decay_rate=1e30",
+                      "sched.step_on_epochs=true", "trainer.skip_nonfinite=1"], run, check=False)
+    assert proc.returncode != 0
+    out = proc.stdout + proc.stderr
+    assert out.count("update skipped (1 of trainer.skip_nonfinite=1)") == 1, out[-3000:]
+    assert "1 bad step(s) skipped before (trainer.skip_nonfinite=1)" in out
+    for name in ("last.pt", "best.pt"):
+        state = ck.load(run / "checkpoints" / name)
+        assert state["epoch"] == 1
+        assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    s = summary(run)
+    assert s["epochs_done"] == 1 and "NaN" not in (run / "summary.json").read_text()
+    assert math.isfinite(s["best"]["metric"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.batch_size=0", "data.batch_size=0: must be > 0"),
+    ("trainer.epochs=0", "trainer.epochs=0: must be > 0"),
+    ("optim.lr=-0.1", "optim.lr=-0.1: must be >= 0"),
+    ("trainer.mixup_prob=1.5", "trainer.mixup_prob=1.5: must be in [0, 1]"),
+    ("data.reprob=2", "data.reprob=2.0: must be in [0, 1]"),
+    ("+optim.lrr=0.1", "unknown config key 'optim.lrr'; did you mean optim.lr?"),
+    ("+trainer.epoch=3", "unknown config key 'trainer.epoch'; did you mean trainer.epochs?"),
+    ("+sched.warmup=3", "unknown config key 'sched.warmup'; did you mean sched.warmup_lr?"),
+    ("+data.batchsize=3", "unknown config key 'data.batchsize'; did you mean data.batch_size?"),
+    ("+sede=1", "unknown config key 'sede'; did you mean seed?"),
+])
+def test_validate_names_the_bad_key(override, message):
+    with pytest.raises(ConfigError) as err:
+        validate(compose_cfg([override]))
+    assert message in str(err.value)
+
+
+def test_train_py_rejects_an_added_misspelt_key(tmp_path):
+    proc = run_train(["+optim.lrr=0.1"], tmp_path / "run", check=False)
+    assert proc.returncode != 0 and "did you mean optim.lr?" in proc.stderr
+
+
+def test_unsafe_checkpoint_error_never_suggests_disabling_the_check(tmp_path):
+    p = tmp_path / "evil.pt"
+    torch.save({"x": print}, p)
+    with pytest.raises(pickle.UnpicklingError) as err:
+        ck.load(p)
+    msg = str(err.value)
+    assert "is not a dynconv checkpoint, or is unsafe" in msg and "a reference to print" in msg
+    assert "weights_only" not in msg
