@@ -136,17 +136,3 @@ def test_a_two_key_product_also_prints_as_a_grid(tmp_path):
     assert "| ddf | 85.00 ± 1.00 | 84.00 ± 1.00 |" in text
     assert (tmp_path / "out" / "table.md").read_text() == text
 
-
-def test_budget_mode_compares_at_the_same_budget_and_plots_against_steps(tmp_path):
-    cells = {("conv", "deep_only", 2000): 70.0, ("ddf", "deep_only", 2000): 50.0,
-             ("conv", "deep_only", 8000): 80.0, ("ddf", "deep_only", 8000): 79.5}
-    make_sweep(tmp_path / "sweep", cells, steps=lambda cell: cell[2] // 64 * 2)
-    text = ablation_table.main([str(tmp_path / "sweep"), "--out", str(tmp_path / "out"), "--ref", "op.name=conv",
-                                "--budget", "data.train_subset"])
-    rows = {tuple(r[:2]): r for r in rows_of(text)}
-    assert rows[("| ddf", "2000")][4].startswith("-20.00 [") and rows[("| ddf", "8000")][4].startswith("-0.50 [")
-    assert rows[("| conv", "8000")][4] == "ref" and rows[("| ddf", "8000")][7] == "250"  # steps column
-    with Image.open(tmp_path / "out" / "budget.png") as img:
-        assert img.size[0] > 800 and len(img.getcolors(1 << 20)) > 10
-    with pytest.raises(SystemExit, match="not a swept key"):
-        ablation_table.main([str(tmp_path / "out"), "--budget", "data.nonsense"])
