@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell cat requirements.txt | sha256sum | cut -c1-12)
 DATA   := .cache/data/.fetched
 
-.PHONY: help setup data train test clean-outputs
+.PHONY: help setup data train test tensorboard clean-outputs
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
 
@@ -26,6 +26,10 @@ train: setup  ## the main job: `python train.py` with the default config
 
 test: setup  ## the whole test suite
 	$(PY) -m pytest -q
+
+LOGDIR ?= outputs
+tensorboard: setup  ## TensorBoard on the runs (LOGDIR=multirun/<sweep> for a sweep's HParams table)
+	$(VENV)/bin/tensorboard --logdir $(LOGDIR)
 
 clean-outputs:  ## remove run folders
 	rm -rf outputs multirun

@@ -1,4 +1,7 @@
-"""torchrun integration: process group setup (NCCL on CUDA, gloo on CPU), rank helpers, reductions."""
+"""torchrun integration: process group setup (NCCL on CUDA, gloo on CPU), rank helpers, reductions.
+
+A job of Hydra's submitit launcher with several tasks (one per GPU) takes the same path: its ranks are exported as
+torchrun's environment variables first."""
 from __future__ import annotations
 
 import os
@@ -28,8 +31,21 @@ def env_rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
+def _adopt_submitit_tasks() -> None:
+    """Under submitit (SLURM or local) with several tasks, set RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT from
+    the job's environment, as torchrun would (every GPU stays visible: the trainer picks cuda:LOCAL_RANK)."""
+    if "WORLD_SIZE" in os.environ or "SUBMITIT_EXECUTOR" not in os.environ:
+        return
+    from submitit.helpers import TorchDistributedEnvironment
+
+    env = TorchDistributedEnvironment()
+    if env.world_size > 1:
+        env.export(set_cuda_visible_devices=False)
+
+
 def init(device_type: str) -> DistInfo:
-    """Join the process group when launched by torchrun; a no-op for a single process."""
+    """Join the process group when launched by torchrun or as a multi-task submitit job; a no-op otherwise."""
+    _adopt_submitit_tasks()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return DistInfo()

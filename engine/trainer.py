@@ -39,6 +39,7 @@ from .sampler import EpochBatches, SeededItems
 from .precise_bn import bn_layers, recompute_bn_stats
 from .syncbn import convert_sync_batchnorm
 from . import face  # noqa: F401  (registers task=face)
+from . import hparams  # issue 16.2 (users helper): the one import for the HParams call in Run.fit
 from .tasks import build_task
 
 log = logging.getLogger("dynconv")
@@ -500,6 +501,7 @@ class Run:
                 self._anneal()
                 self.train_epoch()
                 self.end_epoch()
+            hparams.write(self.writer, self.cfg, self.run_dir, self.history)  # issue 16.2 (users helper): HParams
         finally:
             if self.writer is not None:
                 self.writer.close()

@@ -1,17 +1,26 @@
-"""Ablation table and plots of one Hydra sweep: `python scripts/ablation_table.py <sweep folder> [--out DIR]`.
+"""Ablation tables and plots: `python scripts/ablation_table.py <sweep or results folder> [--out DIR]`.
 
-Reads every run's `summary.json` (and `metrics.csv`) below the folder, groups the runs by the config keys that
-differ between them except `seed` (the swept cells), and prints a Markdown table laid out like the papers' ablation
-tables: one row per cell in sweep order, accuracy as mean ± std over the seeds with its difference to the first row,
-then params, MACs per image and training images/s. A sweep over exactly two keys that forms a full product is also
-printed as a two-way table (rows × columns, as an operators × policies grid). Written to `<out>` (default
-`<sweep>/ablation`): `table.md`, `acc_vs_macs.png`, `acc_vs_params.png` and `curves.png` (per-cell training loss and
-accuracy by epoch, averaged over seeds). Plots are drawn with PIL (no matplotlib dependency).
+Given a finished Hydra sweep (`multirun/<name>/<time>`), first writes its per-run data as CSV to `<out>`:
+`runs.csv` (one row per run: the swept keys that define its cell, seed, final validation metric, optimizer steps,
+params, MACs per image, training images/s, wall time, commit, and every final metric) and `epochs.csv` (every run's
+per-epoch metrics). The table and the plots are then made from those two files alone, so
+`python scripts/ablation_table.py docs/results/<suite>` regenerates them, byte for byte, from committed data.
+
+The table has one row per cell in sweep order: accuracy as mean ± std over the seeds, its difference to the
+reference cell (the first, or `--ref key=value`) with the 95 % confidence interval, and the Welch t-test's p-value
+Holm-corrected over the table's comparisons (scripts/ablation_stats.py). A `findings.csv` beside the data (cell keys,
+`expected` as + / - / 0, `finding`) adds the paper's finding and the verdict: "consistent with", "contradicts" or
+"inconclusive". A sweep over two keys that forms a full product is also printed as rows × columns.
+`--budget KEY` reads the sweep as a training-budget curve: KEY (e.g. data.train_subset) sets the budget, every cell is
+compared with the reference at the same budget, and `budget.png` plots accuracy and the gap to the reference against
+training steps. Plots (matplotlib, Okabe–Ito colour-blind-safe palette): acc_vs_macs.png, acc_vs_params.png (error
+bars: 95 % CI of the mean), curves.png (per-cell training curves, mean over seeds).
 """
 from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import math
 import statistics
@@ -19,25 +28,16 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from PIL import Image, ImageDraw, ImageFont
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from scripts.ablation_stats import Comparison, holm, verdict, welch  # noqa: E402
 
 IGNORED = {"seed"}  # varies across the runs of one cell by design
 MISSING = "–"
+FIXED = ["steps", "params", "macs", "img_per_s", "wall_time_s", "commit"]  # runs.csv columns after the metric
 
 
-@dataclass
-class Run:
-    folder: Path
-    config: dict  # flattened: "op.name" -> value
-    acc: float
-    params: int | None
-    macs: int | None
-    img_per_s: float | None
-    history: list[dict] = field(default_factory=list)
-
-
+# ------------------------------------------------------------------------------------------- sweep folder → CSV
 def flatten(node, prefix: str = "") -> dict:
     if isinstance(node, dict):
         out = {}
@@ -52,48 +52,107 @@ def _job_order(folder: Path, root: Path):
     return [int(p) if p.isdigit() else math.inf for p in folder.relative_to(root).parts], str(folder)
 
 
-def load_runs(sweep: Path, metric: str | None = None) -> tuple[list[Run], str]:
-    paths = sorted((p.parent for p in sweep.rglob("summary.json")), key=lambda f: _job_order(f, sweep))
-    if not paths:
-        raise SystemExit(f"no summary.json below {sweep}: pass the folder of a finished `train.py -m` sweep")
-    runs, metric_name = [], None
-    for folder in paths:
+def _final_metric(s: dict, key: str, folder: Path) -> float:
+    value = s.get("final", {}).get(f"val_{key}")
+    if value is None and s.get("best", {}).get("key") == f"val_{key}":
+        value = s["best"]["metric"]
+    if value is None:
+        raise SystemExit(f"{folder}/summary.json has no val_{key}; choose the metric with --metric")
+    return float(value)
+
+
+def _commit(folder: Path, s: dict) -> str:
+    hp = folder / "hparams.json"
+    if hp.exists():
+        return json.loads(hp.read_text())["hparams"].get("commit", "unknown")
+    return s.get("commit", "unknown")
+
+
+def load_sweep(sweep: Path, metric: str | None) -> tuple[list[dict], str]:
+    """One record per run: flattened config, the metric, the fixed columns, final metrics, per-epoch rows."""
+    folders = sorted((p.parent for p in sweep.rglob("summary.json")), key=lambda f: _job_order(f, sweep))
+    if not folders:
+        raise SystemExit(f"no summary.json below {sweep}: pass the folder of a finished `train.py -m` sweep, "
+                         "or a results folder holding runs.csv")
+    records, name = [], None
+    for folder in folders:
         s = json.loads((folder / "summary.json").read_text())
-        key = metric or s["config"]["trainer"].get("eval_metric", "acc1")
-        metric_name = metric_name or key
-        value = s.get("final", {}).get(f"val_{key}")
-        if value is None and s.get("best", {}).get("key") == f"val_{key}":
-            value = s["best"]["metric"]
-        if value is None:
-            raise SystemExit(f"{folder}/summary.json has no val_{key}; choose the metric with --metric")
-        history = []
+        name = name or metric or s["config"]["trainer"].get("eval_metric", "acc1")
+        epochs = []
         if (folder / "metrics.csv").exists():
             with open(folder / "metrics.csv", newline="") as f:
-                history = [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(f)]
-        runs.append(Run(folder, flatten(s["config"]), float(value), s.get("params"), s.get("macs_per_image"),
-                        s.get("img_per_s"), history))
-    return runs, metric_name
+                epochs = list(csv.DictReader(f))
+        records.append({"run": folder.relative_to(sweep).as_posix(), "config": flatten(s["config"]),
+                        "metric": _final_metric(s, name, folder), "steps": s.get("num_updates"),
+                        "params": s.get("params"), "macs": s.get("macs_per_image"), "img_per_s": s.get("img_per_s"),
+                        "wall_time_s": s.get("wall_time_s"), "commit": _commit(folder, s),
+                        "final": {k: v for k, v in s.get("final", {}).items() if k != "epoch"}, "epochs": epochs})
+    return records, name
 
 
-def fill_op_defaults(runs: list[Run]) -> None:
+def fill_op_defaults(records: list[dict]) -> None:
     """A cell that leaves an operator option out runs with the operator's default: show that value (e.g. DDF's
     `branches: both`) wherever another cell of the sweep sets the option, instead of a blank."""
     import dynconv  # the registry knows every operator's defaults
 
-    given = {k for r in runs for k in r.config}
-    for r in runs:
-        name = r.config.get("op.name")
+    given = {k for r in records for k in r["config"]}
+    for r in records:
+        name = r["config"].get("op.name")
         if name not in dynconv.list_ops():
             continue
         for key, param in dynconv.op_options(name).items():
-            if f"op.{key}" in given and f"op.{key}" not in r.config and param.default is not param.empty:
-                r.config[f"op.{key}"] = param.default
+            if f"op.{key}" in given and f"op.{key}" not in r["config"] and param.default is not param.empty:
+                r["config"][f"op.{key}"] = param.default
 
 
-def swept_keys(runs: list[Run]) -> list[str]:
+def swept_keys(records: list[dict]) -> list[str]:
     """Config keys whose value is not the same in every run (a key a cell leaves out counts as a value)."""
-    keys = list(dict.fromkeys(k for r in runs for k in r.config))
-    return [k for k in keys if k not in IGNORED and len({repr(r.config.get(k, MISSING)) for r in runs}) > 1]
+    keys = list(dict.fromkeys(k for r in records for k in r["config"]))
+    return [k for k in keys if k not in IGNORED and len({repr(r["config"].get(k, MISSING)) for r in records}) > 1]
+
+
+def _fmt(v) -> str:
+    if v is None or v == MISSING:
+        return MISSING
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def _num(v) -> str:
+    return "" if v is None else repr(v) if isinstance(v, float) else str(v)
+
+
+def _csv_text(header: list[str], rows: list[list[str]]) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(header)
+    w.writerows(rows)
+    return buf.getvalue()
+
+
+def export(sweep: Path, out: Path, metric: str | None) -> None:
+    """Write `runs.csv` and `epochs.csv` of a sweep folder to `out`."""
+    records, name = load_sweep(sweep, metric)
+    fill_op_defaults(records)
+    keys = swept_keys(records)
+    finals = list(dict.fromkeys(k for r in records for k in r["final"]))
+    header = ["run", *keys, "seed", f"val_{name}", *FIXED, *(f"final_{k}" for k in finals)]
+    rows = [[r["run"], *(_fmt(r["config"].get(k, MISSING)) for k in keys), _fmt(r["config"].get("seed")),
+             _num(r["metric"]), *(_num(r[k]) for k in FIXED), *(_num(r["final"].get(k)) for k in finals)]
+            for r in records]
+    cols = list(dict.fromkeys(k for r in records for row in r["epochs"] for k in row))
+    epoch_rows = [[r["run"], *(row.get(k) or "" for k in cols)] for r in records for row in r["epochs"]]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "runs.csv").write_text(_csv_text(header, rows))
+    (out / "epochs.csv").write_text(_csv_text(["run", *cols], epoch_rows))
+
+
+# ------------------------------------------------------------------------------------------- CSV → cells
+@dataclass
+class Run:
+    values: tuple  # the cell keys' values, as written
+    acc: float
+    fixed: dict    # FIXED columns (floats; commit as text)
+    history: list[dict] = field(default_factory=list)
 
 
 @dataclass
@@ -101,17 +160,24 @@ class Cell:
     values: tuple
     runs: list[Run]
 
-    def _stat(self, attr: str) -> list[float]:
-        return [getattr(r, attr) for r in self.runs if getattr(r, attr) is not None]
+    @property
+    def accs(self) -> list[float]:
+        return [r.acc for r in self.runs]
 
     @property
     def acc(self) -> tuple[float, float | None]:
-        accs = self._stat("acc")
-        return statistics.fmean(accs), statistics.stdev(accs) if len(accs) > 1 else None
+        return statistics.fmean(self.accs), statistics.stdev(self.accs) if len(self.runs) > 1 else None
 
-    def mean(self, attr: str) -> float | None:
-        vals = self._stat(attr)
+    def mean(self, column: str) -> float | None:
+        vals = [r.fixed[column] for r in self.runs if r.fixed.get(column) is not None]
         return statistics.fmean(vals) if vals else None
+
+    def ci95(self) -> float:
+        """Half-width of the 95 % confidence interval of the mean accuracy (0 with one seed)."""
+        from scipy import stats
+
+        n, (_, sd) = len(self.runs), self.acc
+        return 0.0 if sd is None else float(stats.t.ppf(0.975, n - 1) * sd / math.sqrt(n))
 
     def curve(self, column: str) -> list[tuple[float, float]]:
         """(epoch, value averaged over the seeds that logged it)."""
@@ -123,24 +189,95 @@ class Cell:
         return [(e, statistics.fmean(v)) for e, v in sorted(by_epoch.items())]
 
 
-def group(runs: list[Run], keys: list[str]) -> list[Cell]:
+def read_results(folder: Path) -> tuple[list[str], str, list[Cell]]:
+    """(cell keys, metric name, cells in first-appearance order) from `runs.csv` and `epochs.csv`."""
+    if not (folder / "runs.csv").exists():
+        raise SystemExit(f"{folder} has neither summary.json files nor runs.csv")
+    with open(folder / "runs.csv", newline="") as f:
+        reader = csv.reader(f)
+        header = next(reader)
+        rows = list(reader)
+    seed = header.index("seed")
+    keys, metric = header[1:seed], header[seed + 1].removeprefix("val_")
+    history: dict[str, list[dict]] = {}
+    if (folder / "epochs.csv").exists():
+        with open(folder / "epochs.csv", newline="") as f:
+            for row in csv.DictReader(f):
+                history.setdefault(row.pop("run"), []).append({k: float(v) for k, v in row.items() if v != ""})
     cells: dict[tuple, Cell] = {}
-    for r in runs:
-        values = tuple(r.config.get(k, MISSING) for k in keys)
-        cells.setdefault(values, Cell(values, [])).runs.append(r)
-    return list(cells.values())
+    for row in rows:
+        fixed = {k: (v if k == "commit" else float(v) if v else None)
+                 for k, v in zip(FIXED, row[seed + 2:seed + 2 + len(FIXED)])}
+        values = tuple(row[1:seed])
+        run = Run(values, float(row[seed + 1]), fixed, history.get(row[0], []))
+        cells.setdefault(values, Cell(values, [])).runs.append(run)
+    return keys, metric, list(cells.values())
 
 
+# ------------------------------------------------------------------------------------------- statistics and tables
 def short_names(keys: list[str]) -> list[str]:
     """The last part of each dotted key, or the whole key where the last part alone is ambiguous."""
     last = [k.rsplit(".", 1)[-1] for k in keys]
     return [s if last.count(s) == 1 else k for s, k in zip(last, keys)]
 
 
-def _fmt(v) -> str:
-    if v is None or v == MISSING:
-        return MISSING
-    return f"{v:g}" if isinstance(v, float) else str(v)
+def cell_label(cell: Cell, keys: list[str], skip: str | None = None) -> str:
+    return ", ".join(f"{n}={v}" for k, n, v in zip(keys, short_names(keys), cell.values) if k != skip) or "all runs"
+
+
+def _match(cell: Cell, keys: list[str], spec: dict[str, str]) -> bool:
+    return all(cell.values[keys.index(k)] == v for k, v in spec.items())
+
+
+def references(cells: list[Cell], keys: list[str], ref: str | None, budget: str | None) -> dict[int, Cell]:
+    """Each cell's reference (by index): the first cell, or the cell matching `--ref key=value[,key=value]`; with a
+    budget key, the matching cell at the same budget."""
+    spec = dict(part.split("=", 1) for part in ref.split(",")) if ref else {}
+    for k in [*spec, *([budget] if budget else [])]:
+        if k not in keys:
+            raise SystemExit(f"--ref/--budget key {k!r} is not a swept key; the swept keys are {keys}")
+    out = {}
+    for i, c in enumerate(cells):
+        same = {budget: c.values[keys.index(budget)]} if budget else {}
+        found = [r for r in cells if _match(r, keys, {**spec, **same})] if spec or same else cells[:1]
+        if not found:
+            raise SystemExit(f"no reference cell matches {ref!r} for {cell_label(c, keys)}")
+        out[i] = found[0]
+    return out
+
+
+def compare(cells: list[Cell], refs: dict[int, Cell]) -> dict[int, tuple[Comparison, float]]:
+    """Welch comparison of every non-reference cell with its reference, with Holm-adjusted p over all of them."""
+    raw = {}
+    for i, c in enumerate(cells):
+        ref = refs[i]
+        if ref is not c:
+            (m, s), (m0, s0) = c.acc, ref.acc
+            raw[i] = welch(m, s or 0.0, len(c.runs), m0, s0 or 0.0, len(ref.runs))
+    adjusted = holm([cmp.p for cmp in raw.values()])
+    return {i: (cmp, p) for (i, cmp), p in zip(raw.items(), adjusted)}
+
+
+def read_findings(folder: Path, keys: list[str]) -> dict[tuple, tuple[str, str]]:
+    """`findings.csv`: cell values (columns named by the cell keys) → (expected sign, the paper's finding)."""
+    path = folder / "findings.csv"
+    if not path.exists():
+        return {}
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    missing = [k for k in keys if rows and k not in rows[0]]
+    if missing:
+        raise SystemExit(f"{path} lacks the cell key columns {missing}")
+    return {tuple(r[k] for k in keys): (r["expected"], r["finding"]) for r in rows}
+
+
+def _p_text(p: float) -> str:
+    return MISSING if math.isnan(p) else "<0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def _delta_text(cmp: Comparison) -> str:
+    ci = "" if math.isnan(cmp.low) else f" [{cmp.low:+.2f}, {cmp.high:+.2f}]"
+    return f"{cmp.diff:+.2f}{ci}"
 
 
 def _acc_text(cell: Cell) -> str:
@@ -148,31 +285,25 @@ def _acc_text(cell: Cell) -> str:
     return f"{mean:.2f} ± {std:.2f}" if std is not None else f"{mean:.2f}"
 
 
-def _num(v, scale: float, digits: int) -> str:
+def _scaled(v, scale: float, digits: int) -> str:
     return MISSING if v is None else f"{v / scale:.{digits}f}"
 
 
-def two_se(cell: Cell, ref: Cell) -> float | None:
-    """Two standard errors of the difference of the two cells' mean accuracies (None without seed spread)."""
-    (_, s), (_, s0) = cell.acc, ref.acc
-    if s is None or s0 is None:
-        return None
-    return 2 * math.sqrt(s * s / len(cell.runs) + s0 * s0 / len(ref.runs))
-
-
-def markdown_table(cells: list[Cell], keys: list[str], metric: str) -> str:
-    """One row per cell; Δ to the first cell is starred where it exceeds two standard errors (2·SE column)."""
-    head = short_names(keys) + [f"{metric} (mean ± std)", "Δ", "2·SE", "seeds", "params (M)", "MACs (M)",
-                                "train img/s"]
+def markdown_table(cells: list[Cell], keys: list[str], metric: str, refs: dict[int, Cell],
+                   findings: dict[tuple, tuple[str, str]]) -> str:
+    comparisons = compare(cells, refs)
+    head = short_names(keys) + [f"{metric} (mean ± std)", "Δ [95 % CI]", "p (Holm)", "seeds", "steps", "params (M)",
+                                "MACs (M)", "train img/s"] + (["paper", "verdict"] if findings else [])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    ref = cells[0]
-    for c in cells:
-        delta, se2 = c.acc[0] - ref.acc[0], two_se(c, ref)
-        star = "*" if se2 is not None and abs(delta) > se2 else ""
-        lines.append("| " + " | ".join([_fmt(v) for v in c.values] + [
-            _acc_text(c), "ref" if c is ref else f"{delta:+.2f}{star}",
-            "" if c is ref or se2 is None else f"{se2:.2f}", str(len(c.runs)),
-            _num(c.mean("params"), 1e6, 3), _num(c.mean("macs"), 1e6, 1), _num(c.mean("img_per_s"), 1, 0)]) + " |")
+    for i, c in enumerate(cells):
+        cmp, p = comparisons.get(i, (None, math.nan))
+        row = [*c.values, _acc_text(c), "ref" if cmp is None else _delta_text(cmp), _p_text(p), str(len(c.runs)),
+               _scaled(c.mean("steps"), 1, 0), _scaled(c.mean("params"), 1e6, 3), _scaled(c.mean("macs"), 1e6, 1),
+               _scaled(c.mean("img_per_s"), 1, 0)]
+        if findings:
+            expected, finding = findings.get(c.values, ("", ""))
+            row += [finding, "" if cmp is None or not expected else verdict(cmp.diff, p, expected)]
+        lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
 
@@ -186,147 +317,140 @@ def pivot_table(cells: list[Cell], keys: list[str], metric: str) -> str | None:
     if len(at) != len(rows) * len(cols):
         return None
     names = short_names(keys)
-    lines = [f"| {names[0]} \\ {names[1]} | " + " | ".join(_fmt(v) for v in cols) + " |",
-             "|" + "---|" * (len(cols) + 1)]
-    lines += ["| " + " | ".join([_fmt(r)] + [_acc_text(at[(r, c)]) for c in cols]) + " |" for r in rows]
+    lines = [f"| {names[0]} \\ {names[1]} | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 1)]
+    lines += ["| " + " | ".join([r] + [_acc_text(at[(r, c)]) for c in cols]) + " |" for r in rows]
     return f"{metric} (mean ± std over seeds)\n\n" + "\n".join(lines)
 
 
-def cell_label(cell: Cell, keys: list[str]) -> str:
-    return ", ".join(f"{n}={_fmt(v)}" for n, v in zip(short_names(keys), cell.values)) or "all runs"
+# ------------------------------------------------------------------------------------------- plots (matplotlib)
+OKABE_ITO = ["#0072B2", "#E69F00", "#009E73", "#D55E00", "#56B4E9", "#CC79A7", "#000000", "#F0E442"]
+MARKERS = "osD^vP*Xh<>p"  # with 8 colours, (colour, marker) pairs stay distinct for 24 cells
 
 
-# ---------------------------------------------------------------------------------------------------- plots (PIL)
-PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
-           (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
+def _style(i: int) -> dict:
+    return {"color": OKABE_ITO[i % len(OKABE_ITO)], "marker": MARKERS[i % len(MARKERS)]}
 
 
-def _nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
-    if hi <= lo:
-        lo, hi = lo - 1, hi + 1
-    raw = (hi - lo) / n
-    mag = 10 ** math.floor(math.log10(raw))
-    step = next(m * mag for m in (1, 2, 5, 10) if m * mag >= raw)
-    return [i * step for i in range(math.ceil(lo / step), math.floor(hi / step) + 1)]
+def _figure(panels: int):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, panels, figsize=(6.0 * panels, 4.2), squeeze=False)
+    for ax in axes[0]:
+        ax.grid(True, alpha=0.3)
+    return plt, fig, list(axes[0])
 
 
-class Panel:
-    """One pair of linear axes inside a PIL image: data coordinates → pixels, ticks, labels."""
-
-    def __init__(self, draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], xs: list[float], ys: list[float],
-                 title: str, xlabel: str, ylabel: str):
-        self.d, self.font = draw, ImageFont.load_default()
-        x0, y0, x1, y1 = box
-        self.px = (x0 + 60, x1 - 10)
-        self.py = (y1 - 40, y0 + 25)
-        pad = lambda lo, hi: (lo - 0.08 * (hi - lo or 1), hi + 0.08 * (hi - lo or 1))  # noqa: E731
-        self.xr, self.yr = pad(min(xs), max(xs)), pad(min(ys), max(ys))
-        d = self.d
-        d.rectangle([self.px[0], self.py[1], self.px[1], self.py[0]], outline=(0, 0, 0))
-        for t in _nice_ticks(*self.xr):
-            x = self.x(t)
-            d.line([x, self.py[0], x, self.py[0] + 4], fill=(0, 0, 0))
-            d.text((x, self.py[0] + 6), f"{t:g}", fill=(0, 0, 0), font=self.font, anchor="mt")
-        for t in _nice_ticks(*self.yr):
-            y = self.y(t)
-            d.line([self.px[0] - 4, y, self.px[0], y], fill=(0, 0, 0))
-            d.line([self.px[0], y, self.px[1], y], fill=(225, 225, 225))
-            d.text((self.px[0] - 6, y), f"{t:g}", fill=(0, 0, 0), font=self.font, anchor="rm")
-        d.text(((self.px[0] + self.px[1]) / 2, y0 + 6), title, fill=(0, 0, 0), font=self.font, anchor="mt")
-        d.text(((self.px[0] + self.px[1]) / 2, y1 - 14), xlabel, fill=(0, 0, 0), font=self.font, anchor="mt")
-        d.text((x0 + 4, y0 + 6), ylabel, fill=(0, 0, 0), font=self.font)
-
-    def x(self, v: float) -> float:
-        return self.px[0] + (v - self.xr[0]) / (self.xr[1] - self.xr[0]) * (self.px[1] - self.px[0])
-
-    def y(self, v: float) -> float:
-        return self.py[0] + (v - self.yr[0]) / (self.yr[1] - self.yr[0]) * (self.py[1] - self.py[0])
-
-    def point(self, x: float, y: float, err: float | None, color, label: str | None = None) -> None:
-        cx, cy = self.x(x), self.y(y)
-        if err:
-            self.d.line([cx, self.y(y - err), cx, self.y(y + err)], fill=color, width=2)
-        self.d.ellipse([cx - 4, cy - 4, cx + 4, cy + 4], fill=color)
-        if label:
-            self.d.text((cx + 6, cy - 6), label, fill=color, font=self.font)
-
-    def line(self, pts: list[tuple[float, float]], color) -> None:
-        xy = [(self.x(a), self.y(b)) for a, b in pts]
-        if len(xy) > 1:
-            self.d.line(xy, fill=color, width=2)
-        for cx, cy in xy:
-            self.d.ellipse([cx - 2, cy - 2, cx + 2, cy + 2], fill=color)
+def _save(plt, fig, ax, path: Path) -> None:
+    """Legend (naming the cells) below the panels; no version metadata, so equal data give equal bytes."""
+    handles, labels = ax.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=2, fontsize="small",
+               frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100, bbox_inches="tight", metadata={"Software": None})
+    plt.close(fig)
 
 
-def _legend(draw: ImageDraw.ImageDraw, x: int, y: int, labels: list[str]) -> None:
-    font = ImageFont.load_default()
-    for i, text in enumerate(labels):
-        c = PALETTE[i % len(PALETTE)]
-        draw.rectangle([x, y + 14 * i + 2, x + 10, y + 14 * i + 10], fill=c)
-        draw.text((x + 14, y + 14 * i), text, fill=(0, 0, 0), font=font)
-
-
-def scatter_png(cells: list[Cell], keys: list[str], attr: str, scale: float, xlabel: str, metric: str,
+def scatter_png(cells: list[Cell], keys: list[str], column: str, scale: float, xlabel: str, metric: str,
                 path: Path) -> bool:
-    pts = [(c.mean(attr), c) for c in cells if c.mean(attr) is not None]
-    if not pts:
+    if all(c.mean(column) is None for c in cells):
         return False
-    labels = [cell_label(c, keys) for c in cells]
-    img = Image.new("RGB", (760, 460 + 14 * len(cells)), "white")
-    d = ImageDraw.Draw(img)
-    xs = [v / scale for v, _ in pts]
-    ys = [b for _, c in pts for b in (c.acc[0] - (c.acc[1] or 0), c.acc[0] + (c.acc[1] or 0))]
-    panel = Panel(d, (0, 0, 760, 450), xs, ys, f"{metric} vs {xlabel}", xlabel, metric)
-    for v, c in pts:
-        i = cells.index(c)
-        panel.point(v / scale, c.acc[0], c.acc[1], PALETTE[i % len(PALETTE)], str(i + 1))
-    _legend(d, 70, 452, [f"{i + 1}: {t}" for i, t in enumerate(labels)])
-    img.save(path)
+    plt, fig, (ax,) = _figure(1)
+    for i, c in enumerate(cells):
+        if c.mean(column) is not None:
+            ax.errorbar(c.mean(column) / scale, c.acc[0], yerr=c.ci95(), capsize=3, linestyle="none",
+                        label=cell_label(c, keys), **_style(i))
+    ax.set(xlabel=xlabel, ylabel=f"val {metric} (%), mean and 95 % CI", title=f"{metric} vs {xlabel}")
+    _save(plt, fig, ax, path)
     return True
 
 
 def curves_png(cells: list[Cell], keys: list[str], path: Path) -> bool:
-    panels = [(col, title) for col, title in (("train_loss", "training loss"), ("train_acc1", "training acc1 (%)"))
+    panels = [(col, title) for col, title in (("train_loss", "training loss"), ("train_acc1", "training acc1 (%)"),
+                                               ("val_acc1", "val acc1 (%)"))
               if any(c.curve(col) for c in cells)]
     if not panels:
         return False
-    img = Image.new("RGB", (560 * len(panels), 420 + 14 * len(cells)), "white")
-    d = ImageDraw.Draw(img)
-    for j, (col, title) in enumerate(panels):
-        curves = [c.curve(col) for c in cells]
-        xs = [e for cv in curves for e, _ in cv]
-        ys = [v for cv in curves for _, v in cv]
-        panel = Panel(d, (560 * j, 0, 560 * (j + 1), 410), xs, ys, f"{title} per cell (mean over seeds)", "epoch",
-                      col)
-        for i, cv in enumerate(curves):
-            panel.line(cv, PALETTE[i % len(PALETTE)])
-    _legend(d, 70, 412, [cell_label(c, keys) for c in cells])
-    img.save(path)
+    plt, fig, axes = _figure(len(panels))
+    for ax, (col, title) in zip(axes, panels):
+        for i, c in enumerate(cells):
+            pts = c.curve(col)
+            ax.plot([e for e, _ in pts], [v for _, v in pts], label=cell_label(c, keys), **_style(i))
+        ax.set(xlabel="epoch", ylabel=title, title=f"{title} per cell (mean over seeds)")
+    _save(plt, fig, axes[0], path)
     return True
 
 
-def main(argv: list[str] | None = None) -> str:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("sweep", type=Path, help="the sweep folder (multirun/<name>/<time>)")
-    ap.add_argument("--out", type=Path, default=None, help="where table.md and the PNGs go (default <sweep>/ablation)")
-    ap.add_argument("--metric", default=None, help="validation metric (default: each run's trainer.eval_metric)")
-    args = ap.parse_args(argv)
-    runs, metric = load_runs(args.sweep, args.metric)
-    fill_op_defaults(runs)
-    keys = swept_keys(runs)
-    cells = group(runs, keys)
-    parts = [f"Sweep `{args.sweep}`: {len(runs)} runs, {len(cells)} cells; swept: "
-             f"{', '.join(keys) or '(nothing)'}; accuracy: final val_{metric}.", markdown_table(cells, keys, metric)]
+def budget_png(cells: list[Cell], keys: list[str], refs: dict[int, Cell], budget: str, path: Path) -> None:
+    """Accuracy vs training steps (log axis, 95 % bands) per line, and the gap to the reference with its 95 % CI."""
+    lines: dict[str, list[int]] = {}
+    for i, c in enumerate(cells):
+        lines.setdefault(cell_label(c, keys, skip=budget), []).append(i)
+    plt, fig, (acc_ax, gap_ax) = _figure(2)
+    comparisons = compare(cells, refs)
+    for j, (label, idx) in enumerate(lines.items()):
+        idx = sorted(idx, key=lambda i: cells[i].mean("steps"))
+        steps = [cells[i].mean("steps") for i in idx]
+        mean = [cells[i].acc[0] for i in idx]
+        half = [cells[i].ci95() for i in idx]
+        acc_ax.plot(steps, mean, label=label, **_style(j))
+        acc_ax.fill_between(steps, [m - h for m, h in zip(mean, half)], [m + h for m, h in zip(mean, half)],
+                            color=_style(j)["color"], alpha=0.2)
+        gaps = [(cells[i].mean("steps"), comparisons[i][0]) for i in idx if i in comparisons]
+        if gaps:
+            gap_ax.plot([s for s, _ in gaps], [g.diff for _, g in gaps], label=label, **_style(j))
+            gap_ax.fill_between([s for s, _ in gaps], [g.low for _, g in gaps], [g.high for _, g in gaps],
+                                color=_style(j)["color"], alpha=0.2)
+    for ax in (acc_ax, gap_ax):
+        ax.set_xscale("log")
+    gap_ax.axhline(0.0, color="black", linewidth=0.8)
+    acc_ax.set(xlabel="training steps (log)", ylabel="val acc (%), mean and 95 % band", title="accuracy vs budget")
+    gap_ax.set(xlabel="training steps (log)", ylabel="Δ to the reference (points), 95 % CI",
+               title="gap to the reference vs budget")
+    _save(plt, fig, acc_ax, path)
+
+
+# ------------------------------------------------------------------------------------------- command line
+def render(data: Path, out: Path, ref: str | None, budget: str | None) -> str:
+    """Table and plots from `data`'s runs.csv / epochs.csv (and findings.csv) into `out`; returns the table."""
+    keys, metric, cells = read_results(data)
+    refs = references(cells, keys, ref, budget)
+    comparisons = sum(refs[i] is not c for i, c in enumerate(cells))
+    parts = [f"{sum(len(c.runs) for c in cells)} runs, {len(cells)} cells; swept: {', '.join(keys) or '(nothing)'}; "
+             f"accuracy: final val_{metric}. Δ against {ref or 'the first row'}"
+             f"{f' at the same {budget}' if budget else ''}; p: Welch's t-test, Holm-corrected over the "
+             f"{comparisons} comparisons of this table.",
+             markdown_table(cells, keys, metric, refs, read_findings(data, keys))]
     pivot = pivot_table(cells, keys, metric)
-    if pivot:
+    if pivot and not budget:
         parts.append(pivot)
     text = "\n\n".join(parts) + "\n"
-    out = args.out or args.sweep / "ablation"
     out.mkdir(parents=True, exist_ok=True)
     (out / "table.md").write_text(text)
     scatter_png(cells, keys, "macs", 1e6, "MACs per image (M)", metric, out / "acc_vs_macs.png")
     scatter_png(cells, keys, "params", 1e6, "params (M)", metric, out / "acc_vs_params.png")
     curves_png(cells, keys, out / "curves.png")
+    if budget:
+        budget_png(cells, keys, refs, budget, out / "budget.png")
+    return text
+
+
+def main(argv: list[str] | None = None) -> str:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("path", type=Path, help="a sweep folder (multirun/<name>/<time>) or a folder holding runs.csv")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="where the CSVs, table.md and PNGs go (default: <sweep>/ablation, or the results folder)")
+    ap.add_argument("--metric", default=None, help="validation metric (default: each run's trainer.eval_metric)")
+    ap.add_argument("--ref", default=None, help="reference cell as key=value[,key=value] (default: the first cell)")
+    ap.add_argument("--budget", default=None, help="the swept key that sets the training budget (budget curve)")
+    args = ap.parse_args(argv)
+    data = args.path
+    if next(args.path.rglob("summary.json"), None) is not None:
+        data = args.out or args.path / "ablation"
+        export(args.path, data, args.metric)
+    text = render(data, args.out or data, args.ref, args.budget)
     print(text, end="")
     return text
 
