@@ -42,7 +42,7 @@ import torch
 import torch.nn as nn
 from torch.nn.modules.utils import _pair
 
-from .registry import get_op, op_options
+from .registry import get_op, op_options, resolve_op
 
 log = logging.getLogger(__name__)
 
@@ -288,14 +288,13 @@ def replace(model: nn.Module, op="conv", policy="none", *, input_size=None, in_c
             init: Callable[[str, nn.Module], None] | None = None, **op_kwargs) -> list[dict]:
     """Fill every `Slot` of `model` and replace the convs `policy` picks by operator `op`, in place.
 
-    `op` is a registered name or a config dict `{"name": ..., <options>}`; `policy` a name, a config
-    dict or a `Policy`. `input_size` (default 224×224) is the dry pass's input size; `init(op, module)`
-    is called on each new module (a backbone's own weight init). Returns the replacement report: one
-    dict per replaced layer.
+    `op` is a registered name or a config dict `{"name": ..., "module": ..., <options>}` (`resolve_op`);
+    `policy` a name, a config dict or a `Policy`. `input_size` (default 224×224) is the dry pass's input
+    size; `init(op, module)` is called on each new module (a backbone's own weight init). Returns the
+    replacement report: one dict per replaced layer.
     """
-    if isinstance(op, dict):
-        op, op_kwargs = op["name"], {**{k: v for k, v in op.items() if k != "name"}, **op_kwargs}
-    get_op(op)
+    op, options = resolve_op(op)
+    op_kwargs = {**options, **op_kwargs}
     policy = Policy.parse(policy)
     candidates = _candidates(model)
     has_slots = any(isinstance(m, Slot) for m in candidates.values())

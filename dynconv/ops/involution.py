@@ -13,11 +13,12 @@ import torch.nn as nn
 from torch import Tensor
 
 from ..functional.pixel_filter import centre_aligned, check_channelwise, conv_out_size, pixel_filter, resolve_padding
+from ..operator import Operator, pixel_macs
 from ..registry import register_op
 
 
 @register_op("involution")
-class Involution(nn.Module):
+class Involution(Operator):
     """Official defaults: 16 channels per group, reduction ratio 4; generator
     [AvgPool(s)] → 1×1 conv → BN → ReLU → 1×1 conv (bias) → G·K² maps ordered (g, kh, kw).
 
@@ -56,3 +57,6 @@ class Involution(nn.Module):
         weight = self.conv2(self.conv1(ctx)).view(B, self.groups, K * K, *out_size)
         out = pixel_filter(x, weight, kernel_size=K, stride=self.stride, padding=self.padding, dilation=self.dilation)
         return out if self.bias is None else out + self.bias.view(1, -1, 1, 1)
+
+    def aggregation_macs(self, out: Tensor) -> int:
+        return pixel_macs(out, self.kernel_size)
