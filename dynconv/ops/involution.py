@@ -26,7 +26,8 @@ class Involution(Operator):
     Unlike the official code, H or W not divisible by the stride work: the generator pools with
     `ceil_mode=True` (the last window averages only the pixels inside the input), which gives the
     conv-formula size ⌈H/s⌉ and equals the official AvgPool(s, s) whenever s divides H and W.
-    `groups` is checked as in Conv2d; the operator is channel-wise whatever its value.
+    `groups` is checked as in Conv2d; the operator is channel-wise whatever its value. Its G kernel
+    groups (C / group_channels) are `kernel_groups`.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, padding=None,
@@ -41,12 +42,12 @@ class Involution(Operator):
             raise ValueError(f"involution: in_channels={in_channels} is smaller than reduction_ratio={reduction_ratio}")
         self.kernel_size, self.stride, self.dilation = int(kernel_size), int(stride), int(dilation)
         self.padding = resolve_padding(self.kernel_size, padding, self.dilation)
-        self.groups = in_channels // group_channels
+        self.kernel_groups = in_channels // group_channels  # G of Eq. 6, not Conv2d's `groups`
         mid = in_channels // reduction_ratio
         self.avgpool = nn.AvgPool2d(self.stride, self.stride, ceil_mode=True) if self.stride > 1 else nn.Identity()
         self.conv1 = nn.Sequential(OrderedDict(
             conv=nn.Conv2d(in_channels, mid, 1, bias=False), bn=nn.BatchNorm2d(mid), act=nn.ReLU(inplace=True)))
-        self.conv2 = nn.Sequential(OrderedDict(conv=nn.Conv2d(mid, self.kernel_size ** 2 * self.groups, 1)))
+        self.conv2 = nn.Sequential(OrderedDict(conv=nn.Conv2d(mid, self.kernel_size ** 2 * self.kernel_groups, 1)))
         self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
 
     def forward(self, x: Tensor) -> Tensor:
@@ -54,7 +55,7 @@ class Involution(Operator):
         K = self.kernel_size
         out_size = [conv_out_size(n, K, self.stride, p, self.dilation) for n, p in zip((H, W), self.padding)]
         ctx = self.avgpool(centre_aligned(x, K, self.padding, self.dilation))[..., :out_size[0], :out_size[1]]
-        weight = self.conv2(self.conv1(ctx)).view(B, self.groups, K * K, *out_size)
+        weight = self.conv2(self.conv1(ctx)).view(B, self.kernel_groups, K * K, *out_size)
         out = pixel_filter(x, weight, kernel_size=K, stride=self.stride, padding=self.padding, dilation=self.dilation)
         return out if self.bias is None else out + self.bias.view(1, -1, 1, 1)
 
