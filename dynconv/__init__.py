@@ -5,10 +5,11 @@
     op = dynconv.create_op("ddf", 64, 64, 3, stride=2)
     report = dynconv.replace(model, op="involution", policy="deep_only")
 """
-from .registry import create_op, get_op, list_ops, register_op, check_op_kwargs, op_options
+from .operator import Operator, on_epoch_start, tensorboard_images
+from .registry import create_op, get_op, list_ops, register_op, check_op_kwargs, op_options, resolve_op
 from .functional.backend import get_backend, set_backend, use_backend
 from . import ops  # noqa: F401  (registers every operator)
 from .replace import replace
 
-__all__ = ["create_op", "get_op", "list_ops", "register_op", "check_op_kwargs", "op_options",
-           "get_backend", "set_backend", "use_backend", "replace"]
+__all__ = ["Operator", "on_epoch_start", "tensorboard_images", "create_op", "get_op", "list_ops", "register_op",
+           "check_op_kwargs", "op_options", "resolve_op", "get_backend", "set_backend", "use_backend", "replace"]

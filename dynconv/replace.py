@@ -42,7 +42,7 @@ import torch
 import torch.nn as nn
 from torch.nn.modules.utils import _pair
 
-from .registry import get_op, op_options
+from .registry import get_op, op_options, resolve_op
 
 log = logging.getLogger(__name__)
 
@@ -57,13 +57,14 @@ class Slot(nn.Module):
 
     `op_hints` maps an operator name to options this place needs when that operator fills it
     (e.g. DCD's pooled context in ResNet-18 blocks). Until filled, `forward` only produces a zero
-    tensor of the right shape, so that the dry pass can measure sizes.
+    tensor of the right shape, so that the dry pass can measure sizes. Conv2d's `bias` argument is kept
+    as the bool `has_bias` (an operator's `bias` is its Parameter).
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=None,
                  dilation=1, groups: int = 1, bias: bool = False, op_hints: dict | None = None):
         super().__init__()
-        self.in_channels, self.out_channels, self.groups, self.bias = in_channels, out_channels, groups, bias
+        self.in_channels, self.out_channels, self.groups, self.has_bias = in_channels, out_channels, groups, bias
         self.kernel_size, self.stride, self.dilation = _pair(kernel_size), _pair(stride), _pair(dilation)
         if padding is None:
             padding = tuple(d * (k - 1) // 2 for k, d in zip(self.kernel_size, self.dilation))
@@ -234,7 +235,7 @@ def slot_ops(policy: Policy, candidates: dict, seen: dict, op: str) -> dict[str,
 def _conv_params(m: nn.Module) -> int:
     if isinstance(m, Slot):
         k = m.kernel_size[0] * m.kernel_size[1]
-        return m.out_channels * (m.in_channels // m.groups) * k + (m.out_channels if m.bias else 0)
+        return m.out_channels * (m.in_channels // m.groups) * k + (m.out_channels if m.has_bias else 0)
     return sum(p.numel() for p in m.parameters())
 
 
@@ -251,7 +252,7 @@ def _geometry_kwargs(op: str, m: nn.Module, in_hw, user: dict) -> dict:
     if "groups" in opts and m.groups > 1:
         kw["groups"] = m.groups
     if "bias" in opts:
-        kw["bias"] = m.bias is not None if isinstance(m, nn.Conv2d) else m.bias
+        kw["bias"] = m.has_bias if isinstance(m, Slot) else m.bias is not None
     if "input_size" in opts and "input_size" not in user:
         if in_hw is None:
             raise ValueError(f"operator {op!r} needs the layer's input size, but the dry forward pass never ran it")
@@ -288,14 +289,13 @@ def replace(model: nn.Module, op="conv", policy="none", *, input_size=None, in_c
             init: Callable[[str, nn.Module], None] | None = None, **op_kwargs) -> list[dict]:
     """Fill every `Slot` of `model` and replace the convs `policy` picks by operator `op`, in place.
 
-    `op` is a registered name or a config dict `{"name": ..., <options>}`; `policy` a name, a config
-    dict or a `Policy`. `input_size` (default 224×224) is the dry pass's input size; `init(op, module)`
-    is called on each new module (a backbone's own weight init). Returns the replacement report: one
-    dict per replaced layer.
+    `op` is a registered name or a config dict `{"name": ..., "module": ..., <options>}` (`resolve_op`);
+    `policy` a name, a config dict or a `Policy`. `input_size` (default 224×224) is the dry pass's input
+    size; `init(op, module)` is called on each new module (a backbone's own weight init). Returns the
+    replacement report: one dict per replaced layer.
     """
-    if isinstance(op, dict):
-        op, op_kwargs = op["name"], {**{k: v for k, v in op.items() if k != "name"}, **op_kwargs}
-    get_op(op)
+    op, options = resolve_op(op)
+    op_kwargs = {**options, **op_kwargs}
     policy = Policy.parse(policy)
     candidates = _candidates(model)
     has_slots = any(isinstance(m, Slot) for m in candidates.values())

@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import dynconv
 from models.face_heads import build_head
 from .tasks import register_task
 from .verification import evaluate_sets, mean_accuracy, roc_image
@@ -60,36 +61,8 @@ class FaceTask:
         return out
 
     def images(self, model) -> dict[str, np.ndarray]:
-        """ROC curves of the last evaluation, and TVConv's affinity maps and generated filters (HWC uint8)."""
+        """ROC curves of the last evaluation, and the operators' images (TVConv: affinity maps, filters)."""
         out = {f"roc/{name}": roc_image(r.fpr, r.tpr) for name, r in self.last_results.items()}
-        out.update(tvconv_images(model))
+        out.update(dynconv.tensorboard_images(model))
         return out
 
-
-def _grid(maps: torch.Tensor, cols: int = 8, pad: int = 1) -> np.ndarray:
-    """(N, h, w) maps, each min-max scaled, tiled into one gray HWC uint8 image."""
-    maps = maps.detach().float().cpu()
-    lo = maps.flatten(1).min(1).values[:, None, None]
-    hi = maps.flatten(1).max(1).values[:, None, None]
-    maps = (maps - lo) / (hi - lo).clamp_min(1e-12)
-    n, h, w = maps.shape
-    rows = -(-n // cols)
-    canvas = torch.ones(rows * (h + pad), min(n, cols) * (w + pad))
-    for i, m in enumerate(maps):
-        r, c = divmod(i, cols)
-        canvas[r * (h + pad):r * (h + pad) + h, c * (w + pad):c * (w + pad) + w] = m
-    return (canvas[..., None].expand(-1, -1, 3) * 255).round().to(torch.uint8).numpy()
-
-
-def tvconv_images(model: nn.Module, layers: int = 2) -> dict[str, np.ndarray]:
-    """Affinity maps and the first channels' generated per-pixel filters of the first TVConv layers."""
-    from dynconv.ops.tvconv import TVConv
-
-    out = {}
-    tv = [(n, m) for n, m in model.named_modules() if isinstance(m, TVConv) and not m.frozen][:layers]
-    with torch.no_grad():
-        for name, m in tv:
-            out[f"tvconv/{name}/affinity"] = _grid(m.posi_map[0])
-            w = m.filters()[0][0]  # (C, K*K, h, w)
-            out[f"tvconv/{name}/filters"] = _grid(w[:4].flatten(0, 1), cols=w.shape[1])
-    return out

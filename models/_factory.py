@@ -74,10 +74,7 @@ def create(name: str, *, num_classes: int | None = None, in_chans: int = 3, op=N
     The replacement report is kept as `model.replacement_report`.
     """
     spec = _MODELS[name]
-    if isinstance(op, dict):
-        op_name, op_kwargs = op["name"], {k: v for k, v in op.items() if k != "name"}
-    else:
-        op_name, op_kwargs = op or spec.op, {}
+    op_name, op_kwargs = dynconv.resolve_op(op or spec.op)
     if policy is None:
         policy = spec.policy if op is not None else "none"
     model_keys, op_keys = _builder_keys(spec.builder), set(dynconv.op_options(op_name))

@@ -5,10 +5,6 @@ from collections import OrderedDict
 
 import torch.nn as nn
 
-# operators whose papers define their own init (zero offsets, expert init, ...): a backbone's conv init
-# must not overwrite it
-OWN_INIT_OPS = frozenset({"dk_local", "dk_global", "dk_dcn", "condconv", "dyconv", "odconv", "dcn"})
-
 
 def make_divisible(v: float, divisor: int = 8, min_value: int | None = None) -> int:
     """Round `v` to a multiple of `divisor`, never below 90% of `v` (MobileNetV2's rule)."""
@@ -52,7 +48,7 @@ def op_init(zero_bias: bool = False, linear_std: float | None = None):
     except those with an init of their own."""
 
     def init(op: str, module: nn.Module) -> None:
-        if op not in OWN_INIT_OPS:
+        if not any(getattr(m, "has_own_init", False) for m in module.modules()):  # zero offsets, expert init
             kaiming_conv_init(module, zero_bias, linear_std)
 
     return init

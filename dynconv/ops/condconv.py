@@ -13,18 +13,20 @@ import torch.nn as nn
 from torch import Tensor
 
 from ..functional.sample_conv import sample_conv
+from ..operator import Operator
 from ..registry import register_op
 from .conv import check_groups, conv_geometry
 
 __all__ = ["ExpertConv", "CondConv"]
 
 
-class ExpertConv(nn.Module):
+class ExpertConv(Operator):
     """`num_experts` kernels of one Conv2d geometry; subclasses compute per-sample mixing coefficients.
 
     `weight`: (E, C_out, C_in // groups, kh, kw); `bias`: None or (E, C_out).
     """
 
+    has_own_init = True  # the expert kernels' init, per expert
     expert_init_a = math.sqrt(5)  # kaiming_uniform slope: nn.Conv2d's default init, per expert
 
     def __init__(self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,

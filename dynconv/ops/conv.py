@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch.nn as nn
 from torch.nn.modules.utils import _pair
 
+from ..operator import Operator
 from ..registry import register_op
 
 __all__ = ["Conv", "DWConv", "conv_geometry"]
@@ -24,7 +25,7 @@ def check_groups(op: str, in_channels: int, out_channels: int, groups: int) -> N
 
 
 @register_op("conv")
-class Conv(nn.Conv2d):
+class Conv(Operator, nn.Conv2d):
     """Plain `nn.Conv2d` with 'same' padding by default: the static baseline in every table."""
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=None, dilation=1, groups=1,

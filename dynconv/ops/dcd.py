@@ -23,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..operator import Operator
 from ..registry import register_op
 from .conv import check_groups, conv_geometry
 
@@ -94,7 +95,7 @@ def dymodule_sizes(in_channels: int, out_channels: int, fc_squeeze: int = 16,
     return pool, dim, max(max(n, dim * dim) // fc_squeeze, 4)
 
 
-class _DCDConv(nn.Module):
+class _DCDConv(Operator):
     """Shared body of `conv_dy`, `conv_basic_dy` and `DYModule`; sizes come from the subclass."""
 
     qp_names = ("q", "p")  # official attribute names of Qᵀ and P

@@ -12,6 +12,7 @@ import torch.nn as nn
 from torch import Tensor
 from torchvision.ops import deform_conv2d
 
+from ..operator import Operator, pixel_macs
 from ..registry import register_op
 from .conv import check_groups, conv_geometry
 
@@ -19,8 +20,10 @@ __all__ = ["DCN"]
 
 
 @register_op("dcn")
-class DCN(nn.Module):
+class DCN(Operator):
     """Deformable conv v2 with its offset+mask branch `conv_offset` (3·k²·offset_groups channels)."""
+
+    has_own_init = True
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=None, dilation=1, groups=1,
                  bias=True, *, offset_groups=1):
@@ -59,6 +62,10 @@ class DCN(nn.Module):
         out = deform_conv2d(x.to(dtype), offset, self.weight.to(dtype), bias, self.stride, self.padding,
                             self.dilation, mask)
         return out.to(x.dtype)
+
+    def aggregation_macs(self, out: Tensor) -> int:
+        """The deformable conv itself (`deform_conv2d` is invisible to the FLOP counter): C_in/groups per tap."""
+        return pixel_macs(out, self.kernel_size) * (self.in_channels // self.groups)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "

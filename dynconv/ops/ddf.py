@@ -17,6 +17,7 @@ from torch import Tensor
 from ..functional.pixel_filter import (COMBINES, centre_aligned, check_channelwise, conv_out_size, pixel_filter,
                                        resolve_padding)
 from ..functional.sample_conv import sample_conv
+from ..operator import Operator, pixel_macs
 from ..registry import register_op
 
 BRANCHES = ("both", "spatial", "channel")
@@ -65,7 +66,7 @@ def _choice(name: str, value: str, allowed: tuple[str, ...]) -> str:
 
 
 @register_op("ddf")
-class DDF(nn.Module):
+class DDF(Operator):
     """DDFPack with the official defaults (head 1, se_ratio 0.2, ReLU gain, 'mul', both branches, FilterNorm).
 
     Keys mirror the official `spatial_branch.0.*`, `channel_branch.{1,3}.*`, `channel_branch.4.std`;
@@ -120,3 +121,7 @@ class DDF(nn.Module):
             out = pixel_filter(x, spatial.reshape(B, self.head, k * k, ho, wo), channel, kernel_size=k,
                                combine=self.kernel_combine, **geometry)
         return out if self.bias is None else out + self.bias.view(1, -1, 1, 1)
+
+    def aggregation_macs(self, out: Tensor) -> int:
+        """The per-pixel aggregation; the channel-only form is a conv the FLOP counter sees."""
+        return 0 if self.spatial_branch is None else pixel_macs(out, self.kernel_size)

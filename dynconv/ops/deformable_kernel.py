@@ -24,6 +24,7 @@ from ..functional.backend import resolve
 from ..functional.pixel_filter import (acc_dtype, check_channelwise, common_dtype, padded_input, pixel_filter,
                                        resolve_padding, tap, zeros_in_format)
 from ..functional.sample_conv import sample_conv
+from ..operator import Operator, pixel_macs
 from ..registry import register_op
 
 
@@ -163,7 +164,7 @@ def _scope_pair(name: str, scope_size, kernel_size: int) -> tuple[int, int]:
 
 
 @register_op("dk_local")
-class DeformKernelLocal(nn.Module):
+class DeformKernelLocal(Operator):
     """Local Deformable Kernel (official `DeformKernel2d`): README setting scope 4, k = 3.
 
     `rotation_conv` (dense k×k conv to G·k²·2 offsets, ordered (g, tap, {h, w})) starts at zero, so
@@ -171,6 +172,8 @@ class DeformKernelLocal(nn.Module):
     (C, 1, S, S) is initialised U(±1/k) as officially. `groups` is checked as in Conv2d; the op is
     depthwise whatever its value.
     """
+
+    has_own_init = True
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, padding=None,
                  dilation: int = 1, groups: int = 1, bias: bool = False, *, scope_size=4, offset_groups: int = 1):
@@ -194,6 +197,9 @@ class DeformKernelLocal(nn.Module):
         offset = self.rotation_conv(x)
         return offset.view(offset.shape[0], self.offset_groups, self.kernel_size ** 2, 2, *offset.shape[-2:])
 
+    def aggregation_macs(self, out: Tensor) -> int:
+        return pixel_macs(out, self.kernel_size)
+
     def forward(self, x: Tensor) -> Tensor:
         out = deform_kernel_local(x, self.kernel_offsets(x), self.weight.squeeze(1), kernel_size=self.kernel_size,
                                   stride=self.stride, padding=self.padding, dilation=self.dilation)
@@ -201,7 +207,7 @@ class DeformKernelLocal(nn.Module):
 
 
 @register_op("dk_global")
-class DeformKernelGlobal(nn.Module):
+class DeformKernelGlobal(Operator):
     """Global Deformable Kernel (official `GlobalDeformKernel2d`; README setting scope 2, k = 1).
 
     coordinates = fc(GAP(x)) + rigid-grid centres (starting at (S−k)/2), clamped into [0, S−1]
@@ -210,6 +216,8 @@ class DeformKernelGlobal(nn.Module):
     The official code never initialises the scope weight; we use U(±1/√fan_in), fan_in = in/groups·k²
     (the local op's rule), and a zero `fc` so training starts from the rigid kernel.
     """
+
+    has_own_init = True
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, padding=None,
                  dilation: int = 1, groups: int = 1, bias: bool = False, *, scope_size=4, offset_groups: int = 1):

@@ -1,7 +1,8 @@
 """DY-Conv (Chen et al., CVPR 2020): `W(x) = Σ_k π_k(x)·W_k`, π = softmax(FC2(ReLU(FC1(GAP x))) / T).
 
 Also the temperature mechanism shared with ODConv: `Tempered` modules hold T as a buffer (so a
-trained model reloads with its final T) and `anneal_temperature` sets T for every one of them.
+trained model reloads with its final T) and anneal it from their starting T to 1 over the first 10
+epochs in `on_epoch_start` (both papers' schedule), which `dynconv.on_epoch_start(model, epoch)` calls.
 """
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from ..operator import on_epoch_start
 from ..registry import register_op
 from .condconv import ExpertConv
 
@@ -16,15 +18,19 @@ __all__ = ["DYConv", "Tempered", "temperature_at", "anneal_temperature"]
 
 
 class Tempered:
-    """Mixin for modules whose attention logits are divided by a temperature buffer `self.temperature`."""
+    """Mixin for operators whose attention logits are divided by a temperature buffer `self.temperature`."""
 
     def _init_temperature(self, t: float) -> None:
         if t <= 0:
             raise ValueError(f"temperature must be > 0, got {t}")
+        self.temperature_start = float(t)
         self.register_buffer("temperature", torch.tensor(float(t)))
 
     def set_temperature(self, t: float) -> None:
         self.temperature.fill_(float(t))
+
+    def on_epoch_start(self, epoch: int) -> None:
+        self.set_temperature(temperature_at(epoch, start=self.temperature_start))
 
 
 def temperature_at(epoch: float, start: float = 30.0, end: float = 1.0, epochs: float = 10) -> float:
@@ -35,21 +41,16 @@ def temperature_at(epoch: float, start: float = 30.0, end: float = 1.0, epochs: 
     return end + (start - end) * max(0.0, 1.0 - epoch / epochs)
 
 
-def anneal_temperature(model: nn.Module, epoch: float, start: float = 30.0, end: float = 1.0,
-                       epochs: float = 10) -> float:
-    """Set `temperature_at(epoch, ...)` on every `Tempered` module of `model`; returns that T."""
-    t = temperature_at(epoch, start, end, epochs)
-    for m in model.modules():
-        if isinstance(m, Tempered):
-            m.set_temperature(t)
-    return t
+def anneal_temperature(model: nn.Module, epoch: int) -> None:
+    """The trainer's call until it calls `dynconv.on_epoch_start` (which this is, for every operator)."""
+    on_epoch_start(model, epoch)
 
 
 @register_op("dyconv")
 class DYConv(Tempered, ExpertConv):
     """Dynamic convolution over `num_experts` kernels (paper: K=4).
 
-    `temperature=30`: the paper's starting T, annealed 30 → 1 by `anneal_temperature`; the
+    `temperature=30`: the paper's starting T, annealed 30 → 1 by `on_epoch_start`; the
     unofficial kaijieshi7 code starts at 34 and subtracts 3 per call. Attention hidden width
     int(0.25·C_in)+1, FC1 without bias and FC2 with bias, as that code; bias=True by default.
     """

@@ -13,11 +13,12 @@ import torch.nn as nn
 from torch import Tensor
 
 from ..functional.pixel_filter import centre_aligned, check_channelwise, conv_out_size, pixel_filter, resolve_padding
+from ..operator import Operator, pixel_macs
 from ..registry import register_op
 
 
 @register_op("involution")
-class Involution(nn.Module):
+class Involution(Operator):
     """Official defaults: 16 channels per group, reduction ratio 4; generator
     [AvgPool(s)] → 1×1 conv → BN → ReLU → 1×1 conv (bias) → G·K² maps ordered (g, kh, kw).
 
@@ -25,7 +26,8 @@ class Involution(nn.Module):
     Unlike the official code, H or W not divisible by the stride work: the generator pools with
     `ceil_mode=True` (the last window averages only the pixels inside the input), which gives the
     conv-formula size ⌈H/s⌉ and equals the official AvgPool(s, s) whenever s divides H and W.
-    `groups` is checked as in Conv2d; the operator is channel-wise whatever its value.
+    `groups` is checked as in Conv2d; the operator is channel-wise whatever its value. Its G kernel
+    groups (C / group_channels) are `kernel_groups`.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, padding=None,
@@ -40,12 +42,12 @@ class Involution(nn.Module):
             raise ValueError(f"involution: in_channels={in_channels} is smaller than reduction_ratio={reduction_ratio}")
         self.kernel_size, self.stride, self.dilation = int(kernel_size), int(stride), int(dilation)
         self.padding = resolve_padding(self.kernel_size, padding, self.dilation)
-        self.groups = in_channels // group_channels
+        self.kernel_groups = in_channels // group_channels  # G of Eq. 6, not Conv2d's `groups`
         mid = in_channels // reduction_ratio
         self.avgpool = nn.AvgPool2d(self.stride, self.stride, ceil_mode=True) if self.stride > 1 else nn.Identity()
         self.conv1 = nn.Sequential(OrderedDict(
             conv=nn.Conv2d(in_channels, mid, 1, bias=False), bn=nn.BatchNorm2d(mid), act=nn.ReLU(inplace=True)))
-        self.conv2 = nn.Sequential(OrderedDict(conv=nn.Conv2d(mid, self.kernel_size ** 2 * self.groups, 1)))
+        self.conv2 = nn.Sequential(OrderedDict(conv=nn.Conv2d(mid, self.kernel_size ** 2 * self.kernel_groups, 1)))
         self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
 
     def forward(self, x: Tensor) -> Tensor:
@@ -53,6 +55,9 @@ class Involution(nn.Module):
         K = self.kernel_size
         out_size = [conv_out_size(n, K, self.stride, p, self.dilation) for n, p in zip((H, W), self.padding)]
         ctx = self.avgpool(centre_aligned(x, K, self.padding, self.dilation))[..., :out_size[0], :out_size[1]]
-        weight = self.conv2(self.conv1(ctx)).view(B, self.groups, K * K, *out_size)
+        weight = self.conv2(self.conv1(ctx)).view(B, self.kernel_groups, K * K, *out_size)
         out = pixel_filter(x, weight, kernel_size=K, stride=self.stride, padding=self.padding, dilation=self.dilation)
         return out if self.bias is None else out + self.bias.view(1, -1, 1, 1)
+
+    def aggregation_macs(self, out: Tensor) -> int:
+        return pixel_macs(out, self.kernel_size)

@@ -3,7 +3,7 @@
 `y = α_f ⊙ ((Σ_i α_k,i · α_s ⊙ W_i) * (α_c ⊙ x))`, four attentions from one squeezed context:
 channel α_c (C_in, on the input), filter α_f (C_out, on the output; skipped for depthwise), spatial
 α_s (kh·kw; skipped for 1×1) and kernel α_k (softmax over n; skipped for n = 1). All logits are
-divided by the temperature T (annealed 30 → 1 by `dyconv.anneal_temperature`).
+divided by the temperature T (annealed 30 → 1 over 10 epochs by `on_epoch_start`, see `dyconv.Tempered`).
 
 α_c and α_f are folded into the per-sample kernel, so the whole operator is one `sample_conv`.
 Submodule names follow the official code (`attention.fc`, `attention.bn`, `attention.*_fc`, `weight`).
@@ -60,7 +60,7 @@ class ODConv(Tempered, ExpertConv):
     """ODConv with the official defaults: `num_experts=1` (kernel_num), `reduction=1/16`, `min_hidden=16`.
 
     `temperature` starts at 30, the first value of the official 30 → 1 schedule; call
-    `dynconv.ops.dyconv.anneal_temperature(model, epoch)` during training.
+    `dynconv.on_epoch_start(model, epoch)` before each training epoch.
     """
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=None, dilation=1, groups=1,

@@ -17,6 +17,7 @@ are averaged over ranks, so every replica starts from the same maps.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -25,6 +26,7 @@ from torch import Tensor
 from torch.nn.modules.utils import _pair
 
 from ..functional.pixel_filter import check_channelwise, conv_out_size, pixel_filter, resolve_padding
+from ..operator import Operator, pixel_macs
 from ..registry import register_op
 
 
@@ -75,8 +77,23 @@ def _run_generator(gen: nn.Sequential, a: Tensor) -> Tensor:
     return a
 
 
+def image_grid(maps: Tensor, cols: int = 8, pad: int = 1) -> np.ndarray:
+    """(N, h, w) maps, each min-max scaled, tiled into one gray HWC uint8 image."""
+    maps = maps.detach().float().cpu()
+    lo = maps.flatten(1).min(1).values[:, None, None]
+    hi = maps.flatten(1).max(1).values[:, None, None]
+    maps = (maps - lo) / (hi - lo).clamp_min(1e-12)
+    n, h, w = maps.shape
+    rows = -(-n // cols)
+    canvas = torch.ones(rows * (h + pad), min(n, cols) * (w + pad))
+    for i, m in enumerate(maps):
+        r, c = divmod(i, cols)
+        canvas[r * (h + pad):r * (h + pad) + h, c * (w + pad):c * (w + pad) + w] = m
+    return (canvas[..., None].expand(-1, -1, 3) * 255).round().to(torch.uint8).numpy()
+
+
 @register_op("tvconv")
-class TVConv(nn.Module):
+class TVConv(Operator):
     """Depthwise translation-variant conv with the official training defaults (4 affinity maps,
     width 64, 3 inner layers; keys `posi_map`, `weight_layers.*`, optional `bias_layers.*`).
     `affinity_init="data"` adds the persistent bool buffer `affinity_initialised` (only then, so
@@ -157,6 +174,17 @@ class TVConv(nn.Module):
         self.register_buffer("frozen_bias_map", None if bias_map is None else bias_map.detach().clone())
         self.frozen = True
         return self
+
+    def aggregation_macs(self, out: Tensor) -> int:
+        return pixel_macs(out, self.kernel_size)
+
+    @torch.no_grad()
+    def tensorboard_images(self) -> dict[str, np.ndarray]:
+        """The affinity maps, and the generated per-pixel filters of the first 4 channels (one row each)."""
+        if self.frozen:
+            return {}
+        w = self.filters()[0][0]  # (C, K*K, h, w)
+        return {"affinity": image_grid(self.posi_map[0]), "filters": image_grid(w[:4].flatten(0, 1), cols=w.shape[1])}
 
     def forward(self, x: Tensor) -> Tensor:
         size = tuple(x.shape[-2:])

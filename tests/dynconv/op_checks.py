@@ -23,6 +23,19 @@ def per_sample_conv(x, weights, biases=None, **conv_kw):
     return torch.cat([F.conv2d(x[b:b + 1], weights[b], biases[b], **conv_kw) for b in range(len(x))])
 
 
+def rounding_tolerance(dtype: torch.dtype, magnitude: torch.Tensor, ref: torch.Tensor, *, roundings: int,
+                       n: int) -> torch.Tensor:
+    """Per-element bound on |y_low − y| for y = Σ_{i<n} t_i computed in `dtype` (unit roundoff u = eps/2).
+
+    Each term carries `roundings` relative roundings (inputs rounded to `dtype`, products formed in it),
+    the n terms are accumulated in float32 (as the CPU and CUDA kernels do for half types), here and in
+    the float32 reference `ref` (≤ 2n·u_fp32 together), and the sum is rounded once to `dtype` (≤ u·|y|).
+    `magnitude` is Σ|t_i|: the same computation on the absolute values of the inputs, in float32.
+    """
+    u, u32 = torch.finfo(dtype).eps / 2, torch.finfo(torch.float32).eps / 2
+    return ((1 + u) ** roundings - 1 + 2 * n * u32) * magnitude + u * ref.abs()
+
+
 def assert_channels_last_matches(op: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """`op` gives the same output and input gradient on a channels_last copy of `x` as on `x`; returns the
     contiguous-input output (its graph kept, so callers can check more gradients)."""

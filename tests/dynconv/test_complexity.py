@@ -24,3 +24,20 @@ def test_pixel_ops_add_their_aggregation_but_ddf_channel_only_does_not():
     op.train()
     count_macs(op, x)
     assert op.training  # the mode is restored
+
+
+def test_dcn_counts_its_deformable_conv_beside_the_offset_conv():
+    op = dynconv.create_op("dcn", 16, 16, 3)
+    r = count_macs(op, torch.zeros(1, 16, 8, 8))
+    offset_conv = 3 * 9 * 16 * 9 * 64  # 27 offset/mask channels, each 16·k² per output pixel
+    deform_conv = 16 * 16 * 9 * 64
+    assert (offset_conv, deform_conv) == (248_832, 147_456)
+    assert r["agg_macs"] == deform_conv and r["macs"] == offset_conv + deform_conv
+    grouped = count_macs(dynconv.create_op("dcn", 16, 16, 3, groups=4), torch.zeros(1, 16, 8, 8))
+    assert grouped["agg_macs"] == deform_conv // 4
+
+
+def test_aggregation_is_counted_for_the_whole_batch_like_the_convs():
+    op = dynconv.create_op("involution", 8, 8, 3, group_channels=4)
+    one, two = count_macs(op, torch.zeros(1, 8, 6, 6)), count_macs(op, torch.zeros(2, 8, 6, 6))
+    assert two["agg_macs"] == 2 * one["agg_macs"] and two["macs"] == 2 * one["macs"]

@@ -4,8 +4,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dynconv import use_backend
-from dynconv.ops.dyconv import DYConv, anneal_temperature, temperature_at
+from dynconv import on_epoch_start, use_backend
+from dynconv.ops.dyconv import DYConv, temperature_at
 from dynconv.ops.odconv import ODConv
 from tests.dynconv.op_checks import gradcheck_op, per_sample_conv
 
@@ -58,14 +58,15 @@ def test_temperature_schedule_values():
     assert temperature_at(2, start=10, end=2, epochs=4) == pytest.approx(6.0)
 
 
-def test_anneal_sets_every_tempered_module_and_persists():
-    model = nn.Sequential(DYConv(4, 4, 3), nn.Sequential(ODConv(4, 4, 3, num_experts=2)))
+def test_on_epoch_start_anneals_every_tempered_module_and_persists():
+    model = nn.Sequential(DYConv(4, 4, 3), nn.Sequential(ODConv(4, 4, 3, num_experts=2, temperature=10.0)))
     x = torch.randn(2, 4, 5, 5)
     before = model(x)
-    assert anneal_temperature(model, 4) == pytest.approx(temperature_at(4))
-    assert float(model[0].temperature) == float(model[1][0].temperature) == pytest.approx(temperature_at(4))
+    on_epoch_start(model, 4)
+    assert float(model[0].temperature) == pytest.approx(temperature_at(4))
+    assert float(model[1][0].temperature) == pytest.approx(temperature_at(4, start=10.0))  # from its own start
     assert not torch.allclose(model(x), before)
-    anneal_temperature(model, 12)
+    on_epoch_start(model, 12)
     reloaded = nn.Sequential(DYConv(4, 4, 3), nn.Sequential(ODConv(4, 4, 3, num_experts=2)))
     reloaded.load_state_dict(model.state_dict())
     assert float(reloaded[0].temperature) == float(reloaded[1][0].temperature) == 1.0

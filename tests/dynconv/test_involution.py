@@ -56,7 +56,7 @@ def test_non_default_padding_and_dilation(backend):
 
 def test_registry_and_channel_errors():
     op = dynconv.create_op("involution", 32, 32, 7, stride=2)
-    assert isinstance(op, Involution) and op.groups == 2
+    assert isinstance(op, Involution) and op.kernel_groups == 2
     with pytest.raises(ValueError, match="1x1 projection"):
         dynconv.create_op("involution", 32, 64, 7)
     with pytest.raises(ValueError, match="group_channels"):
