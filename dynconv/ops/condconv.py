@@ -26,6 +26,7 @@ class ExpertConv(nn.Module):
     """
 
     expert_init_a = math.sqrt(5)  # kaiming_uniform slope: nn.Conv2d's default init, per expert
+    conv_prefix = ""  # each expert is conv-shaped: dynconv.replace(warm_start=True) copies the replaced conv in
 
     def __init__(self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
                  num_experts):
