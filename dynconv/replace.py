@@ -29,6 +29,17 @@ Replacement keeps stride, dilation, padding, groups and bias where the operator 
 operator that cannot change the channel count gets the 1×1 projection the papers use in front of it
 (`proj`: in → out channels, then the operator at out channels, which carries the stride).
 `op="conv"` leaves policy-picked convs as they are (a conv replacing a conv changes nothing).
+
+A layer the operator cannot take (its constructor refuses the geometry or an option) is handled by
+`on_incompatible`: `error` stops with the reason; `skip` keeps the conv (a slot gets the plain conv it
+stands for) and reports why; `adapt` changes the option to the nearest valid value and reports it:
+`group_channels` → the largest divisor of the channel count not above it; a Deformable Kernels
+`scope_size` below k → k + 1; an `input_size` that differs from the dry pass → the dry pass's size.
+
+`warm_start=True` (a pretrained backbone) starts each operator that has a conv-shaped kernel from the
+weights of the conv it replaces: the operator names that kernel by `conv_prefix` (`""`: its own
+`weight`/`bias`, copied into every expert when it has experts; `"conv."`: DCD's static W0). The report
+says which layers started from the conv (`init`).
 """
 from __future__ import annotations
 
@@ -47,6 +58,7 @@ from .registry import get_op, op_options, resolve_op
 log = logging.getLogger(__name__)
 
 POLICIES = ("none", "all_3x3", "dw_only", "deep_only", "shallow_only")
+ON_INCOMPATIBLE = ("error", "skip", "adapt")
 PLACEMENT = ("deep_only", "shallow_only")  # policies that also choose which slots get the operator
 STEM_NAMES = ("stem", "conv1", "conv_stem")
 DEFAULT_INPUT_SIZE = (224, 224)
@@ -98,10 +110,13 @@ class Policy:
     from_stage: int | None = None
     include: Sequence[str] = field(default_factory=tuple)
     exclude: Sequence[str] = field(default_factory=tuple)
+    on_incompatible: str = "error"
 
     def __post_init__(self):
         if self.name not in POLICIES:
             raise ValueError(f"unknown policy {self.name!r}; choose one of {POLICIES}")
+        if self.on_incompatible not in ON_INCOMPATIBLE:
+            raise ValueError(f"policy.on_incompatible={self.on_incompatible!r}: choose one of {ON_INCOMPATIBLE}")
         if self.stages is not None and self.from_stage is not None:
             raise ValueError("give policy.stages or policy.from_stage, not both")
         if self.from_stage is not None and self.name != "deep_only":
@@ -280,19 +295,84 @@ def _make(op: str, m: nn.Module, in_hw, op_kwargs: dict) -> tuple[nn.Module, boo
     return nn.Sequential(OrderedDict(proj=proj, op=cls(m.out_channels, m.out_channels, k, stride=stride, **kw))), True
 
 
+def _largest_divisor(n: int, at_most: int) -> int:
+    return max(d for d in range(1, min(n, at_most) + 1) if n % d == 0)
+
+
+def _adapt(op: str, m: nn.Module, in_hw, kw: dict) -> tuple[dict, list[str]]:
+    """`kw` with the options `op` cannot take at layer `m` moved to their nearest valid value (module
+    docstring), and a note per change."""
+    opts, kw, notes = op_options(op), dict(kw), []
+
+    def change(key, new):
+        old = kw.get(key, opts[key].default)
+        if old is not None and new is not None and tuple(_pair(old)) != tuple(_pair(new)):
+            kw[key] = new
+            notes.append(f"{key} {old}→{new}")
+
+    channels, k = m.out_channels, max(m.kernel_size)  # a channel-wise op runs at out_channels (after proj)
+    if "group_channels" in opts:
+        g = kw.get("group_channels", opts["group_channels"].default)
+        change("group_channels", _largest_divisor(channels, g))
+    if "scope_size" in opts and min(_pair(kw.get("scope_size", opts["scope_size"].default))) < k:
+        change("scope_size", k + 1)
+    if "input_size" in opts and in_hw is not None:
+        change("input_size", tuple(in_hw))
+    return kw, notes
+
+
+def _fill(name: str, op: str, m: nn.Module, in_hw, kw: dict, mode: str) -> tuple[nn.Module | None, bool, str]:
+    """(module, projected?, note) for layer `name` under `on_incompatible=mode`; module None: keep `m`."""
+    notes = []
+    if mode == "adapt":
+        kw, notes = _adapt(op, m, in_hw, kw)
+    try:
+        new, projected = _make(op, m, in_hw, kw)
+        return new, projected, "adapted: " + ", ".join(notes) if notes else ""
+    except ValueError as e:
+        reason = str(e)
+    if mode == "adapt":
+        done = f" after adapting {', '.join(notes)}" if notes else " (no option to adapt)"
+        raise ValueError(f"{name}: {reason}{done}; policy.on_incompatible=skip keeps this conv")
+    if mode == "error":
+        raise ValueError(f"{name}: {reason}; policy.on_incompatible=skip keeps this conv, "
+                         "=adapt picks the nearest valid option")
+    if isinstance(m, Slot):  # a slot must be filled: the plain conv it stands for
+        return _make("conv", m, in_hw, {})[0], False, f"skipped (plain conv): {reason}"
+    return None, False, f"skipped: {reason}"
+
+
+@torch.no_grad()
+def _load_conv(new: nn.Module, conv: nn.Module) -> bool:
+    """Copy `conv`'s weight and bias into `new`'s conv-shaped kernel (module docstring); False if none fits."""
+    prefix = getattr(type(new), "conv_prefix", None)
+    if prefix is None or not isinstance(conv, nn.Conv2d):
+        return False
+    params = dict(new.named_parameters())
+    weight, bias = params.get(prefix + "weight"), params.get(prefix + "bias")
+    if weight is None or weight.shape[-4:] != conv.weight.shape:
+        return False
+    weight.copy_(conv.weight.expand_as(weight))
+    if bias is not None:
+        bias.copy_(conv.bias.expand_as(bias)) if conv.bias is not None else bias.zero_()
+    return True
+
+
 def _set(model: nn.Module, name: str, module: nn.Module) -> None:
     parent, _, attr = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, attr, module)
 
 
 def replace(model: nn.Module, op="conv", policy="none", *, input_size=None, in_chans: int | None = None,
-            init: Callable[[str, nn.Module], None] | None = None, **op_kwargs) -> list[dict]:
+            init: Callable[[str, nn.Module], None] | None = None, warm_start: bool = False,
+            **op_kwargs) -> list[dict]:
     """Fill every `Slot` of `model` and replace the convs `policy` picks by operator `op`, in place.
 
     `op` is a registered name or a config dict `{"name": ..., "module": ..., <options>}` (`resolve_op`);
     `policy` a name, a config dict or a `Policy`. `input_size` (default 224×224) is the dry pass's input
-    size; `init(op, module)` is called on each new module (a backbone's own weight init). Returns the
-    replacement report: one dict per replaced layer.
+    size: give the size the model will run at. `init(op, module)` is called on each new module (a backbone's
+    own weight init); `warm_start` then copies the replaced conv's weights where the operator can take them.
+    Returns the replacement report: one dict per replaced (or skipped) layer.
     """
     op, options = resolve_op(op)
     op_kwargs = {**options, **op_kwargs}
@@ -310,15 +390,21 @@ def replace(model: nn.Module, op="conv", policy="none", *, input_size=None, in_c
             continue
         layer_op = targets[name]
         info = seen.get(name, {})
-        new, projected = _make(layer_op, m, info.get("in_hw"), op_kwargs if layer_op == op else {})
-        if init is not None:
-            init(layer_op, new)
-        _set(model, name, new)
+        new, projected, note = _fill(name, layer_op, m, info.get("in_hw"), op_kwargs if layer_op == op else {},
+                                     policy.on_incompatible)
+        started = False
+        if new is not None:
+            if init is not None:
+                init(layer_op, new)
+            started = warm_start and not projected and _load_conv(new, m)
+            _set(model, name, new)
         report.append({
             "layer": name, "op": layer_op, "kind": "slot" if isinstance(m, Slot) else policy.name,
             "in_channels": m.in_channels, "out_channels": m.out_channels, "kernel_size": list(m.kernel_size),
             "stride": list(m.stride), "input_size": list(info["in_hw"]) if info else None, "projection": projected,
-            "params_before": _conv_params(m), "params_after": sum(p.numel() for p in new.parameters()),
+            "params_before": _conv_params(m), "params_after": sum(p.numel() for p in (new or m).parameters()),
+            "skipped": new is None or note.startswith("skipped"), "note": note,
+            "init": "kept" if new is None else "conv" if started else "fresh",
         })
     if report:
         log.info("replaced %d layer(s) by %s:\n%s", len(report), op, format_report(report))
@@ -327,12 +413,13 @@ def replace(model: nn.Module, op="conv", policy="none", *, input_size=None, in_c
 
 def format_report(report: list[dict]) -> str:
     """The report as an aligned text table, with totals."""
-    head = ("layer", "kind", "op", "in→out", "k", "stride", "input", "params before→after")
+    head = ("layer", "kind", "op", "in→out", "k", "stride", "input", "params before→after", "init", "note")
     rows = [(r["layer"], r["kind"], r["op"] + (" +proj" if r["projection"] else ""),
              f"{r['in_channels']}→{r['out_channels']}", "×".join(map(str, r["kernel_size"])),
              "×".join(map(str, r["stride"])), "×".join(map(str, r["input_size"])) if r["input_size"] else "-",
-             f"{r['params_before']:,}→{r['params_after']:,}") for r in report]
+             f"{r['params_before']:,}→{r['params_after']:,}", r.get("init", ""),
+             "; ".join(filter(None, (r.get("note"), r.get("warning"))))) for r in report]
     rows.append(("total", "", "", "", "", "", "",
-                 f"{sum(r['params_before'] for r in report):,}→{sum(r['params_after'] for r in report):,}"))
+                 f"{sum(r['params_before'] for r in report):,}→{sum(r['params_after'] for r in report):,}", "", ""))
     widths = [max(len(str(row[i])) for row in [head, *rows]) for i in range(len(head))]
     return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in [head, *rows])

@@ -130,7 +130,11 @@ class Config:
 
 
 def register_configs() -> None:
-    ConfigStore.instance().store(name="schema", node=Config)
+    schema = OmegaConf.structured(Config)
+    # open groups: `model.<key>=` may set a builder option that the model's file leaves at its default
+    for group in ("model", "op", "policy"):
+        OmegaConf.set_struct(schema[group], False)
+    ConfigStore.instance().store(name="schema", node=schema)
     if not OmegaConf.has_resolver("or"):  # `${or:a,b}`: a unless it is null (run-folder names)
         OmegaConf.register_new_resolver("or", lambda a, b: b if a is None else a)
 

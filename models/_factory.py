@@ -11,7 +11,8 @@ where its operator goes, plus the defaults of that name. Creating one:
 from __future__ import annotations
 
 import inspect
-import warnings
+import logging
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -23,6 +24,7 @@ import dynconv
 from dynconv.registry import check_op_kwargs
 from dynconv.replace import Policy, format_report
 
+log = logging.getLogger(__name__)
 _MODELS: dict[str, "ModelSpec"] = {}
 # keyword arguments timm.create_model passes to every entrypoint; ours have no pretrained cfgs
 _TIMM_KWARGS = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
@@ -40,7 +42,9 @@ class ModelSpec:
 
 
 def register(name: str, builder: Callable[..., nn.Module], **spec) -> None:
-    """Register `name` here and in timm (overriding timm's own entry of that name, e.g. `resnet50`)."""
+    """Register `name` here and in timm; `name` must be new to timm (timm's own models stay timm's)."""
+    if name not in _MODELS and name in timm.list_models():
+        raise ValueError(f"{name!r} is one of timm's models; register ours under a name timm does not have")
     _MODELS[name] = ModelSpec(builder, **spec)
 
     def entry(pretrained: bool = False, **kwargs) -> nn.Module:
@@ -53,10 +57,7 @@ def register(name: str, builder: Callable[..., nn.Module], **spec) -> None:
 
     entry.__name__ = entry.__qualname__ = name
     entry.__module__ = builder.__module__
-    with warnings.catch_warnings():
-        # overriding timm's resnet18/50/101 is intended: ours take op=/policy= and small-input options
-        warnings.filterwarnings("ignore", message=f"Overwriting {name} in registry")
-        register_model(entry)
+    register_model(entry)
 
 
 def list_models() -> list[str]:
@@ -102,12 +103,47 @@ def create(name: str, *, num_classes: int | None = None, in_chans: int = 3, op=N
     return model
 
 
+def timm_model(name: str, *, pretrained: bool = False, pretrained_file: str | None = None, **kwargs) -> nn.Module:
+    """timm's model `name` (timm's own class; none of ours). `pretrained_file` is the offline source of
+    the pretrained weights, passed as timm's pretrained-config file overlay; online, timm fetches them."""
+    if pretrained_file is not None:
+        if not pretrained:
+            raise ValueError(f"model.pretrained_file={pretrained_file} is read only with model.pretrained=true")
+        if not Path(pretrained_file).is_file():
+            raise FileNotFoundError(f"model.pretrained_file={pretrained_file}: no such file")
+        kwargs["pretrained_cfg_overlay"] = {**kwargs.get("pretrained_cfg_overlay", {}), "file": str(pretrained_file)}
+    try:
+        return timm.create_model(name, pretrained=pretrained, **kwargs)
+    except RuntimeError as e:
+        if "Unknown model" not in str(e):
+            raise
+        raise ValueError(f"unknown model {name!r}: not one of ours ({', '.join(list_models())}) "
+                         f"and timm says: {e}") from None
+
+
+def warn_small_inputs(name: str, report: list[dict]) -> None:
+    """Flag the operator layers whose input is smaller than their kernel (they see mostly padding), in the
+    report (`warning`) and the log, naming the fixes."""
+    small = [r for r in report if r["op"] != "conv" and r["init"] != "kept" and r["input_size"]
+             and min(r["input_size"]) < max(r["kernel_size"])]
+    for r in small:
+        r["warning"] = f"input {'×'.join(map(str, r['input_size']))} smaller than kernel " \
+                       f"{'×'.join(map(str, r['kernel_size']))}"
+    if small:
+        worst = min(small, key=lambda r: min(r["input_size"]))
+        log.warning("model %s: %d operator layer(s) get inputs smaller than their kernel (down to %s): they see "
+                    "mostly zero padding. Train at a larger size (data.img_size=...) or, on a backbone with that "
+                    "option, keep the resolution with model.small_input=true", name, len(small), worst["warning"])
+
+
 def build(model_cfg: dict, op_cfg: dict | None = None, policy_cfg: dict | None = None, *, num_classes: int,
           in_chans: int = 3, input_size=None) -> tuple[nn.Module, list[dict]]:
     """Build from the Hydra `model`, `op` and `policy` groups; returns (model, replacement report).
 
     `model_cfg["name"]` is one of ours (`list_models()`) or any other timm model, to which the
-    policy is then applied. An `op_cfg` without a name (`configs/op/default.yaml`) means the model's
+    policy is then applied; a timm model takes timm's keyword arguments, `pretrained` (its weights are
+    loaded before the policy replaces layers, which then start from the replaced convs where they can)
+    and `pretrained_file`. An `op_cfg` without a name (`configs/op/default.yaml`) means the model's
     own operator (RedNet: involution; plain backbones: conv).
     """
     cfg = dict(model_cfg)
@@ -121,16 +157,15 @@ def build(model_cfg: dict, op_cfg: dict | None = None, policy_cfg: dict | None =
                        input_size=input_size, **cfg)
         report = model.replacement_report
     else:
-        try:
-            model = timm.create_model(name, num_classes=num_classes, in_chans=in_chans, **cfg)
-        except RuntimeError as e:
-            raise ValueError(f"unknown model {name!r}: not one of ours ({', '.join(list_models())}) "
-                             f"and timm says: {e}") from None
-        report = dynconv.replace(model, op or "conv", policy, input_size=input_size, in_chans=in_chans)
+        model = timm_model(name, num_classes=num_classes, in_chans=in_chans, **cfg)
+        report = dynconv.replace(model, op or "conv", policy, input_size=input_size, in_chans=in_chans,
+                                 warm_start=bool(cfg.get("pretrained")))
+    warn_small_inputs(name, report)
     if op and not report and op["name"] != "conv" and policy.name == "none" and not policy.include:
         raise ValueError(f"op={op['name']} has no effect: model {name!r} has no operator slots and policy is "
                          "'none'; choose a policy (all_3x3, dw_only, deep_only) or include patterns")
     return model, report
 
 
-__all__ = ["ModelSpec", "register", "list_models", "create", "build", "format_report"]
+__all__ = ["ModelSpec", "register", "list_models", "create", "build", "timm_model", "warn_small_inputs",
+           "format_report"]

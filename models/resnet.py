@@ -161,9 +161,10 @@ def resnet_dcd(num_classes=1000, in_chans=3, *, depth: int = 50, width: float = 
     return model
 
 
-register("resnet", resnet, policy="all_3x3", init=timm_init)
+# `dynconv_` prefix: timm has its own resnet18/50/101, which `import models` must leave alone
+register("dynconv_resnet", resnet, policy="all_3x3", init=timm_init)
 for _d in (18, 50, 101):
-    register(f"resnet{_d}", resnet, fixed={"depth": _d}, policy="all_3x3", init=timm_init)
+    register(f"dynconv_resnet{_d}", resnet, fixed={"depth": _d}, policy="all_3x3", init=timm_init)
 register("ddf_resnet", ddf_resnet, op="ddf", init=timm_init)
 for _d in (50, 101):
     for _c in ("mul", "add"):

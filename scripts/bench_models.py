@@ -43,7 +43,7 @@ class Spec:
 
 
 SPECS = [
-    Spec("ResNet-50", "resnet50", 224, "ResNet-50"),
+    Spec("ResNet-50", "dynconv_resnet50", 224, "ResNet-50"),
     Spec("RedNet-50", "rednet50", 224, "ResNet-50"),
     Spec("DDF-ResNet-50 (mul)", "ddf_mul_resnet50", 224, "ResNet-50"),
     Spec("face MobileNetV2 (depthwise)", "face_mobilenetv2_x1_0", 96, "face MobileNetV2 (depthwise)"),

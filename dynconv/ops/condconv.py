@@ -28,6 +28,7 @@ class ExpertConv(Operator):
 
     has_own_init = True  # the expert kernels' init, per expert
     expert_init_a = math.sqrt(5)  # kaiming_uniform slope: nn.Conv2d's default init, per expert
+    conv_prefix = ""  # each expert is conv-shaped: dynconv.replace(warm_start=True) copies the replaced conv in
 
     def __init__(self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
                  num_experts):

@@ -28,6 +28,8 @@ def check_groups(op: str, in_channels: int, out_channels: int, groups: int) -> N
 class Conv(Operator, nn.Conv2d):
     """Plain `nn.Conv2d` with 'same' padding by default: the static baseline in every table."""
 
+    conv_prefix = ""  # its weight is a conv's: dynconv.replace(warm_start=True) copies the replaced conv in
+
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=None, dilation=1, groups=1,
                  bias=True):
         k, s, p, d = conv_geometry(kernel_size, stride, padding, dilation)

@@ -99,6 +99,7 @@ class _DCDConv(Operator):
     """Shared body of `conv_dy`, `conv_basic_dy` and `DYModule`; sizes come from the subclass."""
 
     qp_names = ("q", "p")  # official attribute names of Qᵀ and P
+    conv_prefix = "conv."  # the static W0: dynconv.replace(warm_start=True) copies the replaced conv in
 
     def _build(self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, sizes,
                dynamic_scale: bool, dynamic_residual: bool):

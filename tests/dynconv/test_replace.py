@@ -13,7 +13,7 @@ SIZE = (32, 32)
 
 
 def ours_resnet50():
-    return models.create("resnet50", num_classes=10, width=0.125, small_input=True)
+    return models.create("dynconv_resnet50", num_classes=10, width=0.125, small_input=True)
 
 
 def ours_mobilenetv2():

@@ -20,7 +20,7 @@ def test_one_model_params_and_dynamic_macs(capsys):
     args = ["model=resnet18", "model.width=0.125", "model.small_input=true", "op=ddf", "policy=all_3x3", "input_size=28"]
     complexity.main(args)
     out = capsys.readouterr().out
-    model, report = models.build({"name": "resnet18", "width": 0.125, "small_input": True}, {"name": "ddf"},
+    model, report = models.build({"name": "dynconv_resnet18", "width": 0.125, "small_input": True}, {"name": "ddf"},
                                  {"name": "all_3x3"}, num_classes=1000, input_size=(28, 28))
     params = int(re.search(r"params ([\d,]+)", out).group(1).replace(",", ""))
     assert params == sum(p.numel() for p in model.parameters())

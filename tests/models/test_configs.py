@@ -1,4 +1,5 @@
 """Every configs/model, configs/op and configs/policy file builds what it names."""
+import inspect
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,10 @@ def load(path: Path) -> dict:
     return yaml.safe_load(path.read_text())
 
 
-@pytest.mark.parametrize("path", sorted((CONFIGS / "model").glob("*.yaml")), ids=lambda p: p.stem)
+OURS = sorted(p for p in (CONFIGS / "model").glob("*.yaml") if p.stem != "timm")
+
+
+@pytest.mark.parametrize("path", OURS, ids=lambda p: p.stem)
 def test_model_configs_build(path):
     cfg = load(path)
     assert cfg["name"] in models.list_models()  # the file name may be a preset (resnet50_small)
@@ -26,6 +30,21 @@ def test_model_configs_build(path):
         model, _ = models.build(cfg, None, load(CONFIGS / "policy" / "none.yaml"), num_classes=512 if face else 10,
                                 input_size=(96, 96) if face else (64, 64))
     assert sum(p.numel() for p in model.parameters()) > 0
+
+
+@pytest.mark.parametrize("path", OURS, ids=lambda p: p.stem)
+def test_model_configs_hold_only_what_differs_from_the_builder(path):
+    cfg = load(path)
+    spec = models._factory._MODELS[cfg.pop("name")]
+    defaults = {k: p.default for k, p in inspect.signature(spec.builder).parameters.items()}
+    assert all(k in defaults and k not in spec.fixed and v != defaults[k] for k, v in cfg.items()), (cfg, defaults)
+
+
+def test_timm_config_builds_timms_model():
+    cfg = load(CONFIGS / "model" / "timm.yaml")
+    with torch.device("meta"):
+        model, report = models.build(cfg, None, load(CONFIGS / "policy" / "none.yaml"), num_classes=10)
+    assert type(model).__module__.startswith("timm.models.") and report == []
 
 
 def test_op_configs_cover_every_operator():

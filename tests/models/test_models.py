@@ -30,7 +30,8 @@ PAPER_PARAMS = {
     ("face_shufflenetv2_x0_5", None): 869_664, ("face_shufflenetv2_x0_5", "tvconv"): 10_602_984,
     ("face_shufflenetv2_x1_0", None): 1_781_476, ("face_shufflenetv2_x1_0", "tvconv"): 18_904_696,
     # torchvision's counts of the plain backbones
-    ("resnet18", None): 11_689_512, ("resnet50", None): 25_557_032, ("resnet101", None): 44_549_160,
+    ("dynconv_resnet18", None): 11_689_512, ("dynconv_resnet50", None): 25_557_032,
+    ("dynconv_resnet101", None): 44_549_160,
     ("mobilenetv2", None): 3_504_872,
 }
 
@@ -46,15 +47,15 @@ def test_paper_parameter_counts(name, op):
 def test_plain_backbones_match_torchvision_structure():
     import torchvision
 
-    for ours, theirs in (("resnet50", torchvision.models.resnet50), ("mobilenetv2", torchvision.models.mobilenet_v2)):
+    for ours, theirs in (("dynconv_resnet50", torchvision.models.resnet50), ("mobilenetv2", torchvision.models.mobilenet_v2)):
         with torch.device("meta"):
             a, b = timm.create_model(ours), theirs()
         assert sorted(p.numel() for p in a.parameters()) == sorted(p.numel() for p in b.parameters())
 
 
 SMALL = [  # (model cfg, op cfg, input size)
-    ({"name": "resnet", "depth": 18, "width": 0.125, "small_input": True}, None, 28),
-    ({"name": "resnet50", "width": 0.125, "small_input": True}, None, 28),
+    ({"name": "dynconv_resnet", "depth": 18, "width": 0.125, "small_input": True}, None, 28),
+    ({"name": "dynconv_resnet50", "width": 0.125, "small_input": True}, None, 28),
     ({"name": "mobilenetv2", "width": 0.25, "small_input": True}, None, 28),
     ({"name": "rednet", "depth": 26, "width": 0.125, "small_input": True}, {"name": "involution"}, 28),
     ({"name": "rednet", "width": 0.125, "small_input": True}, {"name": "ddf"}, 28),
@@ -90,7 +91,7 @@ def test_face_backbones_embed(family, op):
 
 def test_ddf_resnet50_equals_resnet50_with_ddf_policy():
     a = meta_model("ddf_mul_resnet50", input_size=(64, 64))
-    b = meta_model("resnet50", op="ddf", policy="all_3x3", input_size=(64, 64))
+    b = meta_model("dynconv_resnet50", op="ddf", policy="all_3x3", input_size=(64, 64))
     assert {k: v.shape for k, v in a.state_dict().items()} == {k: v.shape for k, v in b.state_dict().items()}
     assert n_params(a) == n_params(b) == 16_843_748
     assert [r["layer"] for r in a.replacement_report] == [r["layer"] for r in b.replacement_report]
@@ -102,16 +103,16 @@ def test_family_names_choose_the_variant_and_unknown_keys_are_named():
                             input_size=(64, 64))
     assert n_params(a) == 9_233_166
     with pytest.raises(TypeError, match=r"unknown option 'colour'.*model options: .*width"):
-        models.build({"name": "resnet50", "colour": 1}, None, None, num_classes=10)
+        models.build({"name": "dynconv_resnet50", "colour": 1}, None, None, num_classes=10)
     with pytest.raises(TypeError, match="rednet50 fixes depth=50"):
         models.build({"name": "rednet50", "depth": 26}, None, None, num_classes=10)
     with pytest.raises(ValueError, match="op=ddf has no effect"):
-        models.build({"name": "resnet18", "width": 0.125, "small_input": True}, {"name": "ddf"}, {"name": "none"},
+        models.build({"name": "dynconv_resnet18", "width": 0.125, "small_input": True}, {"name": "ddf"}, {"name": "none"},
                      num_classes=10, input_size=(28, 28))
 
 
 def test_timm_kwargs_path_and_default_op():
-    model = timm.create_model("resnet18", num_classes=5, width=0.125, small_input=True, op="ddf", input_size=(28, 28))
+    model = timm.create_model("dynconv_resnet18", num_classes=5, width=0.125, small_input=True, op="ddf", input_size=(28, 28))
     assert {r["kind"] for r in model.replacement_report} == {"all_3x3"}  # op given, no policy: the family default
     assert all(r["layer"].startswith("layer") for r in model.replacement_report)
     red = timm.create_model("rednet26", num_classes=5, width=0.125, small_input=True, input_size=(28, 28))

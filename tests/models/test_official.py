@@ -67,8 +67,8 @@ def test_errors_name_missing_unexpected_and_mismatched_keys():
 
 
 def test_unknown_architecture_is_refused():
-    with pytest.raises(ValueError, match="no official checkpoint layout for 'resnet50'"):
-        models.official.converter("resnet50")
+    with pytest.raises(ValueError, match="no official checkpoint layout for 'dynconv_resnet50'"):
+        models.official.converter("dynconv_resnet50")
 
 
 def test_convert_checkpoint_script(tmp_path):
