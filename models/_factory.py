@@ -150,7 +150,7 @@ def build(model_cfg: dict, op_cfg: dict | None = None, policy_cfg: dict | None =
     name = cfg.pop("name")
     op = dict(op_cfg) if op_cfg and op_cfg.get("name") else None  # no name: the model's own operator
     if op:  # a misspelt op.<key> is named with the valid ones, as create_op does
-        check_op_kwargs(op["name"], {k: v for k, v in op.items() if k != "name"})
+        check_op_kwargs(*dynconv.resolve_op(op))
     policy = Policy.parse(policy_cfg)
     if name in _MODELS:
         model = create(name, num_classes=num_classes, in_chans=in_chans, op=op, policy=policy,
