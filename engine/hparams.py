@@ -48,10 +48,13 @@ def _leaves(prefix: str, value) -> dict:
 
 def collect(cfg: DictConfig, choices: dict, overrides: list[str]) -> dict:
     """Group choices as `choice/<group>`, then every overridden key with its resolved value, then the commit."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
     out = {f"choice/{g}": str(choices[g]).replace("None", "null") for g in GROUPS if g in choices}
-    for o in overrides:
-        key = o.lstrip("+~").split("=", 1)[0]
-        if key.startswith(SKIPPED) or key in choices:  # a group choice is already listed above
+    for o in OverridesParser.create().parse_overrides(overrides):
+        key = o.key_or_group
+        # a group choice (`op=ddf`) is listed above; a value merged into a group (`++op={name:ddf}`) is not
+        if key.startswith(SKIPPED) or o.is_delete() or (key in choices and isinstance(o.value(), str)):
             continue
         value = OmegaConf.select(cfg, key, default=None)
         out.update(_leaves(key, OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value))

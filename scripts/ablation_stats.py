@@ -47,6 +47,16 @@ def holm(pvalues: list[float]) -> list[float]:
     return out
 
 
+def benjamini_hochberg(pvalues: list[float]) -> list[float]:
+    """Benjamini–Hochberg adjusted p-values (false discovery rate); nan entries stay nan and are not counted."""
+    order = sorted(((p, i) for i, p in enumerate(pvalues) if not math.isnan(p)), reverse=True)
+    out, running = [math.nan] * len(pvalues), 1.0
+    for rank, (p, i) in enumerate(order):
+        running = min(running, p * len(order) / (len(order) - rank))
+        out[i] = running
+    return out
+
+
 def verdict(diff: float, p: float, expected: str) -> str:
     """`consistent with` / `contradicts` / `inconclusive` for a finding that expects `+`, `-` or `0`."""
     if expected not in EXPECTED:

@@ -353,18 +353,23 @@ def _save(plt, fig, ax, path: Path) -> None:
     plt.close(fig)
 
 
+def errorbar_png(points: list[tuple[str, float, float, float]], xlabel: str, ylabel: str, title: str,
+                 path: Path) -> None:
+    """One marker per (label, x, mean, 95 % CI half-width), the labels in the legend."""
+    plt, fig, (ax,) = _figure(1)
+    for i, (label, x, mean, half) in enumerate(points):
+        ax.errorbar(x, mean, yerr=half, capsize=3, linestyle="none", label=label, **_style(i))
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    _save(plt, fig, ax, path)
+
+
 def scatter_png(cells: list[Cell], keys: list[str], column: str, scale: float, xlabel: str, metric: str,
                 path: Path) -> bool:
-    if all(c.mean(column) is None for c in cells):
-        return False
-    plt, fig, (ax,) = _figure(1)
-    for i, c in enumerate(cells):
-        if c.mean(column) is not None:
-            ax.errorbar(c.mean(column) / scale, c.acc[0], yerr=c.ci95(), capsize=3, linestyle="none",
-                        label=cell_label(c, keys), **_style(i))
-    ax.set(xlabel=xlabel, ylabel=f"val {metric} (%), mean and 95 % CI", title=f"{metric} vs {xlabel}")
-    _save(plt, fig, ax, path)
-    return True
+    points = [(cell_label(c, keys), c.mean(column) / scale, c.acc[0], c.ci95()) for c in cells
+              if c.mean(column) is not None]
+    if points:
+        errorbar_png(points, xlabel, f"val {metric} (%), mean and 95 % CI", f"{metric} vs {xlabel}", path)
+    return bool(points)
 
 
 def curves_png(cells: list[Cell], keys: list[str], path: Path) -> bool:

@@ -112,3 +112,18 @@ def test_hparams_read_back_from_the_event_files(sweep):
     experiment = metadata.parse_experiment_plugin_data(content[metadata.EXPERIMENT_TAG])
     tags = {m.name.tag for m in experiment.metric_infos}
     assert {"val/acc1", "val/loss", "train/loss", "train/acc1"} <= tags and tags == set(record["metrics"])
+
+
+def test_hparams_list_group_choices_and_the_overridden_values_merged_into_groups():
+    """A grid cell `++op={name:ddf,se_ratio:0.1}` is a value, not a group choice: its leaves are hparams."""
+    from omegaconf import OmegaConf
+
+    from engine import hparams
+
+    cfg = OmegaConf.create({"op": {"name": "ddf", "se_ratio": 0.1}, "optim": {"lr": 0.1}, "seed": 2,
+                            "model": {"width": 0.5, "stages": [1, 2]}})
+    hp = hparams.collect(cfg, {"model": "mobilenetv2", "op": "default", "experiment": None},
+                         ["experiment=ablation_grid", "++op={name:ddf,se_ratio:0.1}", "seed=2", "model=mobilenetv2",
+                          "model.stages=[1,2]", "trainer.resume=true", "hydra.launcher.n_jobs=2"])
+    assert hp == {"choice/model": "mobilenetv2", "choice/op": "default", "choice/experiment": "null", "op.name": "ddf",
+                  "op.se_ratio": 0.1, "seed": 2, "model.stages": "[1, 2]", "commit": hparams.commit()}
