@@ -12,9 +12,9 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from ..functional.geometry import check_groups, conv_geometry
 from ..functional.sample_conv import sample_conv
 from ..registry import register_op
-from .conv import check_groups, conv_geometry
 
 __all__ = ["ExpertConv", "CondConv"]
 

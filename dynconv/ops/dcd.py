@@ -23,8 +23,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..functional.geometry import check_groups, conv_geometry
 from ..registry import register_op
-from .conv import check_groups, conv_geometry
 
 __all__ = ["HSigmoid", "SEModuleSmall", "DCD", "DCDMobile", "DYCls", "dcd_sizes", "dymodule_sizes"]
 

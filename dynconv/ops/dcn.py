@@ -12,8 +12,8 @@ import torch.nn as nn
 from torch import Tensor
 from torchvision.ops import deform_conv2d
 
+from ..functional.geometry import check_groups, conv_geometry
 from ..registry import register_op
-from .conv import check_groups, conv_geometry
 
 __all__ = ["DCN"]
 
