@@ -53,6 +53,7 @@ import torch
 import torch.nn as nn
 from torch.nn.modules.utils import _pair
 
+from .functional.geometry import conv_out_hw, resolve_padding
 from .registry import get_op, op_options, resolve_op
 
 log = logging.getLogger(__name__)
@@ -78,9 +79,7 @@ class Slot(nn.Module):
         super().__init__()
         self.in_channels, self.out_channels, self.groups, self.has_bias = in_channels, out_channels, groups, bias
         self.kernel_size, self.stride, self.dilation = _pair(kernel_size), _pair(stride), _pair(dilation)
-        if padding is None:
-            padding = tuple(d * (k - 1) // 2 for k, d in zip(self.kernel_size, self.dilation))
-        self.padding = _pair(padding)
+        self.padding = resolve_padding(self.kernel_size, padding, self.dilation)
         self.op_hints = dict(op_hints or {})
 
     @classmethod
@@ -90,10 +89,7 @@ class Slot(nn.Module):
                    conv.dilation, conv.groups, conv.bias is not None, op_hints)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h, w = (
-            (n + 2 * p - d * (k - 1) - 1) // s + 1
-            for n, p, d, k, s in zip(x.shape[-2:], self.padding, self.dilation, self.kernel_size, self.stride)
-        )
+        h, w = conv_out_hw(x.shape[-2:], self.kernel_size, self.stride, self.padding, self.dilation)
         return x.new_zeros(x.shape[0], self.out_channels, h, w)
 
     def extra_repr(self) -> str:

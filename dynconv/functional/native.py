@@ -29,6 +29,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from .geometry import conv_out_hw, resolve_padding
+
 _SOURCES = [Path(__file__).resolve().parent.parent / "csrc" / "pixel_filter_cpu.cpp"]
 _CFLAGS = ["-O3", "-march=native", "-fopenmp"]
 _LDFLAGS = ["-fopenmp"]
@@ -139,13 +141,29 @@ class _PixelFilter(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         x, spatial, channel = ctx.saved_tensors
-        mode, k, s, p, d = ctx.geom
-        empty = x.new_empty(0)
-        gx, gs, gc = _ext.backward(grad_out.contiguous(), x, spatial,
-                                   empty if channel is None else channel, mode, k, s, p, d)
-        need = ctx.needs_input_grad
-        return (gx if need[0] else None, gs if need[1] else None,
-                gc if channel is not None and need[2] else None, None, None, None, None, None)
+        gx, gs, gc = _backward(grad_out, x, spatial, channel, *ctx.geom, ctx.needs_input_grad[:3])
+        return gx, gs, gc, None, None, None, None, None
+
+
+def _backward(grad_out, x, spatial, channel, mode, k, s, p, d, need):
+    """The compiled backward on compute-dtype contiguous inputs; None for the gradients not needed."""
+    empty = x.new_empty(0)
+    gx, gs, gc = _ext.backward(grad_out.contiguous(), x, spatial, empty if channel is None else channel,
+                               mode, k, s, p, d)
+    return gx if need[0] else None, gs if need[1] else None, gc if channel is not None and need[2] else None
+
+
+def backward(grad_out: Tensor, x: Tensor, spatial: Tensor, channel: Tensor | None, kernel_size: int, stride: int,
+             padding: int, dilation: int, combine: str, need) -> tuple:
+    """Gradients of `pixel_filter` for (x, spatial, channel), each in its input's dtype (None where
+    `need` is False), by the compiled kernel; the inputs need not be contiguous or float32/64."""
+    tensors = [t for t in (x, spatial, channel) if t is not None]
+    cdt = _compute_dtype(tensors)
+    xc, sc = x.to(cdt).contiguous(), spatial.to(cdt).contiguous()
+    cc = None if channel is None else channel.to(cdt).contiguous()
+    mode = _COMBINE[combine] if channel is not None else _COMBINE[None]
+    grads = _backward(grad_out.to(cdt), xc, sc, cc, mode, kernel_size, stride, padding, dilation, need)
+    return tuple(None if g is None else g.to(t.dtype) for g, t in zip(grads, (x, spatial, channel)))
 
 
 def _check(x: Tensor, spatial: Tensor, channel: Tensor | None, k: int, ho: int, wo: int) -> None:
@@ -174,9 +192,8 @@ def pixel_filter(x: Tensor, spatial: Tensor, channel: Tensor | None = None, *, k
     if combine not in ("mul", "add"):
         raise ValueError(f"combine must be 'mul' or 'add', got {combine!r}")
     k, s, d = int(kernel_size), int(stride), int(dilation)
-    p = d * (k - 1) // 2 if padding is None else int(padding)
-    ho = (x.shape[2] + 2 * p - d * (k - 1) - 1) // s + 1
-    wo = (x.shape[3] + 2 * p - d * (k - 1) - 1) // s + 1
+    p = int(resolve_padding(k, padding, d)[0])
+    ho, wo = conv_out_hw(x.shape[2:], k, s, p, d)
     _check(x, spatial, channel, k, ho, wo)
     tensors = [t for t in (x, spatial, channel) if t is not None]
     out_dtype = x.dtype

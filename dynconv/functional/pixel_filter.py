@@ -1,5 +1,5 @@
 """`pixel_filter`: per-pixel (translation-variant) filtering, the aggregation of involution, DDF,
-TVConv and local Deformable Kernels (DESIGN.md, "The one idea").
+TVConv and local Deformable Kernels.
 
     out[b,c,i,j] = Σ_k F[b,c,k,i,j] · x[b, c, i·s − p + kh·d, j·s − p + kw·d]      k = kh·K + kw
 
@@ -8,10 +8,12 @@ batch as in TVConv) and channels in contiguous groups `g(c) = c // (C // G)` as 
 (Li et al. 2021, Eq. 4). An optional channel filter `A[b, c, k]` (DDF, Zhou et al. 2021, Eq. 5)
 is combined first: `F = A · S` ("mul") or `F = A + S` ("add").
 
-Backends: "reference" unfolds the input (obviously correct, the tests' oracle); "fast" loops over
-the K² taps with a hand-derived backward and never holds a (B, C·K², Ho, Wo) tensor; it runs the
-compiled CPU kernel (`native`) for CPU tensors and the Triton kernels (`triton_pixel_filter`) for
-CUDA tensors where they are available, else the PyTorch tap loop `_PixelFilter`.
+Backends: "reference" unfolds the input with plain PyTorch ops (obviously correct, the tests'
+oracle, and what `torch.export` sees); "fast" is the custom op `torch.ops.dynconv.pixel_filter`
+(with `dynconv::pixel_filter_backward`, a fake kernel each and registered autograd, so
+`torch.compile(fullgraph=True)` traces through it). It never holds a (B, C·K², Ho, Wo) tensor and
+runs the compiled CPU kernel (`native`) for CPU tensors, the Triton kernels (`triton_pixel_filter`)
+for CUDA tensors where they are available, else the PyTorch tap loop with a hand-derived backward.
 """
 from __future__ import annotations
 
@@ -22,6 +24,8 @@ from torch.nn.modules.utils import _pair
 
 from . import triton_pixel_filter
 from .backend import resolve
+from .library import absent, register_autograd
+from .geometry import conv_out_hw, conv_out_size, resolve_padding  # noqa: F401  (conv_out_size: public here too)
 
 try:
     from . import native
@@ -29,47 +33,6 @@ except ImportError:
     native = None
 
 COMBINES = ("mul", "add")
-
-
-def conv_out_size(size: int, kernel_size: int, stride: int, padding: int, dilation: int) -> int:
-    """The convolution output-size formula, floor((H + 2p − d(K−1) − 1) / s) + 1."""
-    return (size + 2 * padding - dilation * (kernel_size - 1) - 1) // stride + 1
-
-
-def resolve_padding(kernel_size: int, padding, dilation) -> tuple[int, int]:
-    """`padding` as a pair; None means the centred default d·(K−1)//2."""
-    d = _pair(dilation)
-    if padding is None:
-        return tuple(di * (kernel_size - 1) // 2 for di in d)
-    return _pair(padding)
-
-
-def centre_aligned(x: Tensor, kernel_size: int, padding, dilation) -> Tensor:
-    """Crop `x` so that pixel (i·s, j·s) is the centre tap of output (i, j).
-
-    Kernel generators that look at the input at the output's own position (involution's pooled
-    input, DDF's strided 1×1 conv) need this when `padding` is smaller than the centred default;
-    with the default it is `x` itself. Larger padding would put centres outside the input.
-    """
-    p = resolve_padding(kernel_size, padding, dilation)
-    off = [di * (kernel_size - 1) // 2 - pi for di, pi in zip(_pair(dilation), p)]
-    if min(off) < 0:
-        raise ValueError(
-            f"padding {p} exceeds the centred padding for kernel_size={kernel_size}, dilation={dilation}; "
-            "this operator's kernel generator needs padding <= dilation*(kernel_size-1)//2"
-        )
-    return x[..., off[0]:, off[1]:]
-
-
-def check_channelwise(name: str, in_channels: int, out_channels: int, groups: int) -> None:
-    """Shape checks shared by the channel-wise operators (involution, DDF, TVConv, local DK)."""
-    if out_channels != in_channels:
-        raise ValueError(
-            f"{name} filters each channel separately and cannot map {in_channels} to {out_channels} channels; "
-            "use out_channels == in_channels (the replacement policy adds a 1x1 projection conv for this)"
-        )
-    if groups < 1 or in_channels % groups:
-        raise ValueError(f"{name}: groups={groups} must be a positive divisor of in_channels={in_channels}")
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -133,7 +96,7 @@ def _check(x, spatial, channel, K, s, p, d, combine) -> None:
         raise ValueError(f"pixel_filter: spatial groups G={G} must divide the {C} input channels")
     if KK != K * K:
         raise ValueError(f"pixel_filter: spatial has {KK} taps but kernel_size={K} needs {K * K}")
-    expected = tuple(conv_out_size(n, K, si, pi, di) for n, si, pi, di in zip((H, W), s, p, d))
+    expected = conv_out_hw((H, W), K, s, p, d)
     if min(expected) < 1:
         raise ValueError(f"pixel_filter: input {H}x{W} is too small for kernel_size={K}, dilation={d}, padding={p}")
     if (Ho, Wo) != expected:
@@ -158,78 +121,117 @@ def _reference(x, spatial, channel, K, s, p, d, combine) -> Tensor:
     return (cols * filt).sum(3).view(B, C, Ho, Wo)
 
 
-class _PixelFilter(torch.autograd.Function):
-    """Tap-by-tap forward and backward; every temporary is at most (B, C, Ho, Wo).
+def _taps_forward(x, spatial, channel, K, s, p, d, combine) -> Tensor:
+    """The fast path in plain PyTorch: tap by tap, every temporary at most (B, C, Ho, Wo)."""
+    acc = acc_dtype(x.dtype)
+    B, C = x.shape[:2]
+    _, G, KK, Ho, Wo = spatial.shape
+    xp = padded_input(x, p, acc)
+    out = zeros_in_format((B, C, Ho, Wo), x, acc)
+    out_g = out.view(B, G, C // G, Ho, Wo)
+    ch = None if channel is None else channel.to(acc).view(B, G, C // G, KK)
+    buf = torch.empty_like(out_g) if combine == "mul" and ch is not None else None
+    for k in range(KK):
+        xt = tap(xp, k, K, s, d, (Ho, Wo)).view(B, G, C // G, Ho, Wo)
+        sk = spatial[:, :, k].to(acc).unsqueeze(2)
+        if ch is None:
+            out_g.addcmul_(xt, sk)
+        elif combine == "add":
+            out_g.addcmul_(xt, sk).addcmul_(xt, ch[..., k, None, None])
+        else:
+            out_g.addcmul_(torch.mul(xt, ch[..., k, None, None], out=buf), sk)
+    return out.to(x.dtype)
 
-    Backward, with P_k = grad_out · x_tap_k (per tap):
+
+def _taps_backward(grad_out, x, spatial, channel, K, s, p, d, combine, need):
+    """Gradients (x, spatial, channel; None where `need` says so) tap by tap. With P_k = grad_out · x_tap_k:
       grad_x_tap_k   += grad_out · F_k                        (scatter-add into a padded buffer)
       grad_spatial_k  = Σ_{c∈g} P_k · A_k  ("mul"), Σ_{c∈g} P_k  (otherwise; also Σ_b when shared)
       grad_channel_k  = Σ_{i,j} P_k · S_k  ("mul"), Σ_{i,j} P_k  ("add")
     """
-
-    @staticmethod
-    def forward(ctx, x, spatial, channel, K, s, p, d, combine):
-        ctx.save_for_backward(x, spatial, channel)
-        ctx.geometry = (K, s, p, d, combine)
-        acc = acc_dtype(x.dtype)
-        B, C = x.shape[:2]
-        _, G, KK, Ho, Wo = spatial.shape
-        xp = padded_input(x, p, acc)
-        out = zeros_in_format((B, C, Ho, Wo), x, acc)
-        out_g = out.view(B, G, C // G, Ho, Wo)
-        ch = None if channel is None else channel.to(acc).view(B, G, C // G, KK)
-        buf = torch.empty_like(out_g) if combine == "mul" and ch is not None else None
-        for k in range(KK):
-            xt = tap(xp, k, K, s, d, (Ho, Wo)).view(B, G, C // G, Ho, Wo)
-            sk = spatial[:, :, k].to(acc).unsqueeze(2)
+    need_x, need_s, need_c = need
+    acc = acc_dtype(x.dtype)
+    B, C, H, W = x.shape
+    Bs, G, KK, Ho, Wo = spatial.shape
+    go = grad_out.to(acc).view(B, G, C // G, Ho, Wo)
+    ch = None if channel is None else channel.to(acc).view(B, G, C // G, KK)
+    mul = combine == "mul" and ch is not None
+    xp = padded_input(x, p, acc) if need_s or need_c else None
+    (ph, pw) = p
+    gxp = zeros_in_format((B, C, H + 2 * ph, W + 2 * pw), x, acc) if need_x else None
+    gs = torch.empty(spatial.shape, dtype=acc, device=x.device) if need_s else None
+    gc = torch.empty(B, G, C // G, KK, dtype=acc, device=x.device) if need_c else None
+    buf = torch.empty_like(go)
+    for k in range(KK):
+        sk = spatial[:, :, k].to(acc)
+        if need_s or need_c:
+            prod = torch.mul(go, tap(xp, k, K, s, d, (Ho, Wo)).view(B, G, C // G, Ho, Wo), out=buf)
+            if need_s:
+                gsk = torch.einsum("bgchw,bgc->bghw", prod, ch[..., k]) if mul else prod.sum(2)
+                gs[:, :, k] = gsk.sum(0, keepdim=True) if Bs != B else gsk
+            if need_c:
+                gc[..., k] = torch.einsum("bgchw,bghw->bgc", prod, sk) if mul else prod.sum((-2, -1))
+        if need_x:
+            gxt = tap(gxp, k, K, s, d, (Ho, Wo)).view(B, G, C // G, Ho, Wo)
             if ch is None:
-                out_g.addcmul_(xt, sk)
+                gxt.addcmul_(go, sk.unsqueeze(2))
             elif combine == "add":
-                out_g.addcmul_(xt, sk).addcmul_(xt, ch[..., k, None, None])
+                gxt.addcmul_(go, sk.unsqueeze(2)).addcmul_(go, ch[..., k, None, None])
             else:
-                out_g.addcmul_(torch.mul(xt, ch[..., k, None, None], out=buf), sk)
-        return out.to(x.dtype)
+                gxt.addcmul_(torch.mul(go, ch[..., k, None, None], out=buf), sk.unsqueeze(2))
+    gx = torch.empty_like(x).copy_(gxp[:, :, ph:ph + H, pw:pw + W]) if need_x else None
+    return (gx, None if gs is None else gs.to(spatial.dtype),
+            None if gc is None else gc.view(B, C, KK).to(channel.dtype))
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        x, spatial, channel = ctx.saved_tensors
-        K, s, p, d, combine = ctx.geometry
-        need_x, need_s, need_c = ctx.needs_input_grad[:3]
-        with torch.autocast(x.device.type, enabled=False):
-            acc = acc_dtype(x.dtype)
-            B, C, H, W = x.shape
-            Bs, G, KK, Ho, Wo = spatial.shape
-            go = grad_out.to(acc).view(B, G, C // G, Ho, Wo)
-            ch = None if channel is None else channel.to(acc).view(B, G, C // G, KK)
-            mul = combine == "mul" and ch is not None
-            xp = padded_input(x, p, acc) if need_s or need_c else None
-            (ph, pw) = p
-            gxp = zeros_in_format((B, C, H + 2 * ph, W + 2 * pw), x, acc) if need_x else None
-            gs = torch.empty(spatial.shape, dtype=acc, device=x.device) if need_s else None
-            gc = torch.empty(B, G, C // G, KK, dtype=acc, device=x.device) if need_c else None
-            buf = torch.empty_like(go)
-            for k in range(KK):
-                sk = spatial[:, :, k].to(acc)
-                if need_s or need_c:
-                    prod = torch.mul(go, tap(xp, k, K, s, d, (Ho, Wo)).view(B, G, C // G, Ho, Wo), out=buf)
-                    if need_s:
-                        gsk = torch.einsum("bgchw,bgc->bghw", prod, ch[..., k]) if mul else prod.sum(2)
-                        gs[:, :, k] = gsk.sum(0, keepdim=True) if Bs != B else gsk
-                    if need_c:
-                        gc[..., k] = torch.einsum("bgchw,bghw->bgc", prod, sk) if mul else prod.sum((-2, -1))
-                if need_x:
-                    gxt = tap(gxp, k, K, s, d, (Ho, Wo)).view(B, G, C // G, Ho, Wo)
-                    if ch is None:
-                        gxt.addcmul_(go, sk.unsqueeze(2))
-                    elif combine == "add":
-                        gxt.addcmul_(go, sk.unsqueeze(2)).addcmul_(go, ch[..., k, None, None])
-                    else:
-                        gxt.addcmul_(torch.mul(go, ch[..., k, None, None], out=buf), sk.unsqueeze(2))
-            gx = None
-            if need_x:
-                gx = torch.empty_like(x).copy_(gxp[:, :, ph:ph + H, pw:pw + W])
-            return (gx, None if gs is None else gs.to(spatial.dtype),
-                    None if gc is None else gc.view(B, C, KK).to(channel.dtype), None, None, None, None, None)
+
+def _native_ok(x, spatial, channel, s, p, d) -> bool:
+    square = s[0] == s[1] and p[0] == p[1] and d[0] == d[1]  # the compiled kernel takes int geometry
+    return native is not None and square and native.available(x, spatial, channel)
+
+
+@torch.library.custom_op("dynconv::pixel_filter", mutates_args=())
+def _pixel_filter_op(x: Tensor, spatial: Tensor, channel: Tensor | None, kernel_size: int, stride: list[int],
+                     padding: list[int], dilation: list[int], combine: str) -> Tensor:
+    """The fast forward: the compiled CPU kernel where it serves the inputs, else the PyTorch tap loop."""
+    K, s, p, d = kernel_size, tuple(stride), tuple(padding), tuple(dilation)
+    if _native_ok(x, spatial, channel, s, p, d):
+        with torch.no_grad():  # its direct entry point carries its own autograd; the op's is registered
+            out = native.pixel_filter(x, spatial, channel, kernel_size=K, stride=s[0], padding=p[0],
+                                      dilation=d[0], combine=combine)
+        return out.contiguous(memory_format=_memory_format(x))
+    return _taps_forward(x, spatial, channel, K, s, p, d, combine)
+
+
+@torch.library.custom_op("dynconv::pixel_filter_backward", mutates_args=())
+def _pixel_filter_backward_op(grad_out: Tensor, x: Tensor, spatial: Tensor, channel: Tensor | None,
+                              kernel_size: int, stride: list[int], padding: list[int], dilation: list[int],
+                              combine: str, need: list[bool]) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients for x, spatial and channel on the forward's implementation (`library.absent` where
+    `need` is False)."""
+    K, s, p, d = kernel_size, tuple(stride), tuple(padding), tuple(dilation)
+    need = (need[0], need[1], need[2] and channel is not None)
+    if _native_ok(x, spatial, channel, s, p, d):
+        gx, gs, gc = native.backward(grad_out, x, spatial, channel, K, s[0], p[0], d[0], combine, need)
+        gx = None if gx is None else gx.contiguous(memory_format=_memory_format(x))
+    else:
+        gx, gs, gc = _taps_backward(grad_out, x, spatial, channel, K, s, p, d, combine, need)
+    return absent((gx, gs, gc), x)
+
+
+@_pixel_filter_op.register_fake
+def _(x, spatial, channel, kernel_size, stride, padding, dilation, combine):
+    return x.new_empty((*x.shape[:2], *spatial.shape[-2:])).contiguous(memory_format=_memory_format(x))
+
+
+@_pixel_filter_backward_op.register_fake
+def _(grad_out, x, spatial, channel, kernel_size, stride, padding, dilation, combine, need):
+    gx = torch.empty_like(x, memory_format=_memory_format(x)) if need[0] else None
+    gs = torch.empty_like(spatial, memory_format=torch.contiguous_format) if need[1] else None
+    gc = torch.empty_like(channel, memory_format=torch.contiguous_format) if need[2] and channel is not None else None
+    return absent((gx, gs, gc), x)
+
+
+register_autograd(_pixel_filter_op, torch.ops.dynconv.pixel_filter_backward)
 
 
 def pixel_filter(x: Tensor, spatial: Tensor, channel: Tensor | None = None, *, kernel_size: int, stride=1,
@@ -248,11 +250,7 @@ def pixel_filter(x: Tensor, spatial: Tensor, channel: Tensor | None = None, *, k
     with torch.autocast(x.device.type, enabled=False):
         if resolve(backend) == "reference":
             return _reference(x, spatial, channel, K, s, p, d, combine)
-        square = s[0] == s[1] and p[0] == p[1] and d[0] == d[1]  # the compiled kernel takes int geometry
-        if native is not None and square and native.available(x, spatial, channel):
-            return native.pixel_filter(x, spatial, channel, kernel_size=K, stride=s[0], padding=p[0],
-                                       dilation=d[0], combine=combine)
+        op = torch.ops.dynconv.pixel_filter
         if triton_pixel_filter.available(x, spatial, channel):  # CUDA (or the opted-in interpreter)
-            return triton_pixel_filter.pixel_filter(x, spatial, channel, kernel_size=K, stride=s, padding=p,
-                                                    dilation=d, combine=combine)
-        return _PixelFilter.apply(x, spatial, channel, K, s, p, d, combine)
+            op = torch.ops.dynconv.pixel_filter_triton
+        return op(x, spatial, channel, K, list(s), list(p), list(d), combine)

@@ -16,6 +16,7 @@ from torch import Tensor
 from torch.nn.modules.utils import _pair
 
 from .backend import resolve
+from .geometry import conv_out_hw
 
 __all__ = ["sample_conv"]
 
@@ -65,8 +66,7 @@ def _fast(x, weight, bias, stride, padding, dilation, groups):
 def _reference(x, weight, bias, stride, padding, dilation, groups):
     b, c, h, w = x.shape
     out_ch, kh, kw = weight.shape[1], weight.shape[3], weight.shape[4]
-    h_out = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-    w_out = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    h_out, w_out = conv_out_hw((h, w), (kh, kw), stride, padding, dilation)
     # unfold's rows are ordered (channel, kh, kw), so a group's rows are one contiguous block
     cols = F.unfold(x, (kh, kw), dilation=dilation, padding=padding, stride=stride)
     cols = cols.view(b, groups, -1, h_out * w_out)

@@ -2,7 +2,7 @@
 
     out[b,c,i,j] = Σ_k F[b,c,k,i,j] · x[b, c, i·sh − ph + kh·dh, j·sw − pw + kw·dw]      k = kh·K + kw
 
-with F = S[b', g(c), k, i, j], times or plus A[b,c,k] (DESIGN.md "The one idea"; involution Eq. 4,
+with F = S[b', g(c), k, i, j], times or plus A[b,c,k] (involution Eq. 4,
 DDF Eq. 5). The forward, grad_x and grad_S kernels hold a (planes × pixels) tile: up to 16 of the
 (sample, channel) planes that one filter serves (the channels of a group, and the batch too when the
 filter is shared) × a block of pixels, and loop over the taps, so each filter row is read once for
@@ -32,6 +32,9 @@ import os
 
 import torch
 from torch import Tensor
+from torch.library import wrap_triton
+
+from .library import absent, register_autograd
 
 try:
     import triton
@@ -238,60 +241,72 @@ def _device(t: Tensor):
     return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
-class _TritonPixelFilter(torch.autograd.Function):
-    """The Triton forward and the three gradient kernels of the module docstring."""
+def forward(x: Tensor, spatial: Tensor, channel: Tensor | None, K: int, s, p, d, combine: str) -> Tensor:
+    """The forward kernel (x, spatial and channel of one dtype and device; geometry as pairs)."""
+    B, C, H, W = x.shape
+    G, Ho, Wo = spatial.shape[1], *spatial.shape[-2:]
+    out = _empty(x, (B, C, Ho, Wo), x.dtype)
+    sb = _batched(spatial, B)
+    grid, meta = _launch(x, spatial, channel, K, s, d, combine, Ho * Wo)
+    with _device(x):
+        wrap_triton(_forward_kernel)[grid](
+            x, sb, _or(channel, x), out, G, C // G, *meta.pop("NB_NCB"), H, W, Ho, Wo, *p,
+            *x.stride(), *sb.stride(), *_strides(channel, 3), *out.stride(), **meta)
+    return out
 
-    @staticmethod
-    def forward(ctx, x, spatial, channel, K, s, p, d, combine):
-        ctx.save_for_backward(x, spatial, channel)
-        ctx.geometry = (K, s, p, d, combine)
-        B, C, H, W = x.shape
-        G, Ho, Wo = spatial.shape[1], *spatial.shape[-2:]
-        out = _empty(x, (B, C, Ho, Wo), x.dtype)
-        sb = _batched(spatial, B)
-        grid, meta = _launch(x, spatial, channel, K, s, d, combine, Ho * Wo)
-        with _device(x):
-            _forward_kernel[grid](
-                x, sb, _or(channel, x), out, G, C // G, *meta.pop("NB_NCB"), H, W, Ho, Wo, *p,
-                *x.stride(), *sb.stride(), *_strides(channel, 3), *out.stride(), **meta)
-        return out
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out):
-        x, spatial, channel = ctx.saved_tensors
-        K, s, p, d, combine = ctx.geometry
-        need_x, need_s, need_c = ctx.needs_input_grad[:3]
-        B, C, H, W = x.shape
-        Bs, G, KK, Ho, Wo = spatial.shape
-        sb, a = _batched(spatial, B), _or(channel, x)
-        gx = gs = gc = None
-        with _device(x):
-            if need_x:
-                grid, meta = _launch(x, spatial, channel, K, s, d, combine, H * W)
-                gx = _empty(x, x.shape, x.dtype)
-                _grad_x_kernel[grid](
-                    grad_out, sb, a, gx, G, C // G, *meta.pop("NB_NCB"), H, W, Ho, Wo, *p, *grad_out.stride(),
-                    *sb.stride(), *_strides(channel, 3), *gx.stride(), **meta)
-            if need_s:
-                grid, meta = _launch(x, spatial, channel, K, s, d, combine, Ho * Wo)
-                nb, ncb = meta.pop("NB_NCB")
-                acc = spatial.dtype if ncb == 1 else torch.promote_types(x.dtype, torch.float32)
-                part = torch.empty((Bs, G, ncb, KK, Ho, Wo), dtype=acc, device=x.device)
-                _grad_spatial_kernel[grid](
-                    x, grad_out, a, part, G, C // G, nb, ncb, H, W, Ho, Wo, *p, *x.stride(),
-                    *grad_out.stride(), *_strides(channel, 3), *part.stride(), **meta)
-                gs = part.sum(2, dtype=spatial.dtype) if ncb > 1 else part.squeeze(2)
-            if need_c and channel is not None:
-                gc = torch.empty(channel.shape, dtype=channel.dtype, device=x.device)
-                kkp = triton.next_power_of_2(K * K)
-                block = min(max(16, _TILE // kkp), triton.next_power_of_2(Ho * Wo))
-                _grad_channel_kernel[(B * C,)](
-                    x, grad_out, sb, gc, C, C // G, H, W, Ho, Wo, *p, *x.stride(), *grad_out.stride(),
-                    *sb.stride(), *gc.stride(), K=K, SH=s[0], SW=s[1], DH=d[0], DW=d[1],
-                    MODE=_MODE[combine], KKP=kkp, BLOCK=block, ACC=_acc_tl(x.dtype),
-                    num_warps=8 if kkp * block >= _TILE else 4)
-        return gx, gs, gc, None, None, None, None, None
+def backward(grad_out: Tensor, x: Tensor, spatial: Tensor, channel: Tensor | None, K: int, s, p, d,
+             combine: str, need) -> tuple:
+    """The three gradient kernels of the module docstring; None for the gradients `need` leaves out."""
+    need_x, need_s, need_c = need
+    B, C, H, W = x.shape
+    Bs, G, KK, Ho, Wo = spatial.shape
+    sb, a = _batched(spatial, B), _or(channel, x)
+    gx = gs = gc = None
+    with _device(x):
+        if need_x:
+            grid, meta = _launch(x, spatial, channel, K, s, d, combine, H * W)
+            gx = _empty(x, x.shape, x.dtype)
+            wrap_triton(_grad_x_kernel)[grid](
+                grad_out, sb, a, gx, G, C // G, *meta.pop("NB_NCB"), H, W, Ho, Wo, *p, *grad_out.stride(),
+                *sb.stride(), *_strides(channel, 3), *gx.stride(), **meta)
+        if need_s:
+            grid, meta = _launch(x, spatial, channel, K, s, d, combine, Ho * Wo)
+            nb, ncb = meta.pop("NB_NCB")
+            acc = spatial.dtype if ncb == 1 else torch.promote_types(x.dtype, torch.float32)
+            part = torch.empty((Bs, G, ncb, KK, Ho, Wo), dtype=acc, device=x.device)
+            wrap_triton(_grad_spatial_kernel)[grid](
+                x, grad_out, a, part, G, C // G, nb, ncb, H, W, Ho, Wo, *p, *x.stride(),
+                *grad_out.stride(), *_strides(channel, 3), *part.stride(), **meta)
+            gs = part.sum(2, dtype=spatial.dtype) if ncb > 1 else part.squeeze(2)
+        if need_c and channel is not None:
+            gc = torch.empty(channel.shape, dtype=channel.dtype, device=x.device)
+            kkp = triton.next_power_of_2(K * K)
+            block = min(max(16, _TILE // kkp), triton.next_power_of_2(Ho * Wo))
+            wrap_triton(_grad_channel_kernel)[(B * C,)](
+                x, grad_out, sb, gc, C, C // G, H, W, Ho, Wo, *p, *x.stride(), *grad_out.stride(),
+                *sb.stride(), *gc.stride(), K=K, SH=s[0], SW=s[1], DH=d[0], DW=d[1],
+                MODE=_MODE[combine], KKP=kkp, BLOCK=block, ACC=_acc_tl(x.dtype),
+                num_warps=8 if kkp * block >= _TILE else 4)
+    return gx, gs, gc
+
+
+if triton is not None:  # the custom ops: inductor sees the Triton kernels through `wrap_triton`
+
+    @torch.library.triton_op("dynconv::pixel_filter_triton", mutates_args=())
+    def _op(x: Tensor, spatial: Tensor, channel: Tensor | None, kernel_size: int, stride: list[int],
+            padding: list[int], dilation: list[int], combine: str) -> Tensor:
+        return forward(x, spatial, channel, kernel_size, tuple(stride), tuple(padding), tuple(dilation), combine)
+
+    @torch.library.triton_op("dynconv::pixel_filter_triton_backward", mutates_args=())
+    def _backward_op(grad_out: Tensor, x: Tensor, spatial: Tensor, channel: Tensor | None, kernel_size: int,
+                     stride: list[int], padding: list[int], dilation: list[int], combine: str,
+                     need: list[bool]) -> tuple[Tensor, Tensor, Tensor]:
+        grads = backward(grad_out, x, spatial, channel, kernel_size, tuple(stride), tuple(padding),
+                         tuple(dilation), combine, need)
+        return absent(grads, x)
+
+    register_autograd(_op, torch.ops.dynconv.pixel_filter_triton_backward)
 
 
 def _batched(spatial: Tensor, B: int) -> Tensor:
@@ -338,5 +353,5 @@ def pixel_filter(x: Tensor, spatial: Tensor, channel: Tensor | None = None, *, k
     resolves the geometry into pairs) when `available(...)` is true."""
     if triton is None:
         raise RuntimeError("the Triton pixel_filter path needs the `triton` package; check available(...) first")
-    return _TritonPixelFilter.apply(x, spatial, channel, int(kernel_size), tuple(stride), tuple(padding),
-                                    tuple(dilation), combine)
+    return torch.ops.dynconv.pixel_filter_triton(x, spatial, channel, int(kernel_size), list(stride),
+                                                 list(padding), list(dilation), combine)

@@ -12,10 +12,10 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from ..functional.geometry import check_groups, conv_geometry
 from ..functional.sample_conv import sample_conv
 from ..operator import Operator
 from ..registry import register_op
-from .conv import check_groups, conv_geometry
 
 __all__ = ["ExpertConv", "CondConv"]
 

@@ -1,27 +1,13 @@
-"""Static baselines `conv` and `dwconv`, and the Conv2d geometry helper the dynamic operators share."""
+"""Static baselines `conv` and `dwconv`."""
 from __future__ import annotations
 
 import torch.nn as nn
-from torch.nn.modules.utils import _pair
 
+from ..functional.geometry import conv_geometry
 from ..operator import Operator
 from ..registry import register_op
 
 __all__ = ["Conv", "DWConv", "conv_geometry"]
-
-
-def conv_geometry(kernel_size, stride=1, padding=None, dilation=1):
-    """Pairs `(kernel_size, stride, padding, dilation)`; padding None → 'same' = dilation·(k−1)//2."""
-    kernel_size, stride, dilation = _pair(kernel_size), _pair(stride), _pair(dilation)
-    if padding is None:
-        padding = tuple(d * (k - 1) // 2 for k, d in zip(kernel_size, dilation))
-    return kernel_size, stride, _pair(padding), dilation
-
-
-def check_groups(op: str, in_channels: int, out_channels: int, groups: int) -> None:
-    if in_channels % groups or out_channels % groups:
-        raise ValueError(f"{op}: in_channels={in_channels} and out_channels={out_channels} must both be "
-                         f"divisible by groups={groups}")
 
 
 @register_op("conv")

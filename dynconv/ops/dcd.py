@@ -23,9 +23,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..functional.geometry import check_groups, conv_geometry
 from ..operator import Operator
 from ..registry import register_op
-from .conv import check_groups, conv_geometry
 
 __all__ = ["HSigmoid", "SEModuleSmall", "DCD", "DCDMobile", "DYCls", "dcd_sizes", "dymodule_sizes"]
 

@@ -12,9 +12,9 @@ import torch.nn as nn
 from torch import Tensor
 from torchvision.ops import deform_conv2d
 
+from ..functional.geometry import check_groups, conv_geometry
 from ..operator import Operator, pixel_macs
 from ..registry import register_op
-from .conv import check_groups, conv_geometry
 
 __all__ = ["DCN"]
 

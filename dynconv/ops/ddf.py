@@ -14,8 +14,8 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from ..functional.pixel_filter import (COMBINES, centre_aligned, check_channelwise, conv_out_size, pixel_filter,
-                                       resolve_padding)
+from ..functional.geometry import centre_aligned, check_channelwise, conv_out_size, resolve_padding
+from ..functional.pixel_filter import COMBINES, pixel_filter
 from ..functional.sample_conv import sample_conv
 from ..operator import Operator, pixel_macs
 from ..registry import register_op

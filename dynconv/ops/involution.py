@@ -12,7 +12,8 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from ..functional.pixel_filter import centre_aligned, check_channelwise, conv_out_size, pixel_filter, resolve_padding
+from ..functional.geometry import centre_aligned, check_channelwise, conv_out_size, resolve_padding
+from ..functional.pixel_filter import pixel_filter
 from ..operator import Operator, pixel_macs
 from ..registry import register_op
 

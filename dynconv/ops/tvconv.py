@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.modules.utils import _pair
 
-from ..functional.pixel_filter import check_channelwise, conv_out_size, pixel_filter, resolve_padding
+from ..functional.geometry import check_channelwise, conv_out_size, resolve_padding
+from ..functional.pixel_filter import pixel_filter
 from ..operator import Operator, pixel_macs
 from ..registry import register_op
 

@@ -23,7 +23,7 @@ from dynconv.functional.pixel_filter import conv_out_size, pixel_filter
 ROOT = Path(__file__).resolve().parents[2]
 DEVICES = ["interpreter"] + (["cuda"] if torch.cuda.is_available() else [])
 B, C = 2, 4
-TRITON_NODE = "_TritonPixelFilterBackward"
+TRITON_NODE = "GeneratedBackwardFor_dynconv_pixel_filter_triton_defaultBackward"  # the Triton custom op
 
 # Every value of every axis, subsampled: the 8 (K, stride, dilation) combinations each meet two of
 # the 12 (G, shared, combine) combinations, so all 12 occur; odd and unequal H, W alternate. The two

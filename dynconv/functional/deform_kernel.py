@@ -1,0 +1,167 @@
+"""Deformable Kernels' kernel sampling (Gao et al., ICLR 2020, Eq. 6) and the local DK aggregation.
+
+A channel's S_h×S_w scope kernel W_c is resampled bilinearly at learnt scope positions; tap k of the
+k×k kernel at pixel p is W_c(fh + Δh + (S_h−k)/2, fw + Δw + (S_w−k)/2), channel c using offset group
+c mod G. Sampling follows the official `planar_bilinear`: 0 unless −1 < h < S_h and −1 < w < S_w, and
+corners outside the scope count as 0.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.nn.modules.utils import _pair
+
+from .backend import resolve
+from .geometry import resolve_padding
+from .library import absent, register_autograd
+from .pixel_filter import acc_dtype, common_dtype, padded_input, pixel_filter, tap, zeros_in_format
+
+__all__ = ["deform_kernel_local", "scope_corners", "tap_kernel"]
+
+
+def scope_corners(h: Tensor, w: Tensor, scope: tuple[int, int]):
+    """The four bilinear corners of scope coordinates (h, w) in an S_h×S_w plane.
+
+    Yields (index hi·S_w + wi, coefficient, ∂coefficient/∂h, ∂coefficient/∂w); corners outside the
+    scope, and every corner of a point outside (−1, S), get coefficient 0 (index clamped, unused).
+    """
+    sh, sw = scope
+    inside = ((h > -1) & (h < sh) & (w > -1) & (w < sw)).to(h.dtype)
+    h0, w0 = h.floor(), w.floor()
+    lh, lw = h - h0, w - w0
+    for dh in (0, 1):
+        ah, sign_h, hi = (lh, 1.0, h0 + 1) if dh else (1 - lh, -1.0, h0)
+        for dw in (0, 1):
+            aw, sign_w, wi = (lw, 1.0, w0 + 1) if dw else (1 - lw, -1.0, w0)
+            valid = inside * ((hi >= 0) & (hi < sh) & (wi >= 0) & (wi < sw)).to(h.dtype)
+            index = (hi.clamp(0, sh - 1) * sw + wi.clamp(0, sw - 1)).long()
+            yield index, ah * aw * valid, sign_h * aw * valid, ah * sign_w * valid
+
+
+def _tap_coords(offset: Tensor, k: int, kernel_size: int, scope: tuple[int, int]):
+    """Scope coordinates (h, w), each (B, G, Ho, Wo), of tap k for each offset group."""
+    fh, fw = divmod(k, kernel_size)
+    return (offset[:, :, k, 0] + (fh + (scope[0] - kernel_size) / 2),
+            offset[:, :, k, 1] + (fw + (scope[1] - kernel_size) / 2))
+
+
+def _gather(planes: Tensor, index: Tensor) -> Tensor:
+    """planes (C, S·S), index (B, G, Ho, Wo) → (B, C/G, G, Ho, Wo): channel c = m·G + g reads
+    planes[c, index[b, g]], i.e. channel c uses offset group c mod G."""
+    B, G = index.shape[:2]
+    M = planes.shape[0] // G
+    src = planes.view(1, M, G, -1).expand(B, -1, -1, -1)
+    return src.gather(3, index.reshape(B, 1, G, -1).expand(-1, M, -1, -1)).view(B, M, G, *index.shape[2:])
+
+
+def tap_kernel(weight: Tensor, offset: Tensor, k: int, kernel_size: int) -> Tensor:
+    """The resampled kernel of tap k at every pixel, (B, C, Ho, Wo); weight (C, S_h, S_w)."""
+    C, sh, sw = weight.shape
+    h, w = _tap_coords(offset, k, kernel_size, (sh, sw))
+    planes = weight.reshape(C, sh * sw)
+    kern = sum(coef.unsqueeze(1) * _gather(planes, index) for index, coef, _, _ in scope_corners(h, w, (sh, sw)))
+    # reshape: offsets sliced from a channels_last offset conv give a kernel that cannot be viewed as (B, C, ...)
+    return kern.reshape(h.shape[0], C, *h.shape[2:])
+
+
+def _local_forward(x, offset, weight, k, s, p, d) -> Tensor:
+    """Tap by tap: build the tap's (B, C, Ho, Wo) kernel slice, multiply, accumulate; the whole
+    (B, C·k², Ho, Wo) kernel never exists."""
+    acc = acc_dtype(x.dtype)
+    B, C = x.shape[:2]
+    size = offset.shape[-2:]
+    xp = padded_input(x, p, acc)
+    offset, weight = offset.to(acc), weight.to(acc)
+    out = zeros_in_format((B, C, *size), x, acc)
+    for t in range(k * k):
+        out.addcmul_(tap(xp, t, k, s, d, size), tap_kernel(weight, offset, t, k))
+    return out.to(x.dtype)
+
+
+def _local_backward(grad_out, x, offset, weight, k, s, p, d, need):
+    """Gradients (x, offset, weight; None where `need` says so), rebuilding each tap's kernel slice.
+    Coordinates and bilinear coefficients live at the offset groups' size (B, G, Ho, Wo) and
+    broadcast over channels. With P = grad_out · x_tap: grad_x_tap += grad_out · kernel;
+    grad_W_c[corner] += Σ P · coefficient; grad_Δ = Σ_corner ∂coefficient/∂Δ · Σ_{c: c mod G = g} P · W_c[corner].
+    """
+    need_x, need_off, need_w = need
+    acc = acc_dtype(x.dtype)
+    B, C, H, W = x.shape
+    G, size = offset.shape[1], offset.shape[-2:]
+    M, scope = C // G, tuple(weight.shape[-2:])
+    go, off, wt = grad_out.to(acc).reshape(B, M, G, *size), offset.to(acc), weight.to(acc)
+    planes = wt.reshape(C, -1)
+    xp = padded_input(x, p, acc)
+    gxp = torch.zeros_like(xp) if need_x else None
+    goff = torch.zeros_like(off) if need_off else None
+    gw = torch.zeros(B, M, G, planes.shape[1], dtype=acc, device=x.device) if need_w else None
+    for t in range(k * k):
+        h, w = _tap_coords(off, t, k, scope)
+        kern = torch.zeros_like(go) if need_x else None
+        prod = go * tap(xp, t, k, s, d, size).view(B, M, G, *size) if need_off or need_w else None
+        for index, coef, dch, dcw in scope_corners(h, w, scope):
+            val = _gather(planes, index)
+            if need_x:
+                kern.addcmul_(coef.unsqueeze(1), val)
+            if need_off:
+                pv = (prod * val).sum(1)
+                goff[:, :, t, 0].addcmul_(dch, pv)
+                goff[:, :, t, 1].addcmul_(dcw, pv)
+            if need_w:
+                gw.scatter_add_(3, index.reshape(B, 1, G, -1).expand(-1, M, -1, -1),
+                                (prod * coef.unsqueeze(1)).reshape(B, M, G, -1))
+        if need_x:
+            tap(gxp, t, k, s, d, size).view(B, M, G, *size).addcmul_(go, kern)
+    ph, pw = p
+    gx = torch.empty_like(x).copy_(gxp[:, :, ph:ph + H, pw:pw + W]) if need_x else None
+    return (gx, None if goff is None else goff.to(offset.dtype),
+            None if gw is None else gw.sum(0).view_as(weight).to(weight.dtype))
+
+
+@torch.library.custom_op("dynconv::deform_kernel_local", mutates_args=())
+def _local_op(x: Tensor, offset: Tensor, weight: Tensor, kernel_size: int, stride: list[int], padding: list[int],
+              dilation: list[int]) -> Tensor:
+    """The fast local DK aggregation (`_local_forward`) as a custom op."""
+    return _local_forward(x, offset, weight, kernel_size, tuple(stride), tuple(padding), tuple(dilation))
+
+
+@torch.library.custom_op("dynconv::deform_kernel_local_backward", mutates_args=())
+def _local_backward_op(grad_out: Tensor, x: Tensor, offset: Tensor, weight: Tensor, kernel_size: int,
+                       stride: list[int], padding: list[int], dilation: list[int],
+                       need: list[bool]) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients for x, offset and weight; an empty tensor where `need` is False."""
+    grads = _local_backward(grad_out, x, offset, weight, kernel_size, tuple(stride), tuple(padding),
+                            tuple(dilation), need)
+    return absent(grads, x)
+
+
+@_local_op.register_fake
+def _(x, offset, weight, kernel_size, stride, padding, dilation):
+    return zeros_in_format((*x.shape[:2], *offset.shape[-2:]), x, x.dtype)
+
+
+@_local_backward_op.register_fake
+def _(grad_out, x, offset, weight, kernel_size, stride, padding, dilation, need):
+    return absent((torch.empty_like(t) if n else None for t, n in zip((x, offset, weight), need)), x)
+
+
+register_autograd(_local_op, torch.ops.dynconv.deform_kernel_local_backward)
+
+
+def deform_kernel_local(x: Tensor, offset: Tensor, weight: Tensor, *, kernel_size: int, stride=1, padding=None,
+                        dilation=1, backend: str | None = None) -> Tensor:
+    """Local DK aggregation: x (B, C, H, W), offset (B, G, k², 2, Ho, Wo) as (Δh, Δw), weight (C, S_h, S_w).
+
+    "reference" materialises the resampled (B, C, k², Ho, Wo) kernel and calls `pixel_filter`'s
+    reference; "fast" is the tap-by-tap custom op `torch.ops.dynconv.deform_kernel_local`.
+    """
+    k, s, d = int(kernel_size), _pair(stride), _pair(dilation)
+    p = resolve_padding(k, padding, d)
+    if x.shape[1] % offset.shape[1]:
+        raise ValueError(f"offset groups {offset.shape[1]} must divide the {x.shape[1]} channels")
+    x, offset, weight = common_dtype(x, offset, weight)
+    if resolve(backend) == "reference":
+        kernel = torch.stack([tap_kernel(weight, offset, t, k) for t in range(k * k)], 2)
+        return pixel_filter(x, kernel, kernel_size=k, stride=s, padding=p, dilation=d, backend="reference")
+    with torch.autocast(x.device.type, enabled=False):
+        return torch.ops.dynconv.deform_kernel_local(x, offset, weight, k, list(s), list(p), list(d))
