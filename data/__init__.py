@@ -1,4 +1,5 @@
-"""Datasets for training and evaluation: `build_datasets(cfg.data) -> (train_ds, val_ds, DataInfo)`.
+"""Datasets for training and evaluation, classification and face sets alike:
+`build_datasets(cfg.data) -> (train_ds, validation part, DataInfo)`.
 
 Every dataset returns (normalised float CHW tensor, int label). Data is fetched once, before training, by
 `make setup` (scripts/fetch_data.sh, data/fetch.py); a missing dataset raises an error naming that command.
@@ -8,18 +9,21 @@ from torch.utils.data import Subset
 
 from .base import DataInfo, subset_indices
 from .config import DataConfig
+from .face.build import FACE_DATASETS
 from .imagefolder import build_imagefolder
 from .mnist import build_fashion_mnist, build_mnist5k
 from .synthetic import build_synthetic
 
 __all__ = ["DATASETS", "DataConfig", "DataInfo", "build_datasets", "data_config"]
 
-# name -> builder(cfg: DataConfig) -> (train_ds, val_ds, DataInfo)
+# name -> builder(cfg: DataConfig) -> (train_ds, validation part, DataInfo); the validation part is what the
+# task evaluates on: a Dataset for classification, a list of verification PairSets for the face sets
 DATASETS = {
     "fashion_mnist": build_fashion_mnist,
     "mnist5k": build_mnist5k,
     "imagefolder": build_imagefolder,
     "synthetic": build_synthetic,
+    **FACE_DATASETS,
 }
 
 
@@ -36,8 +40,6 @@ def build_datasets(cfg):
     cfg = data_config(cfg)
     if cfg.name not in DATASETS:
         raise ValueError(f"unknown dataset data.name={cfg.name!r}; known: {', '.join(sorted(DATASETS))}")
-    if cfg.channels not in (1, 3):
-        raise ValueError(f"data.channels must be 1 or 3, got {cfg.channels}")
     train, val, info = DATASETS[cfg.name](cfg)
     if cfg.num_classes is not None and cfg.num_classes != info.num_classes:
         raise ValueError(f"data.num_classes={cfg.num_classes} but the {cfg.name} data has {info.num_classes} "

@@ -16,12 +16,13 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from . import faults
 from .config import ConfigError
 
 CKPT_DIR = "checkpoints"
 # what fixes the network a checkpoint's weights belong to; a resume may change anything else
-NETWORK_GROUPS = ("model", "op", "policy", "head")
-NETWORK_KEYS = ("task.name", "data.name", "data.num_classes")
+NETWORK_GROUPS = ("model", "op", "policy")
+NETWORK_KEYS = ("task.name", "task.margin.name", "data.name", "data.num_classes")
 
 
 def _fsync_dir(path: Path) -> None:
@@ -39,8 +40,7 @@ def atomic_save(obj, path: str | Path) -> None:
     with open(tmp, "wb") as f:
         torch.save(obj, f)
         f.flush()
-        if os.environ.get("DYNCONV_FAULT_KILL_IN_SAVE"):  # fault injection for the crash-safety test
-            os.kill(os.getpid(), 9)
+        faults.kill_point("save")
         os.fsync(f.fileno())
     os.replace(tmp, path)
     _fsync_dir(path.parent)

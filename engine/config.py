@@ -3,7 +3,8 @@
 `model`, `op`, `policy` and `task` are open dictionaries: their keys are the keyword arguments of the
 model factory, the operator constructor, the replacement policy and the task, and are checked
 against those signatures when the run is built (before any training), with errors that list the
-valid names. Everything else is typed here, so a misspelt key or a wrong type fails at compose time.
+valid names. Everything else is typed here: a misspelt key or a wrong type fails at compose time, and
+`validate` (right after composing) refuses keys added with `+` and values out of range, naming the key.
 """
 from __future__ import annotations
 
@@ -74,13 +75,6 @@ class TrainerConfig:
     channels_last: bool = False
     compile: bool = False               # torch.compile the model (before DDP)
     grad_accum_steps: int = 1
-    smoothing: float = 0.1              # label smoothing
-    mixup: float = 0.0                  # mixup alpha (0: off)
-    cutmix: float = 0.0                 # cutmix alpha (0: off)
-    mixup_prob: float = 1.0
-    mixup_switch_prob: float = 0.5
-    mixup_off_epoch: int = 0            # stop mixup from this epoch (0: never)
-    mixup_ramp_epochs: int = 0          # mixup alpha ramps linearly from 0 over these epochs (DCD's recipe; 0: off)
     model_ema: bool = False
     model_ema_decay: float = 0.9998
     model_ema_warmup: bool = False
@@ -104,9 +98,7 @@ class TrainerConfig:
 
     def __post_init__(self):
         check_ranges(self, "trainer", dict(
-            epochs=POSITIVE, grad_accum_steps=POSITIVE, smoothing=(lambda v: 0 <= v < 1, "in [0, 1)"),
-            mixup=NON_NEGATIVE, cutmix=NON_NEGATIVE, mixup_prob=PROBABILITY, mixup_switch_prob=PROBABILITY,
-            mixup_off_epoch=NON_NEGATIVE, mixup_ramp_epochs=NON_NEGATIVE, model_ema_decay=PROBABILITY,
+            epochs=POSITIVE, grad_accum_steps=POSITIVE, model_ema_decay=PROBABILITY,
             precise_bn_batches=NON_NEGATIVE, threads=POSITIVE, eval_interval=POSITIVE, ckpt_interval=NON_NEGATIVE,
             log_interval=POSITIVE, limit_train_batches=POSITIVE, limit_val_batches=POSITIVE,
             skip_nonfinite=NON_NEGATIVE,
@@ -119,8 +111,7 @@ class Config:
     model: Dict[str, Any] = field(default_factory=dict)
     op: Dict[str, Any] = field(default_factory=dict)
     policy: Dict[str, Any] = field(default_factory=dict)
-    task: Dict[str, Any] = field(default_factory=dict)
-    head: Dict[str, Any] = field(default_factory=dict)  # margin head of task=face (configs/head/)
+    task: Dict[str, Any] = field(default_factory=dict)  # the task's options: its loss settings, task=face's margin
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     sched: SchedConfig = field(default_factory=SchedConfig)

@@ -8,6 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import dynconv
+from data.config import ConfigError
 from models.face_heads import build_head
 from .tasks import register_task
 from .verification import evaluate_sets, mean_accuracy, roc_image
@@ -28,19 +29,24 @@ class FaceModel(nn.Module):
 class FaceTask:
     backbone_num_classes = 0  # the backbone returns its embedding (timm's num_classes=0: features)
 
-    def __init__(self, trainer_cfg, info, *, head: dict, flip_test: bool = False, eval_batch_size: int = 64):
-        if not head:
-            raise ValueError("task=face needs a margin head: head=cosface or head=arcface")
-        self.head_cfg, self.info = dict(head), info
+    def __init__(self, info, *, margin: dict | None = None, flip_test: bool = False, eval_batch_size: int = 64):
+        """`margin`: the margin head's options (configs/margin/); `flip_test`: embed each image and its mirror."""
+        if not margin:
+            raise ConfigError("task=face needs a margin head: margin=cosface or margin=arcface")
+        self.margin_cfg, self.info = dict(margin), info
         self.flip_test, self.eval_batch_size = flip_test, eval_batch_size
         self.last_results = {}
+
+    def eval_data(self, val, make_loader):
+        """The verification PairSets as they are: `evaluate` embeds them in its own batches."""
+        return val
 
     def wrap(self, backbone: nn.Module) -> nn.Module:
         was_training = backbone.training
         with torch.no_grad():
             dim = backbone.eval()(torch.zeros(1, self.info.in_chans, *self.info.input_size)).shape[1]
         backbone.train(was_training)
-        head = build_head(**self.head_cfg, embedding_size=dim, num_classes=self.info.num_classes)
+        head = build_head(**self.margin_cfg, embedding_size=dim, num_classes=self.info.num_classes)
         return FaceModel(backbone, head)
 
     def train_step(self, model, x, y, epoch: int):

@@ -1,9 +1,14 @@
 """What is trained and how it is scored: image classification (and, in `engine.face`, face recognition).
 
-A task turns the backbone into the module that is optimised (`wrap`), computes the training loss
-of a batch (`train_step`) and evaluates (`evaluate`). The trainer owns everything else.
+A task owns its loss settings and its evaluation data. It turns the backbone into the module that is
+optimised (`wrap`), computes the training loss of a batch (`train_step`), makes the evaluation data from
+the dataset's validation part (`eval_data`) and evaluates on it (`evaluate`). The trainer owns the rest.
 """
 from __future__ import annotations
+
+import difflib
+import inspect
+from types import SimpleNamespace
 
 import torch
 import torch.nn as nn
@@ -11,6 +16,7 @@ import torch.nn.functional as F
 from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
+from data.config import NON_NEGATIVE, PROBABILITY, ConfigError, check_ranges
 from . import distributed
 
 TASKS: dict[str, type] = {}
@@ -23,12 +29,18 @@ def register_task(name: str):
     return deco
 
 
-def build_task(task_cfg: dict, trainer_cfg, info):
+def build_task(task_cfg: dict, info):
+    """The task `task_cfg["name"]` built with the other keys as its options (a misspelt key is named)."""
     name = task_cfg.get("name", "classification")
     if name not in TASKS:
-        raise KeyError(f"unknown task {name!r}; known tasks: {', '.join(sorted(TASKS))}")
+        raise ConfigError(f"unknown task {name!r}; known tasks: {', '.join(sorted(TASKS))}")
     opts = {k: v for k, v in task_cfg.items() if k != "name"}
-    return TASKS[name](trainer_cfg, info, **opts)
+    valid = [k for k, p in inspect.signature(TASKS[name]).parameters.items() if p.kind is p.KEYWORD_ONLY]
+    for key in opts.keys() - set(valid):
+        near = difflib.get_close_matches(key, valid, n=1)
+        hint = f"did you mean task.{near[0]}?" if near else f"task={name} takes: {', '.join(valid)}"
+        raise ConfigError(f"unknown config key 'task.{key}'; {hint}")
+    return TASKS[name](info, **opts)
 
 
 def topk_correct(logits: torch.Tensor, target: torch.Tensor, ks=(1, 5)) -> list[torch.Tensor]:
@@ -44,19 +56,31 @@ class ClassificationTask:
 
     backbone_num_classes = None  # the backbone's classifier has one output per class of the data
 
-    def __init__(self, trainer_cfg, info):
-        t = trainer_cfg
+    def __init__(self, info, *, smoothing: float = 0.1, mixup: float = 0.0, cutmix: float = 0.0,
+                 mixup_prob: float = 1.0, mixup_switch_prob: float = 0.5, mixup_off_epoch: int = 0,
+                 mixup_ramp_epochs: int = 0):
+        """`smoothing`: label smoothing; `mixup`/`cutmix`: alphas (0: off), applied with `mixup_prob`, cutmix
+        instead of mixup with `mixup_switch_prob`; mixing stops at `mixup_off_epoch` (0: never) and its alpha ramps
+        linearly from 0 over `mixup_ramp_epochs` (DCD's recipe; 0: no ramp)."""
+        check_ranges(SimpleNamespace(**locals()), "task", dict(
+            smoothing=(lambda v: 0 <= v < 1, "in [0, 1)"), mixup=NON_NEGATIVE, cutmix=NON_NEGATIVE,
+            mixup_prob=PROBABILITY, mixup_switch_prob=PROBABILITY, mixup_off_epoch=NON_NEGATIVE,
+            mixup_ramp_epochs=NON_NEGATIVE))
         self.mixup = None
-        if t.mixup > 0 or t.cutmix > 0:
-            self.mixup = Mixup(mixup_alpha=t.mixup, cutmix_alpha=t.cutmix, prob=t.mixup_prob,
-                               switch_prob=t.mixup_switch_prob, label_smoothing=t.smoothing,
+        if mixup > 0 or cutmix > 0:
+            self.mixup = Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, prob=mixup_prob,
+                               switch_prob=mixup_switch_prob, label_smoothing=smoothing,
                                num_classes=info.num_classes)
             self.train_loss = SoftTargetCrossEntropy()
-        elif t.smoothing > 0:
-            self.train_loss = LabelSmoothingCrossEntropy(t.smoothing)
+        elif smoothing > 0:
+            self.train_loss = LabelSmoothingCrossEntropy(smoothing)
         else:
             self.train_loss = nn.CrossEntropyLoss()
-        self.mixup_off_epoch, self.mixup_alpha, self.mixup_ramp = t.mixup_off_epoch, t.mixup, t.mixup_ramp_epochs
+        self.mixup_off_epoch, self.mixup_alpha, self.mixup_ramp = mixup_off_epoch, mixup, mixup_ramp_epochs
+
+    def eval_data(self, val, make_loader):
+        """The validation Dataset in batches (`make_loader(dataset)`: this rank's share)."""
+        return make_loader(val)
 
     def wrap(self, model: nn.Module) -> nn.Module:
         return model

@@ -30,16 +30,17 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 import data as data_lib
+import dynconv
 from dynconv.complexity import count_macs
-from dynconv.ops.dyconv import anneal_temperature
 import models as models_lib
 from . import checkpoint as ckpt_lib
-from . import distributed
+from . import distributed, faults
 from .sampler import EpochBatches, SeededItems
 from .precise_bn import bn_layers, recompute_bn_stats
+from .state import RunState, fresh_meters
 from .syncbn import convert_sync_batchnorm
 from . import face  # noqa: F401  (registers task=face)
-from . import hparams  # issue 16.2 (users helper): the one import for the HParams call in Run.fit
+from . import hparams
 from .tasks import build_task
 
 log = logging.getLogger("dynconv")
@@ -47,15 +48,6 @@ log = logging.getLogger("dynconv")
 
 class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or inf; nothing of the diverged state was saved."""
-
-
-def build_data(cfg):
-    """(train set, validation set or verification pair sets, DataInfo) for `cfg.name`."""
-    from data.face import FACE_DATASETS
-
-    if cfg.name in FACE_DATASETS:
-        return FACE_DATASETS[cfg.name](cfg)
-    return data_lib.build_datasets(cfg)
 
 
 def pick_device(name: str) -> torch.device:
@@ -96,10 +88,43 @@ def param_groups(model: nn.Module, weight_decay: float, filter_bias_and_bn: bool
 
 
 class Run:
-    """State of one training run; `fit` drives it."""
+    """State of one training run, built by small builders in timm's order; `fit` drives it."""
 
     def __init__(self, cfg: DictConfig, run_dir: Path):
         self.cfg, t = cfg, cfg.trainer
+        self._setup_process(run_dir)
+        train_ds, val, self.info = data_lib.build_datasets(cfg.data)
+        self._build_train_loaders(train_ds)
+        to_dict = functools.partial(OmegaConf.to_container, resolve=True)
+        self.task = build_task(to_dict(cfg.task), self.info)
+        limit_val = 1 if t.dry_run else t.limit_val_batches
+        self.val = self.task.eval_data(val, functools.partial(self._loader, shuffle=False, limit=limit_val))
+        self._build_model()
+        self._build_optimizer()
+        self._build_amp()
+        self.ema = ModelEmaV3(unwrap(self.model), decay=t.model_ema_decay, use_warmup=t.model_ema_warmup) \
+            if t.model_ema else None
+        self.state = RunState(unwrap(self.model), self.optimizer, self.scheduler, self.scaler,
+                              self.ema.module if self.ema is not None else None, OmegaConf.to_yaml(cfg))
+        self.bad_update = False  # a micro-batch of the current update had a non-finite loss
+        resume = ckpt_lib.resolve_resume(t.resume)
+        saved = ckpt_lib.load(resume[1]) if resume else None
+        if saved is not None:
+            self.state.load_state_dict(saved)
+        self._wrap_model()
+        if saved is not None:
+            ckpt_lib.set_rng_state(saved["rng"])  # last: nothing above may draw from the restored streams
+            log.info("resumed from %s at epoch %d, batch %d (update %d)", resume[1], self.state.epoch,
+                     self.state.batch, self.state.num_updates)
+        # everything logged at or before the checkpoint's step was written before it was saved;
+        # later points of a killed run are purged from the curves
+        self.writer = SummaryWriter(str(self.run_dir / "tb"),
+                                    purge_step=self.state.num_updates + 1 if saved else None) if self.main else None
+
+    # ------------------------------------------------------------------ builders
+    def _setup_process(self, run_dir: Path) -> None:
+        """Threads, device, process group, the one run folder (rank 0's), determinism and seeds."""
+        t = self.cfg.trainer
         if t.threads:
             torch.set_num_threads(t.threads)
         self.device = pick_device(t.device)
@@ -116,44 +141,37 @@ class Run:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         elif self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
-        seed_everything(cfg.seed + self.dist.rank)
+        seed_everything(self.cfg.seed + self.dist.rank)
 
-        # data: a validation Dataset (classification) or a list of verification PairSets (faces)
-        train_ds, val, self.info = build_data(cfg.data)
-        limit_train = 2 if t.dry_run else t.limit_train_batches
-        limit_val = 1 if t.dry_run else t.limit_val_batches
-        bs = cfg.data.batch_size
-        self.train_batches = EpochBatches(len(train_ds), bs, shuffle=True, drop_last=True, seed=cfg.seed,
-                                          rank=self.dist.rank, world_size=self.dist.world_size, limit=limit_train)
-        workers = cfg.data.workers
-        loader_kw = dict(num_workers=workers, pin_memory=cfg.data.pin_memory and self.device.type == "cuda",
-                         persistent_workers=cfg.data.persistent_workers and workers > 0,
-                         # a private generator: creating a loader iterator must not draw from the global
-                         # RNG streams, which a mid-epoch resume restores to their state at the checkpoint
-                         generator=torch.Generator().manual_seed(cfg.seed))
-        self.train_loader = DataLoader(SeededItems(train_ds), batch_sampler=self.train_batches, **loader_kw)
-        self.bn_loader = None
+    def _loader(self, dataset, *, shuffle: bool, limit: int | None, seed_offset: int = 0):
+        """A DataLoader over this rank's share of `dataset` (`EpochBatches` is its `.batch_sampler`)."""
+        d, seed = self.cfg.data, self.cfg.seed + seed_offset
+        batches = EpochBatches(len(dataset), d.batch_size, shuffle=shuffle, drop_last=shuffle, seed=seed,
+                               rank=self.dist.rank, world_size=self.dist.world_size, limit=limit)
+        # a private generator: creating a loader iterator must not draw from the global
+        # RNG streams, which a mid-epoch resume restores to their state at the checkpoint
+        return DataLoader(SeededItems(dataset), batch_sampler=batches, num_workers=d.workers,
+                          pin_memory=d.pin_memory and self.device.type == "cuda",
+                          persistent_workers=d.persistent_workers and d.workers > 0,
+                          generator=torch.Generator().manual_seed(seed))
+
+    def _build_train_loaders(self, train_ds) -> None:
+        """The training stream, and the precise-BN one (its own sampler and seed: training draws are untouched)."""
+        t = self.cfg.trainer
+        self.train_loader = self._loader(train_ds, shuffle=True, limit=2 if t.dry_run else t.limit_train_batches)
+        self.train_batches = self.train_loader.batch_sampler
         self.precise_bn_batches = min(t.precise_bn_batches, 1) if t.dry_run else t.precise_bn_batches
-        if self.precise_bn_batches > 0:  # its own sampler and generator: the training stream is not touched
-            self.bn_batches = EpochBatches(len(train_ds), bs, shuffle=True, drop_last=True, seed=cfg.seed + 1,
-                                           rank=self.dist.rank, world_size=self.dist.world_size,
-                                           limit=self.precise_bn_batches)
-            self.bn_loader = DataLoader(SeededItems(train_ds), batch_sampler=self.bn_batches,
-                                        **{**loader_kw, "generator": torch.Generator().manual_seed(cfg.seed + 1)})
-        self.val = val
-        if isinstance(val, torch.utils.data.Dataset):
-            val_batches = EpochBatches(len(val), bs, shuffle=False, drop_last=False, seed=cfg.seed,
-                                       rank=self.dist.rank, world_size=self.dist.world_size, limit=limit_val)
-            self.val = DataLoader(SeededItems(val), batch_sampler=val_batches, **loader_kw)
+        self.bn_loader = self._loader(train_ds, shuffle=True, limit=self.precise_bn_batches, seed_offset=1) \
+            if self.precise_bn_batches > 0 else None
 
-        # model
+    def _build_model(self) -> None:
+        """Backbone (+ operator replacement) wrapped by the task, on the device; its size and MACs."""
+        cfg, t, info = self.cfg, self.cfg.trainer, self.info
         to_dict = functools.partial(OmegaConf.to_container, resolve=True)
-        task_cfg = {**to_dict(cfg.task), **({"head": to_dict(cfg.head)} if cfg.head else {})}
-        self.task = build_task(task_cfg, t, self.info)
         num_classes = self.task.backbone_num_classes
         backbone, self.report = models_lib.build(to_dict(cfg.model), to_dict(cfg.op), to_dict(cfg.policy),
-                                                 num_classes=self.info.num_classes if num_classes is None else num_classes,
-                                                 in_chans=self.info.in_chans, input_size=tuple(self.info.input_size))
+                                                 num_classes=info.num_classes if num_classes is None else num_classes,
+                                                 in_chans=info.in_chans, input_size=tuple(info.input_size))
         model = self.task.wrap(backbone).to(self.device)
         if t.channels_last:  # the expert convs (CondConv, DY-Conv, ODConv) convert their 5-D kernels per expert
             model = model.to(memory_format=torch.channels_last)
@@ -161,14 +179,15 @@ class Run:
             model = convert_sync_batchnorm(model, self.device.type)
         self.model = model
         self.param_count = sum(p.numel() for p in model.parameters())
-        self.macs = count_macs(backbone, torch.zeros(1, self.info.in_chans, *self.info.input_size,
-                                                     device=self.device))["macs"] if t.count_flops else None
+        self.macs = count_macs(backbone, torch.zeros(1, info.in_chans, *info.input_size, device=self.device))["macs"] \
+            if t.count_flops else None
 
-        # optimisation
-        o = cfg.optim
+    def _build_optimizer(self) -> None:
+        """timm's optimizer (lr scaled by the global batch unless given) and scheduler (`trainer.epochs` long)."""
+        o, s, t = self.cfg.optim, self.cfg.sched, self.cfg.trainer
         self.accum = t.grad_accum_steps
-        global_batch = bs * self.dist.world_size * self.accum
-        lr = o.lr if o.lr is not None else o.lr_base * global_batch / o.lr_base_size
+        lr = o.lr if o.lr is not None else \
+            o.lr_base * self.cfg.data.batch_size * self.dist.world_size * self.accum / o.lr_base_size
         opt_kw = {}
         if o.opt_eps is not None:
             opt_kw["eps"] = o.opt_eps
@@ -180,10 +199,8 @@ class Run:
             opt_kw["param_group_fn"] = functools.partial(param_groups, weight_decay=o.weight_decay,
                                                          filter_bias_and_bn=o.filter_bias_and_bn,
                                                          lr_mult=dict(o.lr_mult))
-        self.optimizer = create_optimizer_v2(model, opt=o.opt, lr=lr, weight_decay=o.weight_decay,
+        self.optimizer = create_optimizer_v2(self.model, opt=o.opt, lr=lr, weight_decay=o.weight_decay,
                                              momentum=o.momentum, filter_bias_and_bn=o.filter_bias_and_bn, **opt_kw)
-        self.updates_per_epoch = math.ceil(self.train_batches.num_batches() / self.accum)
-        s = cfg.sched
         self.scheduler, self.epochs = None, t.epochs
         if s.sched != "none":
             self.scheduler, self.epochs = create_scheduler_v2(
@@ -191,7 +208,7 @@ class Run:
                 decay_milestones=list(s.decay_milestones), cooldown_epochs=s.cooldown_epochs,
                 decay_rate=s.decay_rate, min_lr=s.min_lr, warmup_lr=s.warmup_lr, warmup_epochs=s.warmup_epochs,
                 warmup_prefix=s.warmup_prefix, step_on_epochs=s.step_on_epochs,
-                updates_per_epoch=self.updates_per_epoch)
+                updates_per_epoch=math.ceil(self.train_batches.num_batches() / self.accum))
             self.scheduler.step(0)  # the first step already sees each group's lr_scale (per-epoch schedules,
             self.scheduler.step_update(num_updates=0)  # then per-update ones: each call is a no-op for the other)
         else:
@@ -199,60 +216,30 @@ class Run:
                 group["lr"] = lr * group.get("lr_scale", 1.0)
         if t.dry_run:
             self.epochs = 1
+
+    def _build_amp(self) -> None:
+        """Autocast in `trainer.amp_dtype`; float16 on CUDA also gets a GradScaler."""
+        t = self.cfg.trainer
         amp_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}[t.amp_dtype]
         self.autocast = functools.partial(torch.autocast, self.device.type, dtype=amp_dtype, enabled=t.amp)
         self.scaler = torch.amp.GradScaler(self.device.type) \
             if t.amp and amp_dtype == torch.float16 and self.device.type == "cuda" else None
 
-        # state that a checkpoint restores
-        self.epoch, self.batch, self.num_updates, self.skipped = 0, 0, 0, 0
-        self.bad_update = False  # a micro-batch of the current update had a non-finite loss
-        self.meters = self._fresh_meters()
-        self.best = {"metric": None, "epoch": None}
-        self.history: list[dict] = []
-        self.wall_time = 0.0
-        resume = ckpt_lib.resolve_resume(t.resume)
-        state = ckpt_lib.load(resume[1]) if resume else None
-        if state is not None:
-            unwrap(self.model).load_state_dict(state["model"])
-            self.optimizer.load_state_dict(state["optimizer"])
-            if self.scheduler is not None and state["scheduler"] is not None:
-                self.scheduler.load_state_dict(state["scheduler"])
-            if self.scaler is not None and state["scaler"] is not None:
-                self.scaler.load_state_dict(state["scaler"])
-            self.epoch, self.batch, self.num_updates = state["epoch"], state["batch"], state["num_updates"]
-            self.meters, self.best, self.history = state["meters"], state["best"], state["history"]
-            self.wall_time, self.skipped = state["wall_time"], state.get("skipped", 0)
-        self.ema = None
-        if t.model_ema:
-            self.ema = ModelEmaV3(unwrap(self.model), decay=t.model_ema_decay, use_warmup=t.model_ema_warmup)
-            if state is not None and state.get("ema") is not None:
-                self.ema.module.load_state_dict(state["ema"])
-        if t.compile:
+    def _wrap_model(self) -> None:
+        """torch.compile, then DDP (after the weights are final: DDP broadcasts rank 0's)."""
+        if self.cfg.trainer.compile:
             self.model = torch.compile(self.model)
         if self.dist.enabled:
             self.model = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        if state is not None:
-            ckpt_lib.set_rng_state(state["rng"])  # last: nothing above may draw from the restored streams
-            log.info("resumed from %s at epoch %d, batch %d (update %d)", resume[1], self.epoch, self.batch,
-                     self.num_updates)
-        # everything logged at or before the checkpoint's step was written before it was saved;
-        # later points of a killed run are purged from the curves
-        self.writer = SummaryWriter(str(self.run_dir / "tb"), purge_step=self.num_updates + 1 if state else None) \
-            if self.main else None
 
     # ------------------------------------------------------------------ helpers
-    @staticmethod
-    def _fresh_meters() -> dict:
-        return {"loss": 0.0, "correct": 0.0, "samples": 0, "steps": 0, "data_time": 0.0, "time": 0.0}
-
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
 
     def _scalar(self, tag: str, value: float) -> None:
         if self.writer is not None:
-            self.writer.add_scalar(tag, value, self.num_updates)
+            self.writer.add_scalar(tag, value, self.state.num_updates)
 
     def save(self) -> None:
         """Write `last.pt` (rank 0 only) with everything needed to continue exactly; never a non-finite state."""
@@ -261,29 +248,19 @@ class Run:
         bad = next((n for n, v in unwrap(self.model).state_dict().items()
                     if v.is_floating_point() and not torch.isfinite(v).all()), None)
         if bad is not None:
-            raise NonFiniteLossError(f"{bad} holds NaN/inf at step {self.num_updates} (lr {self.lr():.3g}); "
+            raise NonFiniteLossError(f"{bad} holds NaN/inf at step {self.state.num_updates} (lr {self.lr():.3g}); "
                                      f"{self.ckpt_dir / 'last.pt'} keeps the last finite state")
-        state = {
-            "model": unwrap(self.model).state_dict(),
-            "ema": self.ema.module.state_dict() if self.ema is not None else None,
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
-            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-            "epoch": self.epoch, "batch": self.batch, "num_updates": self.num_updates,
-            "meters": dict(self.meters), "best": dict(self.best), "history": list(self.history),
-            "rng": ckpt_lib.rng_state(), "wall_time": self.wall_time, "skipped": self.skipped,
-            "config": OmegaConf.to_yaml(self.cfg),
-        }
-        ckpt_lib.atomic_save(state, self.ckpt_dir / "last.pt")
+        ckpt_lib.atomic_save(self.state.state_dict(), self.ckpt_dir / "last.pt")
 
     # ------------------------------------------------------------------ loop
     def train_epoch(self) -> None:
-        t, m = self.cfg.trainer, self.meters
+        t, m = self.cfg.trainer, self.state.meters
         self.model.train()
-        self.train_batches.set_epoch(self.epoch, self.batch)
+        self.train_batches.set_epoch(self.state.epoch, self.state.batch)
         accum_left = 0
-        bar = tqdm(total=self.train_batches.num_batches(), initial=self.batch, desc=f"epoch {self.epoch}",
-                   disable=not (self.main and t.progress), dynamic_ncols=True, mininterval=1.0, leave=False)
+        bar = tqdm(total=self.train_batches.num_batches(), initial=self.state.batch,
+                   desc=f"epoch {self.state.epoch}", disable=not (self.main and t.progress), dynamic_ncols=True,
+                   mininterval=1.0, leave=False)
         end = time.perf_counter()
         for x, y in self.train_loader:
             data_time = time.perf_counter() - end
@@ -291,14 +268,14 @@ class Run:
             if t.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             if accum_left == 0:
-                accum_left = min(self.accum, self.train_batches.num_batches() - self.batch)
+                accum_left = min(self.accum, self.train_batches.num_batches() - self.state.batch)
                 micro_in_update = accum_left
             accum_left -= 1
             last_micro = accum_left == 0
             sync = contextlib.nullcontext() if last_micro or not self.dist.enabled else self.model.no_sync()
             with sync:
                 with self.autocast():
-                    loss, correct = self.task.train_step(self.model, x, y, self.epoch)
+                    loss, correct = self.task.train_step(self.model, x, y, self.state.epoch)
                 scaled = loss / micro_in_update
                 # backward even on a bad loss: every DDP rank must finish the same reduction
                 (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
@@ -309,21 +286,20 @@ class Run:
                 m["correct"] += correct.item()
                 m["samples"] += y.numel()
             m["data_time"] += data_time
-            self.batch += 1
+            self.state.batch += 1
             if last_micro:
                 self._optimizer_step()
-                if self.num_updates % t.log_interval == 0 or self.batch == self.train_batches.num_batches():
+                if self.state.num_updates % t.log_interval == 0 \
+                        or self.state.batch == self.train_batches.num_batches():
                     step_loss = distributed.all_reduce_sum(loss.detach().float().cpu().reshape(1), self.dist)
                     self._scalar("train/loss", step_loss.item() / self.dist.world_size)
                     self._scalar("lr", self.lr())
-                if t.ckpt_interval and self.num_updates % t.ckpt_interval == 0 \
-                        and self.batch < self.train_batches.num_batches():
+                if t.ckpt_interval and self.state.num_updates % t.ckpt_interval == 0 \
+                        and self.state.batch < self.train_batches.num_batches():
                     m["time"] += time.perf_counter() - end
                     end = time.perf_counter()
                     self.save()
-                fault = os.environ.get("DYNCONV_FAULT_KILL_AT_UPDATE")
-                if fault and self.num_updates == int(fault):  # fault injection for the resume test
-                    os.kill(os.getpid(), 9)
+                faults.kill_point("update", self.state.num_updates)
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{self.lr():.2e}", refresh=False)
             m["time"] += time.perf_counter() - end
@@ -333,7 +309,7 @@ class Run:
     def _precise_bn(self) -> None:
         """Recompute the BN statistics over `trainer.precise_bn_batches` training batches (engine/precise_bn.py)."""
         t = self.cfg.trainer
-        self.bn_batches.set_epoch(self.epoch)
+        self.bn_loader.batch_sampler.set_epoch(self.state.epoch)
 
         def prepare(x):
             x = x.to(self.device, non_blocking=True)
@@ -351,18 +327,16 @@ class Run:
 
     def _skip_bad_step(self, loss: torch.Tensor) -> None:
         """Drop this update (up to `trainer.skip_nonfinite` times in the run), else stop before anything is saved."""
-        where = (f"step {self.num_updates} (epoch {self.epoch}, batch {self.batch}), lr {self.lr():.3g}, "
-                 f"loss {loss.item()}")
-        limit = self.cfg.trainer.skip_nonfinite
-        if self.skipped >= limit:
+        st, limit = self.state, self.cfg.trainer.skip_nonfinite
+        where = f"step {st.num_updates} (epoch {st.epoch}, batch {st.batch}), lr {self.lr():.3g}, loss {loss.item()}"
+        if st.skipped >= limit:
             raise NonFiniteLossError(
-                f"non-finite loss at {where}; {self.skipped} bad step(s) skipped before (trainer.skip_nonfinite="
+                f"non-finite loss at {where}; {st.skipped} bad step(s) skipped before (trainer.skip_nonfinite="
                 f"{limit}). Nothing was saved from this state: lower optim.lr, set optim.clip_grad, or allow skips "
                 "with trainer.skip_nonfinite=N")
-        self.skipped += 1
+        st.skipped += 1
         self.bad_update = True
-        log.warning("non-finite loss at %s: update skipped (%d of trainer.skip_nonfinite=%d)", where, self.skipped,
-                    limit)
+        log.warning("non-finite loss at %s: update skipped (%d of trainer.skip_nonfinite=%d)", where, st.skipped, limit)
 
     def _optimizer_step(self) -> None:
         if self.bad_update:  # the GradScaler's way for a bad loss: no step, fresh gradients
@@ -380,25 +354,25 @@ class Run:
         else:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.num_updates += 1
-        self.meters["steps"] += 1
+        self.state.num_updates += 1
+        self.state.meters["steps"] += 1
         if self.ema is not None:
-            self.ema.update(unwrap(self.model), step=self.num_updates)
+            self.ema.update(unwrap(self.model), step=self.state.num_updates)
         if self.scheduler is not None:
-            self.scheduler.step_update(num_updates=self.num_updates)
+            self.scheduler.step_update(num_updates=self.state.num_updates)
 
     def end_epoch(self) -> dict:
         """Evaluate, log, checkpoint, and return this epoch's row of the history."""
-        t, m = self.cfg.trainer, self.meters
+        t, m = self.cfg.trainer, self.state.meters
         totals = distributed.all_reduce_sum(torch.tensor([m["loss"], m["correct"], m["samples"]],
                                                          dtype=torch.float64), self.dist)
         n = max(totals[2].item(), 1.0)
-        row = {"epoch": self.epoch, "step": self.num_updates, "lr": self.lr(),
+        row = {"epoch": self.state.epoch, "step": self.state.num_updates, "lr": self.lr(),
                "train_loss": totals[0].item() / n, "train_acc1": 100 * totals[1].item() / n,
                "img_per_s": totals[2].item() / max(m["time"], 1e-9), "epoch_time": m["time"],
                "data_time": m["data_time"] / max(m["steps"] * self.accum, 1)}
-        last = self.epoch + 1 == self.epochs
-        evaluate = (self.epoch + 1) % t.eval_interval == 0 or last
+        last = self.state.epoch + 1 == self.epochs
+        evaluate = (self.state.epoch + 1) % t.eval_interval == 0 or last
         if evaluate and self.bn_loader is not None:
             self._precise_bn()
         if t.dist_bn and self.dist.enabled:  # timm's --dist-bn: one set of BN statistics before evaluating/saving
@@ -416,16 +390,16 @@ class Run:
                                          t.channels_last)
                 row.update({f"val_ema_{k}": v for k, v in val.items()})
         self._log_epoch(row)
-        self.wall_time += m["time"]
-        self.history.append(row)
+        self.state.wall_time += m["time"]
+        self.state.history.append(row)
         if self.scheduler is not None:
-            self.scheduler.step(self.epoch + 1, row.get(f"val_{t.eval_metric}"))
-        self.epoch, self.batch, self.meters = self.epoch + 1, 0, self._fresh_meters()
+            self.scheduler.step(self.state.epoch + 1, row.get(f"val_{t.eval_metric}"))
+        self.state.epoch, self.state.batch, self.state.meters = self.state.epoch + 1, 0, fresh_meters()
         key = f"val_ema_{t.eval_metric}" if self.ema is not None else f"val_{t.eval_metric}"
-        improved = key in row and math.isfinite(row[key]) and (self.best["metric"] is None
-                                                                or self._better(row[key], self.best["metric"]))
+        improved = key in row and math.isfinite(row[key]) and (self.state.best["metric"] is None
+                                                                or self._better(row[key], self.state.best["metric"]))
         if improved:
-            self.best = {"metric": row[key], "epoch": row["epoch"], "key": key}
+            self.state.best = {"metric": row[key], "epoch": row["epoch"], "key": key}
         self.save()
         if improved and self.main:
             ckpt_lib.atomic_copy(self.ckpt_dir / "last.pt", self.ckpt_dir / "best.pt")
@@ -436,7 +410,7 @@ class Run:
         """Images a task shows in TensorBoard (face: ROC curves, TVConv affinity maps and filters)."""
         if self.writer is not None and hasattr(self.task, "images"):
             for tag, img in self.task.images(model).items():
-                self.writer.add_image(tag, img, self.num_updates, dataformats="HWC")
+                self.writer.add_image(tag, img, self.state.num_updates, dataformats="HWC")
 
     def _better(self, a: float, b: float) -> bool:
         return a < b if self.cfg.trainer.eval_metric == "loss" else a > b
@@ -463,21 +437,21 @@ class Run:
         """metrics.csv and summary.json, rewritten whole from the history (no duplicate rows after resume)."""
         if not self.main:
             return
-        keys = list(dict.fromkeys(k for row in self.history for k in row))
+        keys = list(dict.fromkeys(k for row in self.state.history for k in row))
         buf = io.StringIO()
         w = csv.DictWriter(buf, fieldnames=keys)
         w.writeheader()
-        w.writerows(self.history)
+        w.writerows(self.state.history)
         _atomic_text(self.run_dir / "metrics.csv", buf.getvalue())
-        final = self.history[-1] if self.history else {}
-        imgs = sum(r["img_per_s"] * r["epoch_time"] for r in self.history)
-        train_time = sum(r["epoch_time"] for r in self.history)
+        final = self.state.history[-1] if self.state.history else {}
+        imgs = sum(r["img_per_s"] * r["epoch_time"] for r in self.state.history)
+        train_time = sum(r["epoch_time"] for r in self.state.history)
         summary = {
             "config": OmegaConf.to_container(self.cfg, resolve=True),
-            "epochs_done": self.epoch, "total_epochs": self.epochs, "num_updates": self.num_updates,
-            "final": final, "best": self.best,
+            "epochs_done": self.state.epoch, "total_epochs": self.epochs, "num_updates": self.state.num_updates,
+            "final": final, "best": self.state.best,
             "params": self.param_count, "macs_per_image": self.macs,
-            "wall_time_s": self.wall_time, "img_per_s": imgs / train_time if train_time else None,
+            "wall_time_s": self.state.wall_time, "img_per_s": imgs / train_time if train_time else None,
             "replacement": len(self.report),
         }
         _atomic_text(self.run_dir / "summary.json", json.dumps(summary, indent=2, default=str))
@@ -487,7 +461,7 @@ class Run:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         cfg_yaml = OmegaConf.to_yaml(self.cfg)
-        self.writer.add_text("config", "```yaml\n" + cfg_yaml + "\n```", self.num_updates)
+        self.writer.add_text("config", "```yaml\n" + cfg_yaml + "\n```", self.state.num_updates)
         _atomic_text(self.run_dir / "replacement.json", json.dumps(self.report, indent=2, default=str))
         log.info("run folder: %s", self.run_dir)
         log.info("model: %s params, %s MACs/image; %d layers replaced; device %s, world size %d",
@@ -497,20 +471,21 @@ class Run:
     def fit(self) -> dict:
         self.start_logging()
         try:
-            while self.epoch < self.epochs:
+            while self.state.epoch < self.epochs:
                 self._anneal()
                 self.train_epoch()
                 self.end_epoch()
-            hparams.write(self.writer, self.cfg, self.run_dir, self.history)  # issue 16.2 (users helper): HParams
+            hparams.write(self.writer, self.cfg, self.run_dir, self.state.history)
         finally:
             if self.writer is not None:
                 self.writer.close()
-        return {"best": self.best, "final": self.history[-1] if self.history else {}, "run_dir": str(self.run_dir)}
+        return {"best": self.state.best, "final": self.state.history[-1] if self.state.history else {},
+                "run_dir": str(self.run_dir)}
 
     def _anneal(self) -> None:
-        """The attention temperature of DY-Conv/ODConv: 30 → 1 over the first 10 epochs, as their papers."""
+        """The operators' per-epoch schedules (DY-Conv/ODConv: attention temperature 30 → 1 over 10 epochs)."""
         if self.cfg.trainer.anneal_temperature:
-            anneal_temperature(unwrap(self.model), self.epoch)
+            dynconv.on_epoch_start(unwrap(self.model), self.state.epoch)
 
 
 def _atomic_text(path: Path, text: str) -> None:

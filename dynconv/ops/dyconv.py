@@ -10,11 +10,10 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from ..operator import on_epoch_start
 from ..registry import register_op
 from .condconv import ExpertConv
 
-__all__ = ["DYConv", "Tempered", "temperature_at", "anneal_temperature"]
+__all__ = ["DYConv", "Tempered", "temperature_at"]
 
 
 class Tempered:
@@ -39,11 +38,6 @@ def temperature_at(epoch: float, start: float = 30.0, end: float = 1.0, epochs: 
     `epoch` may be fractional (e.g. `epoch + step / steps_per_epoch`) for a per-iteration schedule.
     """
     return end + (start - end) * max(0.0, 1.0 - epoch / epochs)
-
-
-def anneal_temperature(model: nn.Module, epoch: int) -> None:
-    """The trainer's call until it calls `dynconv.on_epoch_start` (which this is, for every operator)."""
-    on_epoch_start(model, epoch)
 
 
 @register_op("dyconv")

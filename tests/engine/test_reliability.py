@@ -90,7 +90,7 @@ def test_skipped_steps_warn_and_a_later_divergence_keeps_the_last_finite_checkpo
     ("data.batch_size=0", "data.batch_size=0: must be > 0"),
     ("trainer.epochs=0", "trainer.epochs=0: must be > 0"),
     ("optim.lr=-0.1", "optim.lr=-0.1: must be >= 0"),
-    ("trainer.mixup_prob=1.5", "trainer.mixup_prob=1.5: must be in [0, 1]"),
+    ("trainer.model_ema_decay=1.5", "trainer.model_ema_decay=1.5: must be in [0, 1]"),
     ("data.reprob=2", "data.reprob=2.0: must be in [0, 1]"),
     ("+optim.lrr=0.1", "unknown config key 'optim.lrr'; did you mean optim.lr?"),
     ("+trainer.epoch=3", "unknown config key 'trainer.epoch'; did you mean trainer.epochs?"),

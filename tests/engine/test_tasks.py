@@ -1,12 +1,12 @@
-"""Classification task options that act inside a training step (DCD's mixup ramp)."""
+"""The classification task's own loss options: DCD's mixup ramp, and bad options named when the task is built."""
 from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn as nn
 
-from engine.config import TrainerConfig
-from engine.tasks import ClassificationTask
+from data.config import ConfigError
+from engine.tasks import ClassificationTask, build_task
 
 
 class Recorder(nn.Module):
@@ -20,7 +20,7 @@ class Recorder(nn.Module):
 @pytest.mark.parametrize("epoch, alpha", [(0, 0.0), (25, 0.05), (50, 0.1), (100, 0.2), (130, 0.2)])
 def test_mixup_alpha_ramps_linearly(epoch, alpha):
     """DCD's MobileNetV2 recipe: alpha = 0.2 · epoch / 100 for the first 100 epochs, then 0.2."""
-    task = ClassificationTask(TrainerConfig(mixup=0.2, mixup_ramp_epochs=100), SimpleNamespace(num_classes=10))
+    task = ClassificationTask(SimpleNamespace(num_classes=10), mixup=0.2, mixup_ramp_epochs=100)
     model, x, y = Recorder(), torch.randn(8, 3), torch.arange(8) % 10
     torch.manual_seed(0)
     loss, _ = task.train_step(model, x.clone(), y, epoch)  # timm's Mixup mixes in place
@@ -30,6 +30,22 @@ def test_mixup_alpha_ramps_linearly(epoch, alpha):
 
 
 def test_without_ramp_alpha_is_constant():
-    task = ClassificationTask(TrainerConfig(mixup=0.2), SimpleNamespace(num_classes=10))
+    task = ClassificationTask(SimpleNamespace(num_classes=10), mixup=0.2)
     task.train_step(Recorder(), torch.randn(8, 3), torch.arange(8) % 10, 0)
     assert task.mixup.mixup_alpha == 0.2 and task.mixup.mixup_enabled
+
+
+@pytest.mark.parametrize("task_cfg, message", [
+    ({"name": "classification", "smoothin": 0.1}, "unknown config key 'task.smoothin'; did you mean task.smoothing?"),
+    ({"name": "classification", "mixup_prob": 1.5}, "task.mixup_prob=1.5: must be in [0, 1]"),
+    ({"name": "classification", "smoothing": 1.0}, "task.smoothing=1.0: must be in [0, 1)"),
+    ({"name": "face", "flip": True}, "unknown config key 'task.flip'; did you mean task.flip_test?"),
+    ({"name": "face"}, "task=face needs a margin head: margin=cosface or margin=arcface"),
+    ({"name": "segmentation"}, "unknown task 'segmentation'; known tasks: classification, face"),
+])
+def test_bad_task_options_are_named(task_cfg, message):
+    import engine.face  # noqa: F401  (registers task=face)
+
+    with pytest.raises(ConfigError) as err:
+        build_task(task_cfg, SimpleNamespace(num_classes=10))
+    assert message in str(err.value)

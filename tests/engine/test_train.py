@@ -42,11 +42,11 @@ def _weights(run):
 
 def test_resume_after_sigkill_mid_epoch_matches_uninterrupted_run(tmp_path):
     args = ["trainer.epochs=2", "trainer.deterministic=true", "trainer.ckpt_interval=3", "trainer.log_interval=1",
-            "data.train_size=160", "trainer.mixup=0.2", "data.augment=true"]
+            "data.train_size=160", "task.mixup=0.2", "data.augment=true"]
     ref, run = tmp_path / "ref", tmp_path / "run"
     run_train(args, ref)
     # 160 / 16 = 10 updates per epoch: killed at update 14 (epoch 1), the last checkpoint is update 12
-    killed = run_train(args, run, env={"DYNCONV_FAULT_KILL_AT_UPDATE": "14"}, check=False)
+    killed = run_train(args, run, env={"DYNCONV_FAULT_KILL": "update:14"}, check=False)
     assert killed.returncode == -9, killed.stderr[-2000:]
     state = ck.load(run / "checkpoints" / "last.pt")
     assert (state["epoch"], state["batch"], state["num_updates"]) == (1, 2, 12)
@@ -66,7 +66,7 @@ def test_kill_during_checkpoint_save_keeps_previous_checkpoint(tmp_path):
     run = tmp_path / "run"
     run_train(["trainer.epochs=1"], run)
     before = ck.load(run / "checkpoints" / "last.pt")
-    killed = run_train([f"trainer.resume={run}", "trainer.epochs=2"], env={"DYNCONV_FAULT_KILL_IN_SAVE": "1"},
+    killed = run_train([f"trainer.resume={run}", "trainer.epochs=2"], env={"DYNCONV_FAULT_KILL": "save"},
                        check=False)
     assert killed.returncode == -9
     after = ck.load(run / "checkpoints" / "last.pt")  # still loadable, still the epoch-1 state
@@ -162,7 +162,7 @@ def test_training_options_run_together(tmp_path):
     run = tmp_path / "run"
     run_train(["trainer.epochs=2", "trainer.limit_train_batches=4", "trainer.amp=true", "trainer.channels_last=true",
                "trainer.grad_accum_steps=2", "optim=adamw", "sched=multistep", "sched.decay_milestones=[1]",
-               "sched.warmup_epochs=1", "trainer.mixup=0.2", "trainer.cutmix=1.0", "optim.clip_grad=1.0",
+               "sched.warmup_epochs=1", "task.mixup=0.2", "task.cutmix=1.0", "optim.clip_grad=1.0",
                "trainer.model_ema=true", "trainer.log_interval=1"], run)
     s = read_scalars(run)
     assert len(s["train/loss"]) == 4  # 4 micro-batches, 2 per update → 2 updates per epoch

@@ -40,24 +40,24 @@ RECIPE_FACTS = {
         "model.name": "rednet50", "optim.lr": 0.8, "optim.nesterov": True, "optim.momentum": 0.9,
         "optim.weight_decay": 1e-4, "optim.filter_bias_and_bn": False, "sched.sched": "cosine",
         "sched.warmup_epochs": 5, "sched.warmup_lr": 0.25 * 0.8, "sched.min_lr": 0.0, "trainer.epochs": 130,
-        "trainer.smoothing": 0.1, "data.aa": None, "data.reprob": 0.0, "trainer.mixup": 0.0},
+        "task.smoothing": 0.1, "data.aa": None, "data.reprob": 0.0, "task.mixup": 0.0},
     "ddf_resnet50_imagenet": {
         "model.name": "ddf_mul_resnet50", "optim.lr": 0.4, "optim.nesterov": True, "optim.weight_decay": 1e-4,
         "optim.filter_bias_and_bn": True, "sched.sched": "cosine", "trainer.epochs": 120,
         "sched.cooldown_epochs": 10, "sched.warmup_epochs": 5, "sched.warmup_lr": 1e-4, "sched.min_lr": 1e-5,
         "data.aa": "rand-m7-mstd0.5-inc1", "data.reprob": 0.4, "data.remode": "pixel", "data.recount": 3,
-        "trainer.dist_bn": "reduce", "trainer.smoothing": 0.1, "trainer.mixup": 0.0},
+        "trainer.dist_bn": "reduce", "task.smoothing": 0.1, "task.mixup": 0.0},
     "dcd_resnet50_imagenet": {
         "model.name": "resnet50_dcd", "model.drop_rate": 0.1, "optim.lr": 0.1, "optim.nesterov": False,
         "optim.weight_decay": 1e-4, "optim.filter_bias_and_bn": False, "sched.sched": "multistep",
         "sched.decay_milestones": [30, 60, 90], "sched.decay_rate": 0.1, "sched.warmup_epochs": 0,
-        "trainer.epochs": 120, "trainer.smoothing": 0.1, "trainer.mixup": 0.2, "trainer.mixup_ramp_epochs": 100,
+        "trainer.epochs": 120, "task.smoothing": 0.1, "task.mixup": 0.2, "task.mixup_ramp_epochs": 100,
         "data.batch_size": 256},
     "dcd_mobilenetv2_imagenet": {
         "model.name": "mobilenetv2_dcd", "model.dropout": 0.2, "optim.lr": 0.1, "optim.nesterov": False,
         "optim.weight_decay": 2e-5, "optim.filter_bias_and_bn": False, "sched.sched": "cosine",
-        "sched.step_on_epochs": False, "sched.warmup_epochs": 0, "trainer.epochs": 300, "trainer.smoothing": 0.1,
-        "trainer.mixup": 0.2, "trainer.mixup_ramp_epochs": 100, "data.batch_size": 512},
+        "sched.step_on_epochs": False, "sched.warmup_epochs": 0, "trainer.epochs": 300, "task.smoothing": 0.1,
+        "task.mixup": 0.2, "task.mixup_ramp_epochs": 100, "data.batch_size": 512},
 }
 # global batch of the official runs = per-process batch x the processes the config's comment names
 GLOBAL_BATCH = {"rednet50_imagenet": (2048, 8), "ddf_resnet50_imagenet": (1024, 8)}

@@ -26,7 +26,7 @@ CASIA_FACTS = {  # TVConv's train_test.py / model_interface.py / data_interface.
     "optim.opt": "sgd", "optim.momentum": 0.9, "optim.nesterov": False, "optim.weight_decay": 5e-4,
     "optim.filter_bias_and_bn": False, "sched.sched": "multistep", "sched.decay_milestones": [22, 30, 35],
     "sched.decay_rate": 0.1, "sched.warmup_epochs": 0, "sched.step_on_epochs": True, "trainer.epochs": 38,
-    "head.name": "cosface", "head.m": 0.35, "head.s": 32.0, "model.name": "face_mobilenetv2_x1_0",
+    "task.margin.name": "cosface", "task.margin.m": 0.35, "task.margin.s": 32.0, "model.name": "face_mobilenetv2_x1_0",
     "op.name": "tvconv", "op.hidden_channels": 64, "op.hidden_layers": 3, "task.name": "face",
     "task.flip_test": False, "trainer.eval_metric": "mean_acc",
 }
@@ -41,7 +41,7 @@ def leaves(node, prefix=""):
 @pytest.mark.parametrize("experiment", FACE_EXPERIMENTS)
 def test_experiment_only_overrides_existing_keys(experiment):
     """Every key the file sets exists in the config its group choices compose to (a misspelt key in the open
-    model/op/head/task sections would otherwise surface only when the run is built)."""
+    model/op/task sections would otherwise surface only when the run is built)."""
     body = yaml.safe_load((CONFIGS / "experiment" / f"{experiment}.yaml").read_text())
     groups = [f"{k.removeprefix('override /')}={v}" for entry in body.pop("defaults") for k, v in entry.items()]
     base = compose_cfg(groups)

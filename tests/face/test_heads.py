@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 
 from models.face_heads import ArcFace, CosFace, build_head
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "head"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "margin"
 
 
 def _cos(emb, weight):

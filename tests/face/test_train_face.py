@@ -9,7 +9,7 @@ FACE = ["task=face", "data=orl", "model=face_mobilenetv2_x0_1", "data.img_size=3
 
 def test_face_training_reports_verification_on_held_out_identities(tmp_path):
     run = tmp_path / "run"
-    run_train(FACE + ["op=tvconv", "head=arcface"], run)
+    run_train(FACE + ["op=tvconv", "margin=arcface"], run)
     s = read_scalars(run)
     for tag in ["train/loss", "val/mean_acc", "val/orl/acc", "val/orl/auc", "lr"]:
         assert tag in s, sorted(s)
@@ -19,5 +19,5 @@ def test_face_training_reports_verification_on_held_out_identities(tmp_path):
     images = acc.Tags()["images"]
     assert "roc/orl" in images and any(t.startswith("tvconv/") and t.endswith("/affinity") for t in images)
     out = summary(run)
-    assert out["best"]["key"] == "val_mean_acc" and out["config"]["head"]["name"] == "arcface"
+    assert out["best"]["key"] == "val_mean_acc" and out["config"]["task"]["margin"]["name"] == "arcface"
     assert out["replacement"] > 0  # every depthwise conv became a TVConv
