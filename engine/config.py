@@ -166,6 +166,8 @@ def _replay_problem(override: str) -> str | None:
         return "hydra.* keys configure Hydra itself (callbacks can run code)"
     if any(k in override for k in INSTANTIATE_KEYS):
         return f"instantiation keys ({', '.join(INSTANTIATE_KEYS)}) can run code"
+    if key == "op.module" or (key == "op" and "module" in value):
+        return "op.module imports Python code (give it on the command line again if you trust it)"
     if "." not in key:
         ok = (CONFIG_DIR / key).is_dir() or key in ("seed", "name")
     else:

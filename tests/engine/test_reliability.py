@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from engine import checkpoint as ck
-from engine.config import ConfigError, validate
+from engine.config import ConfigError, replayable_overrides, validate
 from tests.engine.conftest import compose_cfg, run_train, summary
 
 PAYLOAD = ["+hydra.callbacks.pwn._target_=os.system", "+hydra.callbacks.pwn._args_=[touch PWNED]"]
@@ -117,3 +117,12 @@ def test_unsafe_checkpoint_error_never_suggests_disabling_the_check(tmp_path):
     msg = str(err.value)
     assert "is not a dynconv checkpoint, or is unsafe" in msg and "a reference to print" in msg
     assert "weights_only" not in msg
+
+
+@pytest.mark.parametrize("override", ["+op.module=evil_ops", "++op={name:conv,module:evil_ops}"])
+def test_replay_refuses_an_operator_module_from_the_run_folder(tmp_path, override):
+    """`op.module` imports Python code, so a run folder cannot bring one along; the user may pass it again."""
+    saved = tmp_path / "overrides.yaml"
+    saved.write_text(f"- op=ddf\n- '{override}'\n")
+    with pytest.raises(ConfigError, match=rf"{saved}:2: refusing to replay .*op.module imports Python code"):
+        replayable_overrides(saved)
