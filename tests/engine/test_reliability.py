@@ -47,7 +47,7 @@ def test_failed_resume_leaves_the_run_folder_unchanged(finished_run, tmp_path):
     before = _digest(run)
     proc = run_train([f"trainer.resume={run}", "model=rednet26"], check=False, cwd=tmp_path)
     assert proc.returncode != 0
-    assert "checkpoint is resnet50/dyconv, the command asks for rednet26/dyconv" in proc.stderr, proc.stderr[-2000:]
+    assert "checkpoint is dynconv_resnet50/dyconv, the command asks for rednet26/dyconv" in proc.stderr, proc.stderr[-2000:]
     assert len(proc.stderr.strip().splitlines()) == 1  # one line, not a state_dict dump
     assert _digest(run) == before
 
