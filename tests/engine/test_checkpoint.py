@@ -48,3 +48,30 @@ def test_resolve_resume(tmp_path):
         ck.resolve_resume(True, tmp_path / "empty")
     with pytest.raises(FileNotFoundError, match="neither"):
         ck.resolve_resume(str(tmp_path / "missing"))
+
+
+def test_run_state_round_trips_every_part_and_the_progress(tmp_path):
+    """`RunState.state_dict()` is the checkpoint; `load_state_dict()` restores weights, EMA, optimizer and progress."""
+    from engine.state import RunState
+
+    def parts(seed):
+        torch.manual_seed(seed)
+        model, ema = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+        return model, ema, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+
+    model, ema, opt = parts(0)
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    saved = RunState(model, opt, ema=ema, config="model: {name: x}\n")
+    saved.epoch, saved.batch, saved.num_updates, saved.skipped = 2, 3, 7, 1
+    saved.history.append({"epoch": 0, "val_acc1": 50.0})
+    ck.atomic_save(saved.state_dict(), tmp_path / "last.pt")
+    state = ck.load(tmp_path / "last.pt")
+    model2, ema2, opt2 = parts(1)
+    restored = RunState(model2, opt2, ema=ema2)
+    restored.load_state_dict(state)
+    for a, b in [(model, model2), (ema, ema2)]:
+        assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert torch.equal(opt2.state_dict()["state"][0]["momentum_buffer"], opt.state_dict()["state"][0]["momentum_buffer"])
+    assert [getattr(restored, k) for k in RunState.PROGRESS] == [getattr(saved, k) for k in RunState.PROGRESS]
+    assert state["config"] == "model: {name: x}\n" and state["scheduler"] is None and "rng" in state
