@@ -1,5 +1,5 @@
 """`pixel_filter`: per-pixel (translation-variant) filtering, the aggregation of involution, DDF,
-TVConv and local Deformable Kernels (DESIGN.md, "The one idea").
+TVConv and local Deformable Kernels (README, "The library").
 
     out[b,c,i,j] = Σ_k F[b,c,k,i,j] · x[b, c, i·s − p + kh·d, j·s − p + kw·d]      k = kh·K + kw
 

@@ -2,7 +2,7 @@
 
     out[b,c,i,j] = Σ_k F[b,c,k,i,j] · x[b, c, i·sh − ph + kh·dh, j·sw − pw + kw·dw]      k = kh·K + kw
 
-with F = S[b', g(c), k, i, j], times or plus A[b,c,k] (DESIGN.md "The one idea"; involution Eq. 4,
+with F = S[b', g(c), k, i, j], times or plus A[b,c,k] (the form `pixel_filter` serves; involution Eq. 4,
 DDF Eq. 5). The forward, grad_x and grad_S kernels hold a (planes × pixels) tile: up to 16 of the
 (sample, channel) planes that one filter serves (the channels of a group, and the batch too when the
 filter is shared) × a block of pixels, and loop over the taps, so each filter row is read once for
