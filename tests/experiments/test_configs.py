@@ -1,5 +1,6 @@
 """Every experiment composes (each ablation suite also as `<suite>_full`), the recipes hold the official facts
-(involution's mmcls config, ddfnet's README command and train.py, dcd's README and main.py), and every sweep cell names real options: its model builds."""
+(involution's mmcls config, ddfnet's README command and train.py, dcd's README and main.py), and every sweep
+cell names real options: its model builds."""
 import pytest
 import yaml
 from omegaconf import OmegaConf
