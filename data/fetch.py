@@ -1,4 +1,4 @@
-"""Fetch the bundled datasets: pinned versions, every file checked by sha256 (reference/datasets.md §2.2, §2.3, §3).
+"""Fetch the bundled datasets: pinned versions, every file checked by sha256.
 
 Run it as `bash scripts/fetch_data.sh` (what `make setup` does). It uses the standard library only and runs as a
 plain script (`python -I data/fetch.py`), so it works before the package's dependencies are importable. The loaders

@@ -2,7 +2,7 @@
 
 Train: RandomResizedCrop(scale, ratio) + hflip + RandAugment (`aa`) or colour jitter + random erasing (`reprob`,
 `remode`, `recount`);
-eval: resize to img_size / crop_pct and a center crop (timm's `create_transform`, reference/frameworks.md §1).
+eval: resize to img_size / crop_pct and a center crop (timm's `create_transform`).
 A file PIL cannot decode stops the run with an error naming it, unless `skip_corrupt`: then the next decodable
 file in index order takes its place (deterministic) and the skip is logged with a running count.
 """

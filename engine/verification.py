@@ -1,6 +1,6 @@
 """Face verification metrics: LFW's 10-fold protocol, TAR at fixed FAR, ROC and AUC.
 
-Protocol (insightface `eval/verification.py`, reference/frameworks.md §4.5): the pairs are cut into
+Protocol (insightface `recognition/eval/verification.py`): the pairs are cut into
 10 contiguous folds (sklearn's `KFold(10, shuffle=False)`); for each fold the threshold with the best
 accuracy on the other 9 is applied to it; the result is the mean and (population) std of the 10 fold
 accuracies. Score = cosine similarity of the L2-normalised embeddings (monotone in insightface's

@@ -3,7 +3,8 @@
 For each shape (default: the four RedNet-50 stage shapes at batch 32: C=64 56x56, C=128 28x28,
 C=256 14x14, C=512 7x7) it measures, in one run:
 - every operator of `dynconv.list_ops()` (or `--ops`) under the "reference" and "fast" backends,
-  with its official kernel size (involution 7, the rest 3);
+  with its official kernel size (involution 7, the rest 3); an operator that calls no primitive
+  (conv, DCD, DCN, ...) runs the same code under both, so its speed-up column reads "same path";
 - `nn.Conv2d` 3x3 and depthwise 3x3 as baselines;
 - the raw `pixel_filter` in its involution (G = C/16, K 7), DDF (G 1 + channel filter, K 3) and
   TVConv (filter shared by the batch, G = C, K 3) forms, with the compiled kernel (on CPU "native",
@@ -41,7 +42,7 @@ import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import dynconv  # noqa: E402
-from dynconv.functional import native, triton_pixel_filter  # noqa: E402
+from dynconv.functional import backend as backend_lib, native, triton_pixel_filter  # noqa: E402
 from dynconv.functional.pixel_filter import pixel_filter  # noqa: E402
 
 DEFAULT_SHAPES = ["32x64x56x56", "32x128x28x28", "32x256x14x14", "32x512x7x7"]
@@ -179,6 +180,23 @@ def make_op(name: str, c: int, h: int, w: int) -> nn.Module:
     return dynconv.create_op(name, c, c, KERNEL_SIZE.get(name, 3), **kwargs).to(DEVICE)
 
 
+def consults_backend(op: nn.Module, x: torch.Tensor) -> bool:
+    """Whether `op(x)` reaches a primitive's backend choice; if not, both backends time the same code."""
+    code, calls = backend_lib.resolve.__code__, []
+
+    def profile(frame, event, _arg):
+        if event == "call" and frame.f_code is code:
+            calls.append(frame)
+
+    sys.setprofile(profile)
+    try:
+        with torch.no_grad():
+            op(x)
+    finally:
+        sys.setprofile(None)
+    return bool(calls)
+
+
 def pixel_filter_forms(b: int, c: int, h: int, w: int):
     """(name, fn, inputs) for the involution, DDF and TVConv forms of the raw primitive."""
     g = max(c // 16, 1)
@@ -212,12 +230,17 @@ def run(shapes, ops, repeat: int, log=print) -> list[dict]:
         add(shape, "depthwise 3x3", "-",
             lambda: measure_module(nn.Conv2d(c, c, 3, padding=1, groups=c).to(DEVICE), x, repeat))
         for name in ops:
+            try:
+                same_path = not consults_backend(make_op(name, c, h, w).eval(), x[:1])
+            except Exception:  # the timed rows below report the error
+                same_path = False
             for backend in ("reference", "fast"):
                 def bench(name=name, backend=backend):
                     op = make_op(name, c, h, w)
                     with dynconv.use_backend(backend):
                         return measure_module(op, x, repeat)
                 add(shape, name, backend, bench)
+                rows[-1]["same_path"] = same_path
         compiled, _, available = COMPILED[DEVICE.type]
         for name, fn, inputs in pixel_filter_forms(b, c, h, w):
             for label, backend, on in ((compiled, "fast", True), ("fast", "fast", False),
@@ -251,6 +274,7 @@ def markdown(rows: list[dict]) -> str:
         base = ref.get((r["shape"], r["name"]))
         ratio = f"{r['fb'] / dw[r['shape']]:.2f}" if r["shape"] in dw else ""
         speed = f"{base['fb'] / r['fb']:.1f}x" if base and base is not r else ""
+        speed = "same path" if r.get("same_path") and speed else speed
         mem = f"{r['mem'] / base['mem']:.2f}" if base and base is not r and base["mem"] > 0 else ""
         lines.append(f"| {r['shape']} | {r['name']} | {r['backend']} | {r['fwd']:.1f} | {r['fb']:.1f} "
                      f"| {r['mem']:.1f} | {ratio} | {speed} | {mem} |")

@@ -8,6 +8,7 @@
 #
 # Each step's full log goes to OUT_DIR/<step>.log; its tail and exit code are printed. STEPS picks
 # steps (default: "env tests ops profile models models_amp train"), STEP_TIMEOUT bounds each (s, default 300).
+# It stops at once (exit 1) when torch sees no CUDA device, and exits 1 when any step failed.
 set -u
 out=${1:-cuda_report}
 mkdir -p "$out"
@@ -17,6 +18,13 @@ export DYNCONV_NATIVE=${DYNCONV_NATIVE:-0}  # CPU kernel not needed here: skip i
 steps=${STEPS:-env tests ops profile models models_amp train}
 cd "$(dirname "$0")/.."
 
+if ! "$py" -c 'import sys, torch; sys.exit(not torch.cuda.is_available())'; then
+    echo "cuda_report: torch sees no CUDA device (torch.cuda.is_available() is False): run it on a machine" \
+         "with a GPU and a CUDA build of torch, with CUDA_VISIBLE_DEVICES unset or naming a GPU" >&2
+    exit 1
+fi
+failed=0
+
 step() {
     local name=$1
     shift
@@ -25,6 +33,7 @@ step() {
     local start=$SECONDS
     timeout "${STEP_TIMEOUT:-300}" "$@" >"$out/$name.log" 2>&1
     local rc=$?
+    [ "$rc" -eq 0 ] || failed=1
     echo "== $name: exit $rc after $((SECONDS - start)) s"
     tail -n "${TAIL:-25}" "$out/$name.log"
 }
@@ -43,3 +52,4 @@ step train bash -c "$py train.py model=rednet26 data=synthetic data.img_size=64 
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 acc = EventAccumulator(glob.glob(sys.argv[1] + \"/**/events.out.tfevents.*\", recursive=True)[0]); acc.Reload()
 for tag in acc.Tags()[\"scalars\"]: print(tag, len(acc.Scalars(tag)), \"points, last\", acc.Scalars(tag)[-1].value)' $out/train_run"
+exit "$failed"

@@ -1,6 +1,6 @@
 """insightface training data (`train.rec` + `train.idx`, MXNet RecordIO) read without mxnet.
 
-Byte format (dmlc `recordio.h`, mxnet `recordio.py`; details in reference/frameworks.md §4.3):
+Byte format (dmlc `recordio.h`, mxnet `recordio.py`):
 - `.idx`: text lines `key<TAB>byte offset`.
 - `.rec`: chunks `uint32 magic 0xced7230a | uint32 (cflag << 29 | length) | data | zero pad to 4`.
   A record whose data holds the magic number at a 4-byte-aligned position is split there into

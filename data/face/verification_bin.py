@@ -1,6 +1,6 @@
 """insightface verification sets (`lfw.bin`, `cfp_fp.bin`, `agedb_30.bin`, ...), loaded safely.
 
-Format (insightface `lfw2pack.py` / `eval/verification.py::load_bin`; reference/frameworks.md §4.4):
+Format (insightface `lfw2pack.py` / `eval/verification.py::load_bin`):
 a pickle of `(bins, issame)`, `bins` the 2N encoded image files (pair i = bins[2i], bins[2i+1]),
 `issame` N bools. The shipped files were pickled by Python 2, so the images are `str` objects,
 read here as bytes (`encoding="bytes"`). A pickle can run arbitrary code when loaded, so the

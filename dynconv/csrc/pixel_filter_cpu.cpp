@@ -1,4 +1,4 @@
-// CPU kernels for the pixel_filter primitive (DESIGN.md "The one idea"):
+// CPU kernels for the pixel_filter primitive (dynconv/functional/pixel_filter.py):
 //
 //   out[b,c,i,j] = sum_k F[b,c,k,i,j] * x[b, c, i*s - p + kh*d, j*s - p + kw*d]   (zero padding)
 //   F = S[bs, g(c), k, i, j]                 (no channel filter)

@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -53,3 +54,31 @@ def test_profile_pixel_filter_lists_the_kernels_of_each_form():
         assert f"## 2x16x8x8 pixel_filter {form}" in out
     assert out.count("Self CPU time total") == 3
     assert "_PixelFilterBackward" in out  # the compiled CPU kernel's backward appears in the profile
+
+
+def test_bench_ops_labels_operators_without_a_backend_switch_same_path(monkeypatch):
+    """Both backend rows of an operator that calls no primitive time the same code: no speed-up is claimed."""
+    import importlib.util
+
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    spec = importlib.util.spec_from_file_location("bench_ops", ROOT / "scripts" / "bench_ops.py")
+    bench_ops = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_ops)
+    x = torch.randn(1, 16, 8, 8)
+    assert bench_ops.consults_backend(bench_ops.make_op("involution", 16, 8, 8), x)
+    assert not bench_ops.consults_backend(bench_ops.make_op("dcn", 16, 8, 8), x)
+    timing = lambda *args: dict(fwd=1.0, fb=2.0, mem=1.0)  # noqa: E731  (the labels, not the timings, are tested)
+    monkeypatch.setattr(bench_ops, "measure_module", timing)
+    monkeypatch.setattr(bench_ops, "measure_fn", timing)
+    rows = bench_ops.run([(1, 16, 8, 8)], ["conv", "involution"], repeat=1, log=lambda *a, **k: None)
+    speed = {(r.split("|")[2].strip(), r.split("|")[3].strip()): r.split("|")[8].strip()
+             for r in bench_ops.markdown(rows).splitlines()[2:]}
+    assert speed[("conv", "fast")] == "same path" and speed[("involution", "fast")] == "1.0x"
+
+
+def test_cuda_report_fails_where_torch_sees_no_gpu(tmp_path):
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "cuda_report.sh"), str(tmp_path / "report")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHON": sys.executable})
+    assert proc.returncode == 1 and "torch sees no CUDA device" in proc.stderr
+    assert not list((tmp_path / "report").glob("*.log"))  # no step ran

@@ -8,7 +8,7 @@ from tests.engine.conftest import compose_cfg, run_train  # noqa: F401  (compose
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 EXPERIMENTS = sorted(p.stem for p in (CONFIGS / "experiment").glob("*.yaml"))
-ABLATIONS = [e for e in EXPERIMENTS if e.startswith("ablation_")]
+ABLATIONS = [e for e in EXPERIMENTS if e.startswith("ablation_") and not e.endswith("_full")]
 RECIPES = ["rednet50_imagenet", "ddf_resnet50_imagenet", "dcd_resnet50_imagenet", "dcd_mobilenetv2_imagenet"]
 
 

@@ -1,10 +1,12 @@
-"""Every experiment composes (and `+scale=full` for the ablations), the recipes hold the official facts
-(reference/operators.md §1.4, §2.4, §5.3), and every sweep cell names real options: its model builds."""
+"""Every experiment composes (each ablation suite also as `<suite>_full`), the recipes hold the official facts
+(involution's mmcls config, ddfnet's README command and train.py, dcd's README and main.py), and every sweep
+cell names real options: its model builds."""
 import pytest
+import yaml
 from omegaconf import OmegaConf
 
 import models
-from tests.experiments.conftest import ABLATIONS, EXPERIMENTS, RECIPES, choices, compose_cfg, sweep_params
+from tests.experiments.conftest import ABLATIONS, CONFIGS, EXPERIMENTS, RECIPES, choices, compose_cfg, sweep_params
 
 
 def test_the_suites_and_recipes_exist():
@@ -24,15 +26,24 @@ def test_experiment_composes(experiment):
 def test_full_scale_is_the_paper_size(experiment):
     small = compose_cfg([f"experiment={experiment}"])
     assert small.name == experiment
-    full = compose_cfg([f"experiment={experiment}", "+scale=full"])
+    full = compose_cfg([f"experiment={experiment}_full"])
     assert full.name == f"{experiment}_full"
     assert full.data.name in ("imagefolder", "face_rec") and full.data.root is None  # required on the command line
     assert full.data.train_subset is None and full.trainer.epochs > small.trainer.epochs
     assert full.model.get("width", 1.0) == 1.0 and not full.model.get("small_input", False)
+    assert full.trainer.threads is None and small.trainer.threads == 1
+    full_hydra = compose_cfg([f"experiment={experiment}_full"], hydra_cfg=True).hydra
+    assert full_hydra.launcher.n_jobs == 1 and full_hydra.sweeper.params == small_hydra(experiment).sweeper.params
 
 
-def test_scale_full_alone_changes_nothing():
-    assert compose_cfg(["+scale=full"]) == compose_cfg([])
+def small_hydra(experiment):
+    return compose_cfg([f"experiment={experiment}"], hydra_cfg=True).hydra
+
+
+def test_every_experiment_file_puts_self_last():
+    for path in sorted(CONFIGS.glob("experiment/*.yaml")):
+        defaults = yaml.safe_load(path.read_text())["defaults"]
+        assert defaults[-1] == "_self_", path.name
 
 
 RECIPE_FACTS = {

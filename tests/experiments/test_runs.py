@@ -19,7 +19,9 @@ def test_recipe_dry_runs_at_full_resolution(recipe, tmp_path):
     s = summary(run)
     assert s["num_updates"] == 2 and s["config"]["name"] == recipe and s["config"]["model"]["name"] == model
     assert s["config"]["data"]["img_size"] == 224 and s["replacement"] > 0  # the paper's operator is in place
-    assert s["final"]["val_acc1"] >= 0
+    # the evaluation scored exactly the 2 validation images (the loss may diverge: the paper's lr at batch 2)
+    acc1, acc5 = s["final"]["val_acc1"], s["final"]["val_acc5"]
+    assert acc1 in (0.0, 50.0, 100.0) and acc5 in (0.0, 50.0, 100.0) and acc1 <= acc5
 
 
 @pytest.mark.parametrize("experiment", ABLATIONS)

