@@ -64,6 +64,12 @@ STEM_NAMES = ("stem", "conv1", "conv_stem")
 DEFAULT_INPUT_SIZE = (224, 224)
 
 
+def _out_size(m: nn.Module, in_hw) -> tuple[int, int]:
+    """Output size of conv-shaped `m` on an `in_hw` input."""
+    return tuple((n + 2 * p - d * (k - 1) - 1) // s + 1
+                 for n, p, d, k, s in zip(in_hw, m.padding, m.dilation, m.kernel_size, m.stride))
+
+
 class Slot(nn.Module):
     """A conv-shaped place that `replace` fills with the chosen operator.
 
@@ -89,11 +95,7 @@ class Slot(nn.Module):
                    conv.dilation, conv.groups, conv.bias is not None, op_hints)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h, w = (
-            (n + 2 * p - d * (k - 1) - 1) // s + 1
-            for n, p, d, k, s in zip(x.shape[-2:], self.padding, self.dilation, self.kernel_size, self.stride)
-        )
-        return x.new_zeros(x.shape[0], self.out_channels, h, w)
+        return x.new_zeros(x.shape[0], self.out_channels, *_out_size(self, x.shape[-2:]))
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
@@ -253,8 +255,17 @@ def _conv_params(m: nn.Module) -> int:
     return sum(p.numel() for p in m.parameters())
 
 
-def _geometry_kwargs(op: str, m: nn.Module, in_hw, user: dict) -> dict:
+def _padding(m: nn.Module, info: dict):
+    """`m`'s padding; a conv that pads in its forward instead (timm's `Conv2dSame`/`StdConv2dSame` declare 0
+    and pad TensorFlow-style) gets the symmetric 'same' padding, which gives the size the dry pass saw."""
+    if isinstance(m.padding, str) or not info or _out_size(m, info["in_hw"]) == tuple(info["out_hw"]):
+        return m.padding
+    return tuple(d * (k - 1) // 2 for k, d in zip(m.kernel_size, m.dilation))
+
+
+def _geometry_kwargs(op: str, m: nn.Module, info: dict, user: dict) -> dict:
     """The geometry and size options `m` passes on to operator `op` (only those it takes)."""
+    in_hw = info.get("in_hw")
     opts = op_options(op)
     kw = {}
     if max(m.dilation) > 1:
@@ -262,7 +273,7 @@ def _geometry_kwargs(op: str, m: nn.Module, in_hw, user: dict) -> dict:
             raise ValueError(f"operator {op!r} takes no `dilation`, but the layer it replaces has dilation {m.dilation}")
         kw["dilation"] = m.dilation
     if "padding" in opts:
-        kw["padding"] = m.padding
+        kw["padding"] = _padding(m, info)
     if "groups" in opts and m.groups > 1:
         kw["groups"] = m.groups
     if "bias" in opts:
@@ -274,12 +285,12 @@ def _geometry_kwargs(op: str, m: nn.Module, in_hw, user: dict) -> dict:
     return kw
 
 
-def _make(op: str, m: nn.Module, in_hw, op_kwargs: dict) -> tuple[nn.Module, bool]:
+def _make(op: str, m: nn.Module, info: dict, op_kwargs: dict) -> tuple[nn.Module, bool]:
     """Build operator `op` in place of conv/slot `m`; returns (module, projected?).
 
     A channel-wise operator refuses in != out with a ValueError; it then gets the 1×1 projection.
     """
-    kw = {**_geometry_kwargs(op, m, in_hw, op_kwargs), **op_kwargs,
+    kw = {**_geometry_kwargs(op, m, info, op_kwargs), **op_kwargs,
           **(m.op_hints.get(op, {}) if isinstance(m, Slot) else {})}
     cls = get_op(op)
     stride = m.stride if m.stride[0] != m.stride[1] else m.stride[0]
@@ -298,7 +309,7 @@ def _largest_divisor(n: int, at_most: int) -> int:
     return max(d for d in range(1, min(n, at_most) + 1) if n % d == 0)
 
 
-def _adapt(op: str, m: nn.Module, in_hw, kw: dict) -> tuple[dict, list[str]]:
+def _adapt(op: str, m: nn.Module, info: dict, kw: dict) -> tuple[dict, list[str]]:
     """`kw` with the options `op` cannot take at layer `m` moved to their nearest valid value (module
     docstring), and a note per change."""
     opts, kw, notes = op_options(op), dict(kw), []
@@ -315,18 +326,18 @@ def _adapt(op: str, m: nn.Module, in_hw, kw: dict) -> tuple[dict, list[str]]:
         change("group_channels", _largest_divisor(channels, g))
     if "scope_size" in opts and min(_pair(kw.get("scope_size", opts["scope_size"].default))) < k:
         change("scope_size", k + 1)
-    if "input_size" in opts and in_hw is not None:
-        change("input_size", tuple(in_hw))
+    if "input_size" in opts and info:
+        change("input_size", tuple(info["in_hw"]))
     return kw, notes
 
 
-def _fill(name: str, op: str, m: nn.Module, in_hw, kw: dict, mode: str) -> tuple[nn.Module | None, bool, str]:
+def _fill(name: str, op: str, m: nn.Module, info: dict, kw: dict, mode: str) -> tuple[nn.Module | None, bool, str]:
     """(module, projected?, note) for layer `name` under `on_incompatible=mode`; module None: keep `m`."""
     notes = []
     if mode == "adapt":
-        kw, notes = _adapt(op, m, in_hw, kw)
+        kw, notes = _adapt(op, m, info, kw)
     try:
-        new, projected = _make(op, m, in_hw, kw)
+        new, projected = _make(op, m, info, kw)
         return new, projected, "adapted: " + ", ".join(notes) if notes else ""
     except ValueError as e:
         reason = str(e)
@@ -337,7 +348,7 @@ def _fill(name: str, op: str, m: nn.Module, in_hw, kw: dict, mode: str) -> tuple
         raise ValueError(f"{name}: {reason}; policy.on_incompatible=skip keeps this conv, "
                          "=adapt picks the nearest valid option")
     if isinstance(m, Slot):  # a slot must be filled: the plain conv it stands for
-        return _make("conv", m, in_hw, {})[0], False, f"skipped (plain conv): {reason}"
+        return _make("conv", m, info, {})[0], False, f"skipped (plain conv): {reason}"
     return None, False, f"skipped: {reason}"
 
 
@@ -390,7 +401,7 @@ def replace(model: nn.Module, op="conv", policy="none", *, input_size=None, in_c
             continue
         layer_op = targets[name]
         info = seen.get(name, {})
-        new, projected, note = _fill(name, layer_op, m, info.get("in_hw"), op_kwargs if layer_op == op else {},
+        new, projected, note = _fill(name, layer_op, m, info, op_kwargs if layer_op == op else {},
                                      policy.on_incompatible)
         started = False
         if new is not None:
@@ -408,6 +419,10 @@ def replace(model: nn.Module, op="conv", policy="none", *, input_size=None, in_c
         })
     if report:
         log.info("replaced %d layer(s) by %s:\n%s", len(report), op, format_report(report))
+    skipped = [r["layer"] for r in report if r["skipped"]]
+    if skipped:
+        log.warning("%d layer(s) kept their conv (policy.on_incompatible=skip; the report's notes say why): %s",
+                    len(skipped), ", ".join(skipped))
     return report
 
 
