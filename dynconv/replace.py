@@ -250,8 +250,18 @@ def _conv_params(m: nn.Module) -> int:
     return sum(p.numel() for p in m.parameters())
 
 
-def _geometry_kwargs(op: str, m: nn.Module, in_hw, user: dict) -> dict:
+def _padding(m: nn.Module, info: dict):
+    """`m`'s padding; a conv that pads in its forward instead (timm's `Conv2dSame`/`StdConv2dSame` declare 0
+    and pad TensorFlow-style) gets the symmetric 'same' padding, which gives the size the dry pass saw."""
+    if isinstance(m.padding, str) or not info:
+        return m.padding
+    declared = conv_out_hw(info["in_hw"], m.kernel_size, m.stride, m.padding, m.dilation)
+    return m.padding if declared == tuple(info["out_hw"]) else resolve_padding(m.kernel_size, None, m.dilation)
+
+
+def _geometry_kwargs(op: str, m: nn.Module, info: dict, user: dict) -> dict:
     """The geometry and size options `m` passes on to operator `op` (only those it takes)."""
+    in_hw = info.get("in_hw")
     opts = op_options(op)
     kw = {}
     if max(m.dilation) > 1:
@@ -259,7 +269,7 @@ def _geometry_kwargs(op: str, m: nn.Module, in_hw, user: dict) -> dict:
             raise ValueError(f"operator {op!r} takes no `dilation`, but the layer it replaces has dilation {m.dilation}")
         kw["dilation"] = m.dilation
     if "padding" in opts:
-        kw["padding"] = m.padding
+        kw["padding"] = _padding(m, info)
     if "groups" in opts and m.groups > 1:
         kw["groups"] = m.groups
     if "bias" in opts:
@@ -271,12 +281,12 @@ def _geometry_kwargs(op: str, m: nn.Module, in_hw, user: dict) -> dict:
     return kw
 
 
-def _make(op: str, m: nn.Module, in_hw, op_kwargs: dict) -> tuple[nn.Module, bool]:
+def _make(op: str, m: nn.Module, info: dict, op_kwargs: dict) -> tuple[nn.Module, bool]:
     """Build operator `op` in place of conv/slot `m`; returns (module, projected?).
 
     A channel-wise operator refuses in != out with a ValueError; it then gets the 1×1 projection.
     """
-    kw = {**_geometry_kwargs(op, m, in_hw, op_kwargs), **op_kwargs,
+    kw = {**_geometry_kwargs(op, m, info, op_kwargs), **op_kwargs,
           **(m.op_hints.get(op, {}) if isinstance(m, Slot) else {})}
     cls = get_op(op)
     stride = m.stride if m.stride[0] != m.stride[1] else m.stride[0]
@@ -295,7 +305,7 @@ def _largest_divisor(n: int, at_most: int) -> int:
     return max(d for d in range(1, min(n, at_most) + 1) if n % d == 0)
 
 
-def _adapt(op: str, m: nn.Module, in_hw, kw: dict) -> tuple[dict, list[str]]:
+def _adapt(op: str, m: nn.Module, info: dict, kw: dict) -> tuple[dict, list[str]]:
     """`kw` with the options `op` cannot take at layer `m` moved to their nearest valid value (module
     docstring), and a note per change."""
     opts, kw, notes = op_options(op), dict(kw), []
@@ -312,18 +322,18 @@ def _adapt(op: str, m: nn.Module, in_hw, kw: dict) -> tuple[dict, list[str]]:
         change("group_channels", _largest_divisor(channels, g))
     if "scope_size" in opts and min(_pair(kw.get("scope_size", opts["scope_size"].default))) < k:
         change("scope_size", k + 1)
-    if "input_size" in opts and in_hw is not None:
-        change("input_size", tuple(in_hw))
+    if "input_size" in opts and info:
+        change("input_size", tuple(info["in_hw"]))
     return kw, notes
 
 
-def _fill(name: str, op: str, m: nn.Module, in_hw, kw: dict, mode: str) -> tuple[nn.Module | None, bool, str]:
+def _fill(name: str, op: str, m: nn.Module, info: dict, kw: dict, mode: str) -> tuple[nn.Module | None, bool, str]:
     """(module, projected?, note) for layer `name` under `on_incompatible=mode`; module None: keep `m`."""
     notes = []
     if mode == "adapt":
-        kw, notes = _adapt(op, m, in_hw, kw)
+        kw, notes = _adapt(op, m, info, kw)
     try:
-        new, projected = _make(op, m, in_hw, kw)
+        new, projected = _make(op, m, info, kw)
         return new, projected, "adapted: " + ", ".join(notes) if notes else ""
     except ValueError as e:
         reason = str(e)
@@ -334,7 +344,7 @@ def _fill(name: str, op: str, m: nn.Module, in_hw, kw: dict, mode: str) -> tuple
         raise ValueError(f"{name}: {reason}; policy.on_incompatible=skip keeps this conv, "
                          "=adapt picks the nearest valid option")
     if isinstance(m, Slot):  # a slot must be filled: the plain conv it stands for
-        return _make("conv", m, in_hw, {})[0], False, f"skipped (plain conv): {reason}"
+        return _make("conv", m, info, {})[0], False, f"skipped (plain conv): {reason}"
     return None, False, f"skipped: {reason}"
 
 
@@ -386,7 +396,7 @@ def replace(model: nn.Module, op="conv", policy="none", *, input_size=None, in_c
             continue
         layer_op = targets[name]
         info = seen.get(name, {})
-        new, projected, note = _fill(name, layer_op, m, info.get("in_hw"), op_kwargs if layer_op == op else {},
+        new, projected, note = _fill(name, layer_op, m, info, op_kwargs if layer_op == op else {},
                                      policy.on_incompatible)
         started = False
         if new is not None:
@@ -404,6 +414,10 @@ def replace(model: nn.Module, op="conv", policy="none", *, input_size=None, in_c
         })
     if report:
         log.info("replaced %d layer(s) by %s:\n%s", len(report), op, format_report(report))
+    skipped = [r["layer"] for r in report if r["skipped"]]
+    if skipped:
+        log.warning("%d layer(s) kept their conv (policy.on_incompatible=skip; the report's notes say why): %s",
+                    len(skipped), ", ".join(skipped))
     return report
 
 

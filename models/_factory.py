@@ -124,7 +124,7 @@ def timm_model(name: str, *, pretrained: bool = False, pretrained_file: str | No
 def warn_small_inputs(name: str, report: list[dict]) -> None:
     """Flag the operator layers whose input is smaller than their kernel (they see mostly padding), in the
     report (`warning`) and the log, naming the fixes."""
-    small = [r for r in report if r["op"] != "conv" and r["init"] != "kept" and r["input_size"]
+    small = [r for r in report if r["op"] != "conv" and not r["skipped"] and r["input_size"]
              and min(r["input_size"]) < max(r["kernel_size"])]
     for r in small:
         r["warning"] = f"input {'×'.join(map(str, r['input_size']))} smaller than kernel " \

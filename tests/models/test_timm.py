@@ -166,3 +166,26 @@ def test_finetune_timm_ddf_experiment_runs_from_a_pretrained_file(weights_file, 
     report = json.loads((run / "replacement.json").read_text())
     assert s["num_updates"] == 1 and s["config"]["model"]["pretrained"] and s["replacement"] == len(report) > 0
     assert {r["op"] for r in report} == {"ddf"} and {r["init"] for r in report} == {"fresh"}
+
+
+def test_convs_that_pad_in_forward_get_same_padding():
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), timm.layers.Conv2dSame(8, 8, 3, stride=2))  # declares padding 0
+    x = torch.randn(1, 3, 15, 15)
+    size = model(x).shape
+    dynconv.replace(model, "ddf", {"name": "all_3x3"}, input_size=(15, 15))
+    assert model(x).shape == size
+
+
+@pytest.mark.parametrize("mode", ["skip", "adapt"])
+def test_slots_follow_on_incompatible(mode):
+    with torch.device("meta"):
+        model, report = models.build({"name": "rednet26", "width": 0.125, "small_input": True},
+                                     {"name": "involution", "group_channels": 48}, {"name": "none", "on_incompatible": mode},
+                                     num_classes=10, input_size=(28, 28))
+    for r in report:
+        module = model.get_submodule(r["layer"])
+        if mode == "skip":  # a slot is never left empty: the plain conv it stands for, with the reason
+            assert r["note"].startswith("skipped (plain conv): involution:") and isinstance(module, nn.Conv2d)
+        else:
+            g = r["out_channels"] // module.groups
+            assert g == max(d for d in range(1, 49) if r["out_channels"] % d == 0) and str(g) in r["note"]
