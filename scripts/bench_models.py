@@ -13,6 +13,7 @@ registered are listed as missing.
     python scripts/bench_models.py                 # batch 16, 5 repeats
     python scripts/bench_models.py --quick         # batch 2 at reduced size, 1 repeat: a smoke test
     python scripts/bench_models.py --device cuda --batch 64 --amp --channels-last   # a GPU, as trained there
+    python scripts/bench_models.py --compile --size 64 --models RedNet-26 "DDF-ResNet-50 (mul)"   # eager vs compiled
 
 On CUDA every timed step is bracketed by `torch.cuda.synchronize()`, the pixel_filter operators run
 the Triton kernels and the first step includes their compilation (cached by Triton afterwards).
@@ -44,6 +45,7 @@ class Spec:
 
 SPECS = [
     Spec("ResNet-50", "dynconv_resnet50", 224, "ResNet-50"),
+    Spec("RedNet-26", "rednet26", 224, "ResNet-50"),
     Spec("RedNet-50", "rednet50", 224, "ResNet-50"),
     Spec("DDF-ResNet-50 (mul)", "ddf_mul_resnet50", 224, "ResNet-50"),
     Spec("face MobileNetV2 (depthwise)", "face_mobilenetv2_x1_0", 96, "face MobileNetV2 (depthwise)"),
@@ -63,12 +65,11 @@ def timed(fn, repeat: int) -> tuple[float, float]:
     return 1e3 * (time.perf_counter() - t0), median_ms(fn, repeat, warmup=0)
 
 
-def bench(spec: Spec, batch: int, repeat: int, size_scale: float, amp: bool = False,
-          channels_last: bool = False) -> dict:
+def bench(spec: Spec, batch: int, repeat: int, size: int, amp: bool = False,
+          channels_last: bool = False, compiled: bool = False) -> dict:
     import timm
 
     device = bench_ops.DEVICE
-    size = max(32, int(spec.size * size_scale) // 32 * 32)
     kwargs = dict(spec.kwargs)
     if size != spec.size:
         kwargs["input_size"] = (size, size)
@@ -78,6 +79,9 @@ def bench(spec: Spec, batch: int, repeat: int, size_scale: float, amp: bool = Fa
     x = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=fmt)
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if amp else contextlib.nullcontext
     row = dict(label=spec.label, name=spec.name, size=size, baseline=spec.baseline)
+    if compiled:  # compared with the same model in eager mode, the row before it
+        row.update(label=f"{spec.label}, compiled", baseline=spec.label)
+    run = torch.compile(model) if compiled else model  # traced at its first call, so after any freeze()
     if not spec.frozen:
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
         model.train()
@@ -88,7 +92,7 @@ def bench(spec: Spec, batch: int, repeat: int, size_scale: float, amp: bool = Fa
         def step():
             opt.zero_grad(set_to_none=True)
             with autocast():
-                loss = F.cross_entropy(model(x), y)
+                loss = F.cross_entropy(run(x), y)
             loss.backward()
             opt.step()
 
@@ -101,7 +105,7 @@ def bench(spec: Spec, batch: int, repeat: int, size_scale: float, amp: bool = Fa
 
     def infer():
         with torch.inference_mode(), autocast():
-            model(x)
+            run(x)
 
     row["infer"] = timed(infer, repeat)[1]
     return row
@@ -136,6 +140,9 @@ def main(argv=None) -> None:
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     ap.add_argument("--amp", action="store_true", help="bfloat16 autocast for training and inference")
     ap.add_argument("--channels-last", action="store_true", help="channels_last model and input")
+    ap.add_argument("--size", type=int, default=None, help="input resolution of every model (default: its own)")
+    ap.add_argument("--compile", action="store_true",
+                    help="each model also under torch.compile (inductor), its ratio taken to the eager row")
     args = ap.parse_args(argv)
     batch, repeat, scale = (2, 1, 1 / 3) if args.quick else (args.batch, args.repeat, 1.0)
     bench_ops.DEVICE = torch.device(args.device)
@@ -156,11 +163,14 @@ def main(argv=None) -> None:
     for spec in specs:
         if spec.name in missing:
             continue
-        try:
-            rows.append(bench(spec, batch, repeat, scale, args.amp, args.channels_last))
-        except Exception as err:  # report and go on: one broken model must not hide the others
-            rows.append(dict(label=spec.label, error=f"error: {type(err).__name__}: {str(err).splitlines()[0][:120]}"))
-        print(rows[-1], file=sys.stderr)
+        for compiled in (False, True) if args.compile else (False,):
+            try:
+                size = args.size or max(32, int(spec.size * scale) // 32 * 32)
+                rows.append(bench(spec, batch, repeat, size, args.amp, args.channels_last, compiled))
+            except Exception as err:  # report and go on: one broken model must not hide the others
+                label = f"{spec.label}, compiled" if compiled else spec.label
+                rows.append(dict(label=label, error=f"error: {type(err).__name__}: {str(err).splitlines()[0][:120]}"))
+            print(rows[-1], file=sys.stderr)
     print(markdown(rows, batch))
 
 

@@ -3,8 +3,8 @@
 The fast backend calls `pixel_filter` here when `available(...)` is true. The extension is
 compiled with the machine's C++ compiler through `torch.utils.cpp_extension.load` into a
 persistent folder, `$DYNCONV_CACHE_DIR` or `~/.cache/dynconv` (`$XDG_CACHE_HOME` honoured), under
-`ext-<hash>`, where the hash covers the sources, the flags, the torch and Python versions and the
-CPU's instruction-set flags; so the `-march=native` build is never reused on a different CPU, and
+`ext-<hash>`, where the hash covers the sources (content and path), the flags, the torch install and
+Python version and the CPU's instruction-set flags; so the `-march=native` build is never reused on a different CPU, and
 a second process (or run) only loads the cached library. `build_info()` reports where it lives and
 what the build or load cost. A failed build gives one warning and `available()` turns False, so
 the pure-PyTorch path runs. `DYNCONV_NATIVE=0` switches the kernel off (read at every call).
@@ -63,8 +63,10 @@ def build_dir() -> Path:
     h = hashlib.sha256()
     for src in _SOURCES:
         h.update(src.read_bytes())
+    # the generated build file names the sources' and torch's absolute paths, so a folder shared by two
+    # checkouts or environments would be rebuilt by each in turn: one folder per pair of paths
     for part in (_CFLAGS, _LDFLAGS, torch.__version__, platform.python_version(), platform.machine(),
-                 _cpu_flags()):
+                 _cpu_flags(), [str(src) for src in _SOURCES], torch.__file__):
         h.update(repr(part).encode())
     root = os.environ.get("DYNCONV_CACHE_DIR") or Path(
         os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dynconv"

@@ -1,0 +1,92 @@
+"""`torch.compile(fullgraph=True)` through every operator and the paper models: no graph break, and the
+forward and the gradients equal eager.
+
+Breadth runs on `backend="aot_eager"`: it traces forward and backward through the custom ops' fake
+kernels exactly as inductor receives them, without inductor's C++ build. Inductor itself compiles one
+operator per primitive and one paper model.
+"""
+import pytest
+import timm
+import torch
+from torch._dynamo.utils import counters
+
+import dynconv
+import models  # noqa: F401  (registers the paper models with timm)
+
+# (name, kwargs) of each paper model at a tiny width and input; TVConv takes its input size from the dry pass
+IMG = 16
+PAPER_MODELS = {
+    "rednet26": ("rednet26", {}),
+    "rednet50": ("rednet50", {}),
+    "ddf_mul_resnet50": ("ddf_mul_resnet50", {}),
+    "ddf_add_resnet50": ("ddf_add_resnet50", {}),
+    "resnet18_dcd": ("resnet18_dcd", {}),
+    "resnet50_dcd": ("resnet50_dcd", {}),
+    "mobilenetv2_dcd": ("mobilenetv2_dcd", dict(dropout=0.0)),  # compiled dropout draws other numbers
+    "face_mobilenetv2_tvconv": ("face_mobilenetv2", dict(op="tvconv", width=0.1, embedding_dim=8)),
+    "face_shufflenetv2_tvconv": ("face_shufflenetv2", dict(op="tvconv", width=0.5, embedding_dim=8)),
+    "resnet50_odconv": ("dynconv_resnet50", dict(op="odconv", policy="all_3x3")),
+    "resnet50_condconv": ("dynconv_resnet50", dict(op="condconv", policy="all_3x3")),
+    "resnet50_dyconv": ("dynconv_resnet50", dict(op="dyconv", policy="all_3x3")),
+}
+INDUCTOR_OPS = ["involution", "condconv", "dk_local"]  # pixel_filter, sample_conv, the DK sampling op
+INDUCTOR_MODEL = "rednet26"
+
+
+def _model(key: str) -> torch.nn.Module:
+    name, kw = PAPER_MODELS[key]
+    if not name.startswith("face_"):
+        kw = dict(num_classes=5, width=0.125, small_input=True, **kw)
+    torch.manual_seed(0)
+    return timm.create_model(name, input_size=(IMG, IMG), **kw)
+
+
+def assert_compiled_equals_eager(module: torch.nn.Module, x: torch.Tensor, backend: str) -> None:
+    """One fullgraph compile with no graph break; outputs and every gradient (input and parameters)
+    equal eager to float32 round-off over the model's depth."""
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(module, backend=backend, fullgraph=True)
+    results = []
+    for fn in (module, compiled):
+        xi = x.detach().clone().requires_grad_()
+        module.zero_grad(set_to_none=True)
+        out = fn(xi)
+        out.square().mean().backward()
+        results.append((out.detach(), xi.grad, {n: p.grad for n, p in module.named_parameters()}))
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    (out_e, gx_e, gp_e), (out_c, gx_c, gp_c) = results
+    # compiled graphs may reorder float32 sums: a few ulps per layer, relative to the tensor's scale
+    tol = dict(rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out_c, out_e, **tol)
+    torch.testing.assert_close(gx_c, gx_e, **tol)
+    for n, g in gp_e.items():
+        if g is not None:
+            torch.testing.assert_close(gp_c[n], g, **tol, msg=lambda m: f"{n}: {m}")
+
+
+def _op(name: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    size = {"input_size": (7, 7)} if "input_size" in dynconv.op_options(name) else {}
+    return dynconv.create_op(name, 16, 16, 3, **size).train()
+
+
+@pytest.mark.parametrize("name", dynconv.list_ops())
+def test_every_operator_compiles_fullgraph(name):
+    assert_compiled_equals_eager(_op(name), torch.randn(2, 16, 7, 7), "aot_eager")
+
+
+@pytest.mark.parametrize("key", list(PAPER_MODELS))
+def test_paper_model_compiles_fullgraph(key):
+    assert_compiled_equals_eager(_model(key).train(), torch.randn(2, 3, IMG, IMG), "aot_eager")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", INDUCTOR_OPS)
+def test_inductor_operator(name):
+    assert_compiled_equals_eager(_op(name), torch.randn(2, 16, 7, 7), "inductor")
+
+
+@pytest.mark.slow
+def test_inductor_paper_model():
+    assert_compiled_equals_eager(_model(INDUCTOR_MODEL).train(), torch.randn(2, 3, IMG, IMG), "inductor")
