@@ -1,0 +1,159 @@
+"""Export models with dynamic operators: `torch.export` programs (.pt2) and ONNX, checked on ONNX Runtime.
+
+Every primitive is traced under `use_backend("reference")`, its decomposition into plain PyTorch ops
+(unfold, multiply, sum; the per-sample conv as a grouped conv), so the ONNX graph holds standard
+operators only, while eager PyTorch keeps the fast kernels. The batch dimension stays symbolic.
+Operators whose filters do not depend on the input (TVConv) are exported frozen: `freeze()` folds the
+weight generator into constant filters (Chu et al. 2022, Sec. 3.3). An operator that does not export
+raises `ExportError` naming the operator and the opset.
+
+`onnx`, `onnxscript` and `onnxruntime` are imported inside the functions that need them, so
+`import dynconv` (and training) never loads them.
+
+    program = export_program(model, torch.randn(2, 3, 224, 224))
+    torch.export.save(program, "rednet50.pt2")
+    export_onnx(model, torch.randn(2, 3, 224, 224), "rednet50.onnx")
+    ort_max_rel_diff("rednet50.onnx", model, [torch.randn(1, 3, 224, 224), torch.randn(3, 3, 224, 224)])
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from .functional.backend import use_backend
+
+__all__ = ["ExportError", "deploy_copy", "export_program", "export_onnx", "ort_max_rel_diff", "DEFAULT_OPSET"]
+
+DEFAULT_OPSET = 20  # torch.onnx's default in torch 2.14; DeformConv (DCNv2) needs >= 19
+
+
+class ExportError(RuntimeError):
+    """An operator of the model cannot be exported (the message names it and the opset)."""
+
+
+def deploy_copy(model: nn.Module) -> nn.Module:
+    """An eval-mode copy of `model` with every freezable operator frozen (the original is untouched)."""
+    model = copy.deepcopy(model).eval()
+    for m in model.modules():
+        if m is not model and callable(getattr(m, "freeze", None)) and not getattr(m, "frozen", False):
+            m.freeze()
+    return model
+
+
+def _batch_dims(example: Tensor, dynamic_batch: bool):
+    return ({0: torch.export.Dim("batch", min=1, max=65536)},) if dynamic_batch else None
+
+
+def _trace(model: nn.Module, example: Tensor, dynamic_batch: bool) -> torch.export.ExportedProgram:
+    with use_backend("reference"), torch.no_grad():
+        return torch.export.export(model, (example,), dynamic_shapes=_batch_dims(example, dynamic_batch))
+
+
+def _to_checked_onnx(program: torch.export.ExportedProgram, opset: int):
+    """ONNX from an exported program, validated by the ONNX checker. onnxscript's graph optimizer
+    can emit nodes out of topological order (seen with Deformable Kernels' clamps); the graph is
+    then exported again without it, since ONNX Runtime applies its own optimisations at load."""
+    import onnx
+
+    for optimize in (True, False):
+        proto = torch.onnx.export(program, dynamo=True, opset_version=opset, optimize=optimize,
+                                  verbose=False).model_proto
+        try:
+            onnx.checker.check_model(proto, full_check=True)
+            return proto
+        except onnx.checker.ValidationError as err:
+            problem = err
+    raise problem
+
+
+def _operators(model: nn.Module) -> dict[type, tuple[str, nn.Module]]:
+    """The first module of each dynconv operator class in `model`: class → (module path, module)."""
+    found: dict[type, tuple[str, nn.Module]] = {}
+    for name, m in model.named_modules():
+        if getattr(type(m), "op_name", None) and type(m) not in found:
+            found[type(m)] = (name or type(m).__name__, m)
+    return found
+
+
+def _culprit(model: nn.Module, example: Tensor, convert, reason: str) -> ExportError | None:
+    """Export each operator class alone, on the input it sees in `model`, to name the one that fails
+    (None when each exports alone: the failure is elsewhere in the model)."""
+    ops, inputs = _operators(model), {}
+    hooks = [m.register_forward_pre_hook(lambda m, a: inputs.setdefault(type(m), a[0]))
+             for _, m in ops.values()]
+    try:
+        with use_backend("reference"), torch.no_grad():
+            model(example)
+    finally:
+        for h in hooks:
+            h.remove()
+    for cls, (path, m) in ops.items():
+        try:
+            convert(m, inputs[cls])
+        except Exception as err:  # any failure of the export stack: this is the operator to name
+            return ExportError(f"operator {cls.op_name!r} ({cls.__name__}, first at '{path}') {reason}: "
+                               f"{_first_line(err)}")
+    return None
+
+
+def _first_line(err: Exception) -> str:
+    lines = [ln for ln in str(err).splitlines() if ln.strip()]
+    return f"{type(err).__name__}: {lines[0] if lines else ''}"[:400]
+
+
+def export_program(model: nn.Module, example: Tensor, *, dynamic_batch: bool = True) -> torch.export.ExportedProgram:
+    """`torch.export` program of `deploy_copy(model)` traced on `example` (B, C, H, W), batch symbolic."""
+    model = deploy_copy(model)
+    try:
+        return _trace(model, example, dynamic_batch)
+    except Exception:
+        fail = _culprit(model, example, lambda m, x: _trace(m, x, dynamic_batch), "cannot be captured by torch.export")
+        if fail is None:
+            raise
+    raise fail
+
+
+def export_onnx(model: nn.Module, example: Tensor, path: str | Path | None = None, *, opset: int = DEFAULT_OPSET,
+                dynamic_batch: bool = True):
+    """ONNX (`torch.onnx.export(..., dynamo=True)`) of `deploy_copy(model)`, checked, saved to `path`
+    if given; returns the `onnx.ModelProto`. Raises `ExportError` naming an operator that fails."""
+    import onnx
+
+    program = export_program(model, example, dynamic_batch=dynamic_batch)
+    try:
+        proto = _to_checked_onnx(program, opset)
+    except Exception:
+        fail = _culprit(deploy_copy(model), example, lambda m, x: _to_checked_onnx(_trace(m, x, dynamic_batch), opset),
+                        f"has no valid lowering to ONNX opset {opset}")
+        if fail is None:
+            raise
+    else:
+        if path is not None:
+            onnx.save(proto, str(path))
+        return proto
+    raise fail
+
+
+def ort_max_rel_diff(onnx_path: str | Path, model: nn.Module, inputs: list[Tensor]) -> float:
+    """max |ORT − PyTorch| / max |PyTorch| over `inputs`, ONNX Runtime on CPU against eager `model`
+    (eval mode, its default backend). Raises if PyTorch's output is not finite."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    model = deploy_copy(model)
+    worst = 0.0
+    for x in inputs:
+        with torch.no_grad():
+            ref = model(x).double()
+        if not torch.isfinite(ref).all():
+            raise ValueError("the PyTorch output is not finite; calibrate BatchNorm statistics before comparing")
+        out = torch.from_numpy(session.run(None, {name: x.numpy()})[0]).double()
+        if out.shape != ref.shape:
+            raise ValueError(f"ONNX Runtime output {tuple(out.shape)} != PyTorch output {tuple(ref.shape)}")
+        worst = max(worst, ((out - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item())
+    return worst

@@ -1,0 +1,96 @@
+"""Export a model with dynamic operators to a `torch.export` program (.pt2) or ONNX (batch dimension symbolic).
+
+    python scripts/export.py --arch rednet50 out/rednet50.onnx
+    python scripts/export.py --arch resnet50 --op odconv --policy all_3x3 --format pt2 out/r50_odconv.pt2
+    python scripts/export.py --arch face_mobilenetv2_x1_0 --op tvconv --img-size 96 --check out/face_tv.onnx
+    python scripts/export.py --all --check out/          # every paper model, at its paper resolution
+
+The dynamic operators are traced as their plain-PyTorch decomposition (standard ONNX operators);
+TVConv is frozen first. `--checkpoint` loads a trainer checkpoint (`model` entry) or a state_dict
+(official keys are converted). Without one, the weights are random and the BatchNorm statistics are
+those of one random batch. `--check` runs ONNX Runtime (CPU) at batch 1 and 3 against PyTorch.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import models  # noqa: E402
+from dynconv.export import DEFAULT_OPSET, ExportError, export_onnx, export_program, ort_max_rel_diff  # noqa: E402
+from models.export import PAPER_MODELS, PaperModel, batch_statistics, build  # noqa: E402
+
+
+def load_weights(model: torch.nn.Module, path: str) -> None:
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):  # a trainer checkpoint
+        model.load_state_dict(state["model"])
+    else:
+        models.load_official(model, state)
+
+
+def export_one(spec: PaperModel, args, out: Path) -> None:
+    size = args.img_size or spec.img_size
+    model = build(spec, size, num_classes=args.num_classes)
+    example = torch.randn(2, 3, size, size)
+    if args.checkpoint:
+        load_weights(model, args.checkpoint)
+    else:
+        batch_statistics(model, torch.randn(8, 3, size, size))
+    t0 = time.perf_counter()
+    if args.format == "pt2":
+        torch.export.save(export_program(model, example), str(out))
+    else:
+        export_onnx(model, example, out, opset=args.opset)
+    line = f"{spec.label}: wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, {time.perf_counter() - t0:.1f} s)"
+    if args.check and args.format == "onnx":
+        diff = ort_max_rel_diff(out, model, [torch.randn(b, 3, size, size) for b in (1, 3)])
+        line += f"; ONNX Runtime vs PyTorch at batch 1 and 3: max relative diff {diff:.2e}"
+        if diff > 1e-4:
+            line += "  ** above 1e-4 **"
+    print(line, flush=True)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("out", help="output file (a folder with --all)")
+    p.add_argument("--arch", help="registered model name (models.list_models())")
+    p.add_argument("--op", help="operator that fills the model's slots (dynconv.list_ops())")
+    p.add_argument("--policy", help="replacement policy (none, all_3x3, dw_only, deep_only, shallow_only)")
+    p.add_argument("--all", action="store_true", help="every paper model, each at its paper resolution")
+    p.add_argument("--format", choices=("onnx", "pt2"), default="onnx")
+    p.add_argument("--img-size", type=int, help="input resolution (default: 224, or the paper's with --all)")
+    p.add_argument("--num-classes", type=int)
+    p.add_argument("--opset", type=int, default=DEFAULT_OPSET)
+    p.add_argument("--checkpoint", help="weights: a trainer checkpoint or a (converted or official) state_dict")
+    p.add_argument("--check", action="store_true", help="compare ONNX Runtime with PyTorch (onnx format)")
+    args = p.parse_args(argv)
+    if args.all == bool(args.arch):
+        p.error("give either --arch NAME or --all")
+    if args.all:
+        out_dir = Path(args.out)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        jobs = [(s, out_dir / f"{re.sub(r'[^a-z0-9]+', '_', s.label.lower()).strip('_')}.{args.format}")
+                for s in PAPER_MODELS]
+    else:
+        kwargs = {k: v for k, v in (("op", args.op), ("policy", args.policy)) if v}
+        args.img_size = args.img_size or 224
+        jobs = [(PaperModel(args.arch, args.arch, args.img_size, kwargs), Path(args.out))]
+    for spec, out in jobs:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            export_one(spec, args, out)
+        except ExportError as err:
+            print(f"{spec.label}: not exported: {err}", file=sys.stderr)
+            return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

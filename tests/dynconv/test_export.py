@@ -1,0 +1,52 @@
+"""dynconv.export at the operator level: lazy imports, freezing, the optimiser fallback, clear failures."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+import dynconv
+from dynconv.export import ExportError, deploy_copy, export_onnx, ort_max_rel_diff
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_training_imports_no_onnx():
+    code = ("import sys, dynconv, dynconv.export, models, models.export, engine.trainer; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('onnx', 'onnxscript', 'onnxruntime')))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_deploy_copy_freezes_tvconv_and_keeps_the_original():
+    model = nn.Sequential(dynconv.create_op("tvconv", 8, 8, 3, input_size=(8, 8)))
+    frozen = deploy_copy(model)
+    assert frozen[0].frozen and not frozen.training
+    assert not model[0].frozen and model.training
+    x = torch.randn(2, 8, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(frozen(x), model.eval()(x))
+
+
+def _onnx_ops(proto) -> set[str]:
+    return {n.op_type for n in proto.graph.node}
+
+
+def test_deformable_kernels_export_without_the_broken_optimisation(tmp_path):
+    """onnxscript's optimiser mis-orders this graph; the export falls back to the unoptimised one."""
+    model = nn.Sequential(dynconv.create_op("dk_local", 8, 8, 3)).eval()
+    proto = export_onnx(model, torch.randn(2, 8, 6, 6), tmp_path / "dk.onnx")
+    assert "GatherElements" in _onnx_ops(proto) and not proto.functions
+    x = [torch.randn(b, 8, 6, 6) for b in (1, 3)]
+    assert ort_max_rel_diff(tmp_path / "dk.onnx", model, x) < 1e-4
+
+
+def test_dcn_exports_at_opset_19_and_fails_clearly_below():
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), dynconv.create_op("dcn", 8, 8, 3)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    assert "DeformConv" in _onnx_ops(export_onnx(model, x, opset=19))
+    with pytest.raises(ExportError, match=r"operator 'dcn' \(DCN, first at '1'\) .*ONNX opset 18") as err:
+        export_onnx(model, x, opset=18)
+    assert err.value.__cause__ is None and err.value.__context__ is None  # no chained deep trace
