@@ -31,9 +31,9 @@ PAPER_MODELS = [
     PaperModel("MobileNetV2-DCD", "mobilenetv2_dcd", 224),
     PaperModel("face MobileNetV2 + TVConv", "face_mobilenetv2_x1_0", 96, {"op": "tvconv"}),
     PaperModel("face ShuffleNetV2 + TVConv", "face_shufflenetv2_x1_0", 96, {"op": "tvconv"}),
-    PaperModel("ResNet-50 + ODConv", "resnet50", 224, {"op": "odconv", "policy": "all_3x3"}),
-    PaperModel("ResNet-50 + CondConv", "resnet50", 224, {"op": "condconv", "policy": "all_3x3"}),
-    PaperModel("ResNet-50 + DY-Conv", "resnet50", 224, {"op": "dyconv", "policy": "all_3x3"}),
+    PaperModel("ResNet-50 + ODConv", "dynconv_resnet50", 224, {"op": "odconv", "policy": "all_3x3"}),
+    PaperModel("ResNet-50 + CondConv", "dynconv_resnet50", 224, {"op": "condconv", "policy": "all_3x3"}),
+    PaperModel("ResNet-50 + DY-Conv", "dynconv_resnet50", 224, {"op": "dyconv", "policy": "all_3x3"}),
 ]
 
 
