@@ -22,10 +22,11 @@ CONFIGS = [(1024, 4), (2048, 4), (4096, 8), (4096, 4)]  # (_PLANE_TILE, _PLANE_W
 
 
 def call(mod, inputs):
-    """One module's `_TritonPixelFilter` on a form's inputs (K from the filter's taps, centred padding)."""
+    """One module's direct entry `pixel_filter` on a form's inputs (K from the filter's taps, centred padding)."""
     x, s, *a = inputs
     K = math.isqrt(s.shape[2])
-    return mod._TritonPixelFilter.apply(x, s, a[0] if a else None, K, (1, 1), ((K - 1) // 2,) * 2, (1, 1), "mul")
+    return mod.pixel_filter(x, s, a[0] if a else None, kernel_size=K, stride=(1, 1), padding=((K - 1) // 2,) * 2,
+                            dilation=(1, 1), combine="mul")
 
 
 def main(argv=None) -> None:
