@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dynconv.export import export_onnx, ort_max_rel_diff
+from dynconv.export import deploy_copy, export_onnx, ort_max_rel_diff
 from models.export import PAPER_MODELS, batch_statistics, build
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -21,13 +21,24 @@ def test_paper_model_onnx_matches_pytorch(spec, tmp_path):
     # eval-mode BatchNorm with the statistics of too few values (4 images at 32 px: 1x1 maps in the last
     # stage) amplifies float32 rounding (ResNet-18-DCD: 8e-4 from float64 in PyTorch itself); with 16
     # images at 64 px float32 PyTorch stays within 1e-5 of float64, so 1e-4 bounds a faithful export
-    model = batch_statistics(build(spec, SIZE, num_classes=10), torch.randn(16, 3, SIZE, SIZE))
+    model = batch_statistics(build(spec, SIZE), torch.randn(16, 3, SIZE, SIZE))
     proto = export_onnx(model, torch.randn(2, 3, SIZE, SIZE), tmp_path / "m.onnx")
     batch = proto.graph.input[0].type.tensor_type.shape.dim[0]
     assert batch.dim_param and not batch.HasField("dim_value")  # symbolic batch dimension
     assert {n.domain for n in proto.graph.node} <= {""} and not proto.functions  # standard ONNX operators only
     inputs = [torch.randn(b, 3, SIZE, SIZE) for b in (1, 3)]
-    assert ort_max_rel_diff(tmp_path / "m.onnx", model, inputs) < 1e-4
+    # ORT's summation order may add what float32 rounding adds in PyTorch itself; a fresh ResNet-50-DCD
+    # amplifies it to 8e-5 (its eval-mode BatchNorm1d on the low-rank path), the other models stay < 1e-5
+    assert ort_max_rel_diff(tmp_path / "m.onnx", model, inputs) < max(1e-4, 4 * _float32_error(model, inputs))
+
+
+def _float32_error(model, inputs) -> float:
+    """max |float32 − float64| / max |float64| of the eager model over `inputs`."""
+    model64 = deploy_copy(model).double()
+    with torch.no_grad():
+        errors = [(model(x).double() - model64(x.double())).abs().max() / model64(x.double()).abs().max()
+                  for x in inputs]
+    return max(errors).item()
 
 
 def test_export_script_writes_a_pt2_program_with_a_dynamic_batch(tmp_path):
