@@ -44,7 +44,7 @@ def test_experiment_only_overrides_existing_keys(experiment):
     """Every key the file sets exists in the config its group choices compose to (a misspelt key in the open
     model/op/task sections would otherwise surface only when the run is built)."""
     body = yaml.safe_load((CONFIGS / "experiment" / f"{experiment}.yaml").read_text())
-    groups = [f"{k.removeprefix('override /')}={v}" for entry in body.pop("defaults") for k, v in entry.items()]
+    groups = [f"{k.removeprefix('override /')}={v}" for entry in body.pop("defaults") if isinstance(entry, dict) for k, v in entry.items()]
     base = compose_cfg(groups)
     cfg = compose_cfg([f"experiment={experiment}"])
     for key in leaves(body):

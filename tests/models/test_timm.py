@@ -116,7 +116,7 @@ def test_timm_models_train_a_step_under_adapt(name, op, policy):
     for r in adapted:  # the nearest valid option, as the note says
         module = model.get_submodule(r["layer"])
         if op == "involution":
-            g = r["out_channels"] // module.groups
+            g = r["out_channels"] // module.kernel_groups
             assert r["out_channels"] % g == 0 and not any(r["out_channels"] % d == 0 for d in range(g + 1, 17))
         else:
             assert min(module.scope_size) == max(r["kernel_size"]) + 1
@@ -187,5 +187,5 @@ def test_slots_follow_on_incompatible(mode):
         if mode == "skip":  # a slot is never left empty: the plain conv it stands for, with the reason
             assert r["note"].startswith("skipped (plain conv): involution:") and isinstance(module, nn.Conv2d)
         else:
-            g = r["out_channels"] // module.groups
+            g = r["out_channels"] // module.kernel_groups
             assert g == max(d for d in range(1, 49) if r["out_channels"] % d == 0) and str(g) in r["note"]
