@@ -69,10 +69,13 @@ def broadcast_object(obj, info: DistInfo):
 
 
 def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
-    if info.enabled:
-        t = t.clone()
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t
+    """`t` summed over the ranks, on `t`'s device; NCCL reduces CUDA tensors only, so CPU ones go through the GPU."""
+    if not info.enabled:
+        return t
+    on = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else t.device
+    out = t.to(on, copy=True)
+    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out.to(t.device)
 
 
 def barrier(info: DistInfo) -> None:
