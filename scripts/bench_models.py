@@ -14,6 +14,7 @@ registered are listed as missing.
     python scripts/bench_models.py --quick         # batch 2 at reduced size, 1 repeat: a smoke test
     python scripts/bench_models.py --device cuda --batch 64 --amp --channels-last   # a GPU, as trained there
     python scripts/bench_models.py --compile --size 64 --models RedNet-26 "DDF-ResNet-50 (mul)"   # eager vs compiled
+    python scripts/bench_models.py --device cuda --compile default reduce-overhead --models RedNet-26   # + CUDA graphs
 
 On CUDA every timed step is bracketed by `torch.cuda.synchronize()`, the pixel_filter operators run
 the Triton kernels and the first step includes their compilation (cached by Triton afterwards).
@@ -56,6 +57,13 @@ SPECS = [
 ]
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
+
+
+def compiled_label(label: str, mode: str) -> str:
+    return f"{label}, compiled" + ("" if mode == "default" else f" ({mode})")
+
+
 def timed(fn, repeat: int) -> tuple[float, float]:
     """(first call's time, median of the next `repeat` calls), in milliseconds."""
     bench_ops._sync()
@@ -66,7 +74,7 @@ def timed(fn, repeat: int) -> tuple[float, float]:
 
 
 def bench(spec: Spec, batch: int, repeat: int, size: int, amp: bool = False,
-          channels_last: bool = False, compiled: bool = False) -> dict:
+          channels_last: bool = False, compile_mode: str | None = None) -> dict:
     import timm
 
     device = bench_ops.DEVICE
@@ -79,9 +87,15 @@ def bench(spec: Spec, batch: int, repeat: int, size: int, amp: bool = False,
     x = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=fmt)
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if amp else contextlib.nullcontext
     row = dict(label=spec.label, name=spec.name, size=size, baseline=spec.baseline)
-    if compiled:  # compared with the same model in eager mode, the row before it
-        row.update(label=f"{spec.label}, compiled", baseline=spec.label)
-    run = torch.compile(model) if compiled else model  # traced at its first call, so after any freeze()
+    if compile_mode:  # compared with the same model in eager mode, the first of its rows
+        row.update(label=compiled_label(spec.label, compile_mode), baseline=spec.label)
+    # traced at its first call, so after any freeze(); "reduce-overhead" replays CUDA graphs of the compiled code
+    compiled = torch.compile(model, mode=compile_mode) if compile_mode else model
+
+    def run(inputs):
+        if compile_mode == "reduce-overhead":  # a new iteration: the previous graph's outputs may be overwritten
+            torch.compiler.cudagraph_mark_step_begin()
+        return compiled(inputs)
     if not spec.frozen:
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
         model.train()
@@ -141,10 +155,12 @@ def main(argv=None) -> None:
     ap.add_argument("--amp", action="store_true", help="bfloat16 autocast for training and inference")
     ap.add_argument("--channels-last", action="store_true", help="channels_last model and input")
     ap.add_argument("--size", type=int, default=None, help="input resolution of every model (default: its own)")
-    ap.add_argument("--compile", action="store_true",
-                    help="each model also under torch.compile (inductor), its ratio taken to the eager row")
+    ap.add_argument("--compile", nargs="*", default=None, choices=COMPILE_MODES, metavar="MODE",
+                    help="each model also under torch.compile (inductor) in each MODE (default: 'default'; "
+                         f"choices: {', '.join(COMPILE_MODES)}), its ratio taken to the eager row")
     args = ap.parse_args(argv)
     batch, repeat, scale = (2, 1, 1 / 3) if args.quick else (args.batch, args.repeat, 1.0)
+    modes = [] if args.compile is None else (args.compile or ["default"])
     bench_ops.DEVICE = torch.device(args.device)
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: no CUDA device is visible to torch")
@@ -163,12 +179,12 @@ def main(argv=None) -> None:
     for spec in specs:
         if spec.name in missing:
             continue
-        for compiled in (False, True) if args.compile else (False,):
+        for mode in [None] + modes:
             try:
                 size = args.size or max(32, int(spec.size * scale) // 32 * 32)
-                rows.append(bench(spec, batch, repeat, size, args.amp, args.channels_last, compiled))
+                rows.append(bench(spec, batch, repeat, size, args.amp, args.channels_last, mode))
             except Exception as err:  # report and go on: one broken model must not hide the others
-                label = f"{spec.label}, compiled" if compiled else spec.label
+                label = compiled_label(spec.label, mode) if mode else spec.label
                 rows.append(dict(label=label, error=f"error: {type(err).__name__}: {str(err).splitlines()[0][:120]}"))
             print(rows[-1], file=sys.stderr)
     print(markdown(rows, batch))

@@ -3,7 +3,8 @@ forward and the gradients equal eager.
 
 Breadth runs on `backend="aot_eager"`: it traces forward and backward through the custom ops' fake
 kernels exactly as inductor receives them, without inductor's C++ build. Inductor itself compiles one
-operator per primitive and one paper model.
+operator per primitive and one paper model, on CPU and, where torch sees a GPU, on CUDA too (the Triton
+kernels as `torch.library.triton_op`s; TF32 off so that eager and compiled round alike).
 """
 import pytest
 import timm
@@ -31,6 +32,15 @@ PAPER_MODELS = {
 }
 INDUCTOR_OPS = ["involution", "condconv", "dk_local"]  # pixel_filter, sample_conv, the DK sampling op
 INDUCTOR_MODEL = "rednet26"
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])  # the CUDA cases exist only on a GPU machine
+
+
+@pytest.fixture
+def device(request, monkeypatch):
+    if request.param == "cuda":
+        monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+        monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    return torch.device(request.param)
 
 
 def _model(key: str) -> torch.nn.Module:
@@ -82,11 +92,14 @@ def test_paper_model_compiles_fullgraph(key):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
 @pytest.mark.parametrize("name", INDUCTOR_OPS)
-def test_inductor_operator(name):
-    assert_compiled_equals_eager(_op(name), torch.randn(2, 16, 7, 7), "inductor")
+def test_inductor_operator(name, device):
+    assert_compiled_equals_eager(_op(name).to(device), torch.randn(2, 16, 7, 7, device=device), "inductor")
 
 
 @pytest.mark.slow
-def test_inductor_paper_model():
-    assert_compiled_equals_eager(_model(INDUCTOR_MODEL).train(), torch.randn(2, 3, IMG, IMG), "inductor")
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
+def test_inductor_paper_model(device):
+    model = _model(INDUCTOR_MODEL).train().to(device)
+    assert_compiled_equals_eager(model, torch.randn(2, 3, IMG, IMG, device=device), "inductor")

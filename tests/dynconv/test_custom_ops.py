@@ -21,13 +21,16 @@ FILTERS = list(itertools.product([1, 2], [False, True], [None, "mul", "add"]))
 CASES = [(*GEOMETRY[n % 4], *FILTERS[n]) for n in range(12)] + [((1, 2), (1, 1), 2, False, "mul")]
 
 
-def _leaves(*shapes, dtype):
-    return [torch.randn(*s, dtype=dtype).requires_grad_() for s in shapes]
+def _leaves(*shapes, dtype, device="cpu"):
+    return [torch.randn(*s, dtype=dtype, device=device).requires_grad_() for s in shapes]
 
 
-@pytest.fixture(params=["native", "taps"])
+@pytest.fixture(params=["native", "taps"] + (["triton_cuda"] if torch.cuda.is_available() else []))
 def impl(request, monkeypatch):
-    """Each CPU implementation behind `dynconv::pixel_filter`: the compiled kernel and the tap loop."""
+    """Each implementation of the per-pixel filter op: on CPU, `dynconv::pixel_filter` with the compiled
+    kernel and with the tap loop; on a GPU machine also `dynconv::pixel_filter_triton` on CUDA tensors."""
+    if request.param == "triton_cuda":
+        return request.param
     if request.param == "taps":
         monkeypatch.setattr(pixel_filter_module, "native", None)
     elif pixel_filter_module.native is None or pixel_filter_module.native.load() is None:
@@ -42,9 +45,11 @@ def test_opcheck_pixel_filter(impl, case, dtype):
     p = tuple(di * (K - 1) // 2 for di in d)
     ho, wo = conv_out_hw((H, W), K, s, p, d)
     shapes = [(B, C, H, W), (1 if shared else B, G, K * K, ho, wo)] + ([(B, C, K * K)] if combine else [])
-    x, spatial, *channel = _leaves(*shapes, dtype=dtype)
+    device = "cuda" if impl == "triton_cuda" else "cpu"
+    x, spatial, *channel = _leaves(*shapes, dtype=dtype, device=device)
     args = (x, spatial, channel[0] if channel else None, K, list(s), list(p), list(d), combine or "mul")
-    torch.library.opcheck(torch.ops.dynconv.pixel_filter.default, args)
+    op = torch.ops.dynconv.pixel_filter_triton if impl == "triton_cuda" else torch.ops.dynconv.pixel_filter
+    torch.library.opcheck(op.default, args)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
