@@ -32,6 +32,10 @@ def test_train_writes_events_checkpoints_and_summary(tmp_path):
     assert last["epoch"] == 3 and last["ema"] is not None and "rng" in last and "optimizer" in last
     assert (run / "checkpoints" / "best.pt").exists() and (run / ".hydra" / "config.yaml").exists()
     assert (run / "train.log").read_text().count("epoch 2:") == 1
+    last_line = (run / "train.log").read_text().strip().splitlines()[-1]  # what the README's quickstart quotes
+    best = out["best"]
+    assert last_line.endswith(f"{best['key']} {out['final'][best['key']]:.2f} at the end, best {best['metric']:.2f} "
+                              f"(epoch {best['epoch']})") and "finished: 3 epochs" in last_line, last_line
     rows = list(csv.DictReader(open(run / "metrics.csv")))
     assert [int(r["epoch"]) for r in rows] == [0, 1, 2]
 
