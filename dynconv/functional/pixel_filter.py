@@ -25,7 +25,7 @@ from torch.nn.modules.utils import _pair
 from . import triton_pixel_filter
 from .backend import resolve
 from .library import absent, register_autograd
-from .geometry import conv_out_hw, conv_out_size, resolve_padding  # noqa: F401  (conv_out_size: public here too)
+from .geometry import conv_out_hw, resolve_padding
 
 try:
     from . import native

@@ -13,25 +13,15 @@ from torch._dynamo.utils import counters
 
 import dynconv
 import models  # noqa: F401  (registers the paper models with timm)
+from models import export
 
-# (name, kwargs) of each paper model at a tiny width and input; TVConv takes its input size from the dry pass
+# each paper model of models.export.PAPER_MODELS at a tiny width and input (TVConv takes its input size from the
+# dry pass); MobileNetV2-DCD without dropout, which draws other numbers when compiled
 IMG = 16
-PAPER_MODELS = {
-    "rednet26": ("rednet26", {}),
-    "rednet50": ("rednet50", {}),
-    "ddf_mul_resnet50": ("ddf_mul_resnet50", {}),
-    "ddf_add_resnet50": ("ddf_add_resnet50", {}),
-    "resnet18_dcd": ("resnet18_dcd", {}),
-    "resnet50_dcd": ("resnet50_dcd", {}),
-    "mobilenetv2_dcd": ("mobilenetv2_dcd", dict(dropout=0.0)),  # compiled dropout draws other numbers
-    "face_mobilenetv2_tvconv": ("face_mobilenetv2", dict(op="tvconv", width=0.1, embedding_dim=8)),
-    "face_shufflenetv2_tvconv": ("face_shufflenetv2", dict(op="tvconv", width=0.5, embedding_dim=8)),
-    "resnet50_odconv": ("dynconv_resnet50", dict(op="odconv", policy="all_3x3")),
-    "resnet50_condconv": ("dynconv_resnet50", dict(op="condconv", policy="all_3x3")),
-    "resnet50_dyconv": ("dynconv_resnet50", dict(op="dyconv", policy="all_3x3")),
-}
+PAPER_MODELS = {spec.label: spec for spec in export.PAPER_MODELS}
+FACE_WIDTH = {"face_mobilenetv2": 0.1, "face_shufflenetv2": 0.5}
 INDUCTOR_OPS = ["involution", "condconv", "dk_local"]  # pixel_filter, sample_conv, the DK sampling op
-INDUCTOR_MODEL = "rednet26"
+INDUCTOR_MODEL = "RedNet-26"
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])  # the CUDA cases exist only on a GPU machine
 
 
@@ -44,11 +34,16 @@ def device(request, monkeypatch):
 
 
 def _model(key: str) -> torch.nn.Module:
-    name, kw = PAPER_MODELS[key]
-    if not name.startswith("face_"):
-        kw = dict(num_classes=5, width=0.125, small_input=True, **kw)
+    spec = PAPER_MODELS[key]
+    if spec.name.startswith("face_"):  # the x1_0 paper model at the smallest width of its family
+        name = spec.name.removesuffix("_x1_0")
+        kw = dict(width=FACE_WIDTH[name], embedding_dim=8)
+    else:
+        name, kw = spec.name, dict(num_classes=5, width=0.125, small_input=True)
+        if name == "mobilenetv2_dcd":
+            kw["dropout"] = 0.0
     torch.manual_seed(0)
-    return timm.create_model(name, input_size=(IMG, IMG), **kw)
+    return timm.create_model(name, input_size=(IMG, IMG), **spec.kwargs, **kw)
 
 
 def assert_compiled_equals_eager(module: torch.nn.Module, x: torch.Tensor, backend: str) -> None:

@@ -4,7 +4,8 @@ import itertools
 import pytest
 import torch
 
-from dynconv.functional.pixel_filter import conv_out_size, pixel_filter
+from dynconv.functional.geometry import conv_out_size
+from dynconv.functional.pixel_filter import pixel_filter
 from tests.dynconv.op_checks import rounding_tolerance
 
 B, C = 2, 6

@@ -18,7 +18,8 @@ import pytest
 import torch
 
 from dynconv.functional import triton_pixel_filter
-from dynconv.functional.pixel_filter import conv_out_size, pixel_filter
+from dynconv.functional.geometry import conv_out_size
+from dynconv.functional.pixel_filter import pixel_filter
 from tests.dynconv.op_checks import rounding_tolerance
 
 ROOT = Path(__file__).resolve().parents[2]
