@@ -77,6 +77,10 @@ def load_sweep(sweep: Path, metric: str | None) -> tuple[list[dict], str]:
     records, name = [], None
     for folder in folders:
         s = json.loads((folder / "summary.json").read_text())
+        if s.get("epochs_done") != s.get("total_epochs"):  # summary.json is rewritten after every epoch
+            print(f"skipping {folder}: unfinished ({s.get('epochs_done')} of {s.get('total_epochs')} epochs)",
+                  file=sys.stderr)
+            continue
         name = name or metric or s["config"]["trainer"].get("eval_metric", "acc1")
         epochs = []
         if (folder / "metrics.csv").exists():
@@ -87,6 +91,8 @@ def load_sweep(sweep: Path, metric: str | None) -> tuple[list[dict], str]:
                         "params": s.get("params"), "macs": s.get("macs_per_image"), "img_per_s": s.get("img_per_s"),
                         "wall_time_s": s.get("wall_time_s"), "commit": _commit(folder, s),
                         "final": {k: v for k, v in s.get("final", {}).items() if k != "epoch"}, "epochs": epochs})
+    if not records:
+        raise SystemExit(f"no finished run below {sweep}: every summary.json there is of an unfinished run")
     return records, name
 
 

@@ -26,7 +26,8 @@ def make_sweep(root, cells=BASE, steps=lambda cell: 62):
                       "policy": {"name": policy, "stages": None}, "trainer": {"eval_metric": "acc1"},
                       "data": {"train_subset": cell[2] if len(cell) > 2 else 2000}}
             (run / "summary.json").write_text(json.dumps({
-                "config": config, "final": {"epoch": 1, "val_acc1": acc, "val_loss": 1.0 / acc},
+                "config": config, "epochs_done": 2, "total_epochs": 2,
+                "final": {"epoch": 1, "val_acc1": acc, "val_loss": 1.0 / acc},
                 "best": {"metric": acc, "key": "val_acc1"}, "num_updates": steps(cell),
                 "params": 1_000_000 if op == "conv" else 1_500_000, "macs_per_image": 20_000_000,
                 "img_per_s": 100.0 + seed, "wall_time_s": 30.0 + job}))
@@ -76,6 +77,18 @@ def test_runs_csv_holds_the_cell_keys_seed_metrics_and_commit(tmp_path):
     assert float(runs[0]["final_val_loss"]) == 1.0 / 80.0 and runs[0]["steps"] == "62"
     epochs = list(csv.DictReader(open(tmp_path / "data" / "epochs.csv")))
     assert len(epochs) == 24 and epochs[3] == {"run": "1", "epoch": "1", "train_loss": "1.0", "train_acc1": "71.0"}
+
+
+def test_an_unfinished_run_is_left_out(tmp_path, capsys):
+    """summary.json is rewritten after every epoch: a run stopped after its first epoch must not count."""
+    make_sweep(tmp_path / "sweep")
+    summary = tmp_path / "sweep" / "5" / "summary.json"
+    s = json.loads(summary.read_text())
+    summary.write_text(json.dumps({**s, "epochs_done": 1}))
+    ablation_table.main([str(tmp_path / "sweep"), "--out", str(tmp_path / "data")])
+    runs = list(csv.DictReader(open(tmp_path / "data" / "runs.csv")))
+    assert len(runs) == 11 and "5" not in {r["run"] for r in runs}
+    assert "sweep/5: unfinished (1 of 2 epochs)" in capsys.readouterr().err
 
 
 def test_regeneration_from_the_csvs_alone_is_byte_for_byte(tmp_path):
