@@ -24,8 +24,11 @@ $(DATA): scripts/fetch_data.sh data/fetch.py $(STAMP)
 train: setup  ## the main job: `python train.py` with the default config
 	$(PY) train.py
 
-test: setup  ## the whole test suite
-	$(PY) -m pytest -q
+# one worker per core (tests/conftest.py gives each one torch thread); worksteal hands each worker a contiguous
+# half of the tests (a module's shared fixtures are mostly built once) and rebalances by stealing
+WORKERS ?= auto
+test: setup  ## the whole test suite, in parallel (WORKERS=0: serially, in one process)
+	$(PY) -m pytest -q -n $(WORKERS) --dist worksteal
 
 LOGDIR ?= outputs
 tensorboard: setup  ## TensorBoard on the runs (LOGDIR=multirun/<sweep> for a sweep's HParams table)
