@@ -444,14 +444,12 @@ class Run:
         w.writerows(self.state.history)
         _atomic_text(self.run_dir / "metrics.csv", buf.getvalue())
         final = self.state.history[-1] if self.state.history else {}
-        imgs = sum(r["img_per_s"] * r["epoch_time"] for r in self.state.history)
-        train_time = sum(r["epoch_time"] for r in self.state.history)
         summary = {
             "config": OmegaConf.to_container(self.cfg, resolve=True),
             "epochs_done": self.state.epoch, "total_epochs": self.epochs, "num_updates": self.state.num_updates,
             "final": final, "best": self.state.best,
             "params": self.param_count, "macs_per_image": self.macs,
-            "wall_time_s": self.state.wall_time, "img_per_s": imgs / train_time if train_time else None,
+            "wall_time_s": self.state.wall_time, "img_per_s": _train_speed(self.state.history),
             "replacement": len(self.report),
         }
         _atomic_text(self.run_dir / "summary.json", json.dumps(summary, indent=2, default=str))
@@ -489,10 +487,9 @@ class Run:
         """The run's last log line, e.g. "finished: 2 epochs, 6.8 min of training and evaluation in this process,
         310 train img/s; val_acc1 85.40 at the end, best 85.40 (epoch 1)" (a resumed run counts its own part)."""
         history, best = self.state.history, self.state.best
-        train_time = sum(r["epoch_time"] for r in history)
-        speed = sum(r["img_per_s"] * r["epoch_time"] for r in history) / train_time if train_time else float("nan")
+        speed = _train_speed(history)
         line = (f"finished: {self.state.epoch} epochs, {seconds / 60:.1f} min of training and evaluation in this "
-                f"process, {speed:.0f} train img/s")
+                f"process, {float('nan') if speed is None else speed:.0f} train img/s")
         if best.get("key"):
             final = history[-1].get(best["key"], float("nan"))
             line += f"; {best['key']} {final:.2f} at the end, best {best['metric']:.2f} (epoch {best['epoch']})"
@@ -502,6 +499,12 @@ class Run:
         """The operators' per-epoch schedules (DY-Conv/ODConv: attention temperature 30 → 1 over 10 epochs)."""
         if self.cfg.trainer.anneal_temperature:
             dynconv.on_epoch_start(unwrap(self.model), self.state.epoch)
+
+
+def _train_speed(history: list[dict]) -> float | None:
+    """Training images per second over every epoch of `history` (None before the first)."""
+    train_time = sum(r["epoch_time"] for r in history)
+    return sum(r["img_per_s"] * r["epoch_time"] for r in history) / train_time if train_time else None
 
 
 def _atomic_text(path: Path, text: str) -> None:

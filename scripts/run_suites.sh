@@ -7,9 +7,9 @@
 #
 # Environment: SEEDS (default: each suite's own seeds; SEEDS_<suite> for one suite), JOBS (runs at a time per suite; JOBS_<suite> for one
 # suite; default: the suite's own), EXTRA (more overrides for every run), DEADLINE (seconds: the sweeps still
-# going then are stopped), PYTHON. A run that did not finish (stopped by the deadline, or failed) has its folder
-# moved to OUT/<suite>.unfinished/, so that `python scripts/ablation_table.py OUT/<suite> --out docs/results/<suite>`
-# reads finished runs only. Each suite's log is OUT/<suite>.log; the exit code is 1 if any run did not finish.
+# going then are stopped), PYTHON. `python scripts/ablation_table.py OUT/<suite> --out docs/results/<suite>` then
+# reads the finished runs and names the ones it skips (stopped by the deadline, or failed). Each suite's log is
+# OUT/<suite>.log; the exit code is 1 if any sweep did not end cleanly.
 set -u
 out=${1:?usage: run_suites.sh OUT [SUITE ...]}
 shift
@@ -35,30 +35,13 @@ for suite in $suites; do
 done
 
 if [ -n "${DEADLINE:-}" ]; then
+    alive() { for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && return 0; done; return 1; }
     end=$((SECONDS + DEADLINE))
-    while [ $SECONDS -lt $end ] && kill -0 "${pids[@]}" 2>/dev/null; do sleep 2; done
+    while [ $SECONDS -lt $end ] && alive; do sleep 2; done
     for pid in "${pids[@]}"; do kill -TERM -- "-$pid" 2>/dev/null; done
     sleep 3
     for pid in "${pids[@]}"; do kill -KILL -- "-$pid" 2>/dev/null; done
 fi
-wait
-
-"$py" - "$out" $suites <<'EOF'
-import json, sys
-from pathlib import Path
-
-out, suites, unfinished = Path(sys.argv[1]), sys.argv[2:], 0
-for suite in suites:
-    done = 0
-    for run in sorted(p for p in (out / suite).glob("*") if p.is_dir() and p.name.isdigit()):
-        summary = run / "summary.json"
-        s = json.loads(summary.read_text()) if summary.is_file() else {}
-        if s and s["epochs_done"] == s["total_epochs"]:
-            done += 1
-        else:
-            (out / f"{suite}.unfinished").mkdir(exist_ok=True)
-            run.rename(out / f"{suite}.unfinished" / run.name)
-            unfinished += 1
-    print(f"{suite}: {done} runs finished")
-sys.exit(1 if unfinished else 0)
-EOF
+failed=0
+for pid in "${pids[@]}"; do wait "$pid" || failed=1; done
+exit "$failed"
