@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The ablation suites and the training-budget curve, each one `train.py -m experiment=<suite>` sweep into
-# OUT/<suite>, all started at once (each suite runs hydra.launcher.n_jobs runs at a time):
+# OUT/<suite> (the budget curve's two, budget_curve and budget_curve_dk_local, into OUT/budget_curve/{main,dk_local}),
+# all started at once (each suite runs hydra.launcher.n_jobs runs at a time):
 #
-#   bash scripts/run_suites.sh OUT [SUITE ...]      # default: the six ablation suites and budget_curve
+#   bash scripts/run_suites.sh OUT [SUITE ...]      # default: the six ablation suites and the budget curve
 #   SEEDS=0,1,2,3,4 JOBS=2 EXTRA="trainer.device=cuda" bash scripts/run_suites.sh multirun/gpu
 #
 # Environment: SEEDS (default: each suite's own seeds; SEEDS_<suite> for one suite), JOBS (runs at a time per suite; JOBS_<suite> for one
@@ -13,7 +14,7 @@
 set -u
 out=${1:?usage: run_suites.sh OUT [SUITE ...]}
 shift
-suites=${*:-ablation_involution ablation_ddf ablation_dcd ablation_dk ablation_tvconv ablation_grid budget_curve}
+suites=${*:-ablation_involution ablation_ddf ablation_dcd ablation_dk ablation_tvconv ablation_grid budget_curve budget_curve_dk_local}
 py=${PYTHON:-python}
 cd "$(dirname "$0")/.."
 mkdir -p "$out"
@@ -22,7 +23,11 @@ pids=()
 for suite in $suites; do
     jobs_var="JOBS_$suite"
     jobs=${!jobs_var:-${JOBS:-}}
-    args=(train.py -m "experiment=$suite" "hydra.sweep.dir=$out/$suite")
+    dir=$out/$suite
+    # the budget curve's two sweeps side by side, so OUT/budget_curve is tabulated as one curve
+    case $suite in budget_curve) dir=$out/budget_curve/main ;; budget_curve_*) dir=$out/budget_curve/${suite#budget_curve_} ;; esac
+    mkdir -p "$(dirname "$dir")"
+    args=(train.py -m "experiment=$suite" "hydra.sweep.dir=$dir")
     seeds_var="SEEDS_$suite"
     seeds=${!seeds_var:-${SEEDS:-}}
     [ -n "$seeds" ] && args+=("seed=$seeds")

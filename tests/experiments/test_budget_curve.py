@@ -18,11 +18,21 @@ def test_budget_curve_is_the_grid_recipe_at_three_budgets():
         assert grid[group] == curve[group], group
     params = sweep_params("budget_curve")
     assert [c.split("=", 1)[1] for c in choices("data.train_subset", params["data.train_subset"])] == \
-        ["2000", "8000", "32000"]
+        ["2000", "8000", "16000"]
     ops = [c.split("=", 1)[1] for c in choices("++op", params["++op"])]
-    assert ops == ["{name:conv}", "{name:involution}", "{name:ddf}", "{name:odconv}", "{name:dk_local}",
-                   "{name:dcd}", "{name:condconv}"]
+    assert ops == ["{name:conv}", "{name:involution}", "{name:ddf}", "{name:odconv}", "{name:dcd}",
+                   "{name:condconv}"]  # local DK (4x slower) runs at 1x and 4x by a second command
     assert params["policy"] == "deep_only" and params["seed"] == "0,1,2"
+
+
+def test_local_dk_runs_the_same_curve_at_1x_and_4x():
+    curve, dk = (compose_cfg([f"experiment={e}"], hydra_cfg=True) for e in ("budget_curve", "budget_curve_dk_local"))
+    for group in ("model", "data", "optim", "sched", "trainer", "policy"):
+        assert curve[group] == dk[group], group
+    params = dk.hydra.sweeper.params  # merged with budget_curve's: seeds and policy come from there
+    assert [c.split("=", 1)[1] for c in choices("data.train_subset", params["data.train_subset"])] == ["2000", "8000"]
+    assert params["++op"] == "{name:dk_local}"
+    assert params["seed"] == "0,1,2" and params["policy"] == "deep_only"
 
 
 def test_table_and_plot_from_a_generated_curve_with_the_committed_findings(tmp_path):
