@@ -424,9 +424,18 @@ def budget_png(cells: list[Cell], keys: list[str], refs: dict[int, Cell], budget
 
 
 # ------------------------------------------------------------------------------------------- command line
+def _budget_order(value: str) -> tuple:
+    try:
+        return (0, float(value), "")
+    except ValueError:  # a non-numeric budget sorts after the numbers, by name
+        return (1, 0.0, value)
+
+
 def render(data: Path, out: Path, ref: str | None, budget: str | None) -> str:
     """Table and plots from `data`'s runs.csv / epochs.csv (and findings.csv) into `out`; returns the table."""
     keys, metric, cells = read_results(data)
+    if budget in keys:  # a curve reads by budget: rows and plot points in increasing budget, stable within one
+        cells.sort(key=lambda c: _budget_order(c.values[keys.index(budget)]))
     refs = references(cells, keys, ref, budget)
     comparisons = sum(refs[i] is not c for i, c in enumerate(cells))
     parts = [f"{sum(len(c.runs) for c in cells)} runs, {len(cells)} cells; swept: {', '.join(keys) or '(nothing)'}; "

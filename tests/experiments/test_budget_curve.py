@@ -36,8 +36,8 @@ def test_local_dk_runs_the_same_curve_at_1x_and_4x():
 
 
 def test_table_and_plot_from_a_generated_curve_with_the_committed_findings(tmp_path):
-    cells = {("conv", "deep_only", 2000): 70.0, ("ddf", "deep_only", 2000): 50.0,
-             ("conv", "deep_only", 8000): 80.0, ("ddf", "deep_only", 8000): 79.5}
+    cells = {("conv", "deep_only", 8000): 80.0, ("ddf", "deep_only", 8000): 79.5,  # swept larger budget first
+             ("conv", "deep_only", 2000): 70.0, ("ddf", "deep_only", 2000): 50.0}
     make_sweep(tmp_path / "sweep", cells, steps=lambda cell: cell[2] // 64 * 2)
     out = tmp_path / "budget_curve"
     out.mkdir()
@@ -48,6 +48,8 @@ def test_table_and_plot_from_a_generated_curve_with_the_committed_findings(tmp_p
         summary.write_text(json.dumps(s))
     text = ablation_table.main([str(tmp_path / "sweep"), "--out", str(out), "--ref", "op.name=conv",
                                 "--budget", "data.train_subset"])
+    assert [tuple(r[:2]) for r in rows_of(text)] == [("| conv", "2000"), ("| ddf", "2000"), ("| conv", "8000"),
+                                                      ("| ddf", "8000")]  # read by budget, whatever the sweep order
     rows = {tuple(r[:2]): r for r in rows_of(text)}
     assert rows[("| ddf", "2000")][3].startswith("-20.00 [") and rows[("| ddf", "8000")][3].startswith("-0.50 [")
     assert rows[("| conv", "8000")][3] == "ref" and rows[("| ddf", "8000")][6] == "250"  # steps column
