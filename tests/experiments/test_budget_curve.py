@@ -62,13 +62,3 @@ def test_table_and_plot_from_a_generated_curve_with_the_committed_findings(tmp_p
     with pytest.raises(SystemExit, match="not a swept key"):
         ablation_table.main([str(out), "--budget", "data.nonsense"])
 
-
-def test_the_committed_curve_regenerates_byte_for_byte(tmp_path):
-    """docs/results/budget_curve: the table and the plots come from its CSVs alone, and RESULTS.md shows that table."""
-    data = tmp_path / "budget_curve"
-    shutil.copytree(RESULTS, data)
-    text = ablation_table.main([str(data), "--ref", "op.name=conv", "--budget", "data.train_subset"])
-    for name in ("table.md", "budget.png", "acc_vs_macs.png", "curves.png"):
-        assert (data / name).read_bytes() == (RESULTS / name).read_bytes(), name
-    results_md = (CONFIGS.parent / "docs" / "RESULTS.md").read_text()
-    assert text.split("\n\n")[1] in results_md  # the markdown table itself
