@@ -66,3 +66,14 @@ def verdict(diff: float, p: float, expected: str) -> str:
     sign = EXPECTED[expected]
     return "consistent with" if sign != 0 and sign * diff > 0 else "contradicts"
 
+
+
+def old_rule(diff: float, se: float, expected: str) -> str:
+    """The first tables' rule, kept to count what the correction changed: a difference "agrees" or "disagrees" when
+    |Δ| > 2·SE (no test, no correction), and a finding of no change "agrees" whenever |Δ| ≤ 2·SE. In today's words."""
+    if expected not in EXPECTED:
+        raise ValueError(f"expected={expected!r}: write + (cell above its reference), - (below) or 0 (level)")
+    sign, beyond = EXPECTED[expected], abs(diff) > 2 * se
+    if sign == 0:
+        return "contradicts" if beyond else "consistent with"
+    return "inconclusive" if not beyond else "consistent with" if sign * diff > 0 else "contradicts"

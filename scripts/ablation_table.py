@@ -10,7 +10,10 @@ The table has one row per cell in sweep order: accuracy as mean ± std over the 
 reference cell (the first, or `--ref key=value`) with the 95 % confidence interval, and the Welch t-test's p-value
 Holm-corrected over the table's comparisons (scripts/ablation_stats.py). A `findings.csv` beside the data (cell keys,
 `expected` as + / - / 0, `finding`) adds the paper's finding and the verdict: "consistent with", "contradicts" or
-"inconclusive". A sweep over two keys that forms a full product is also printed as rows × columns.
+"inconclusive". With a `vs` column (`key=value[,key=value]`, the cell the paper compares it with), each finding's cell
+is compared with its own reference, only the cells with a finding are compared, and the table names each reference
+in a `vs` column (suites whose findings are against different cells: DDF's branches vs the conv, its normalisations
+vs FilterNorm). A sweep over two keys that forms a full product is also printed as rows × columns.
 `--budget KEY` reads the sweep as a training-budget curve: KEY (e.g. data.train_subset) sets the budget, every cell is
 compared with the reference at the same budget, and `budget.png` plots accuracy and the gap to the reference against
 training steps. Plots (matplotlib, Okabe–Ito colour-blind-safe palette): acc_vs_macs.png, acc_vs_params.png (error
@@ -264,8 +267,16 @@ def compare(cells: list[Cell], refs: dict[int, Cell]) -> dict[int, tuple[Compari
     return {i: (cmp, p) for (i, cmp), p in zip(raw.items(), adjusted)}
 
 
-def read_findings(folder: Path, keys: list[str]) -> dict[tuple, tuple[str, str]]:
-    """`findings.csv`: cell values (columns named by the cell keys) → (expected sign, the paper's finding)."""
+@dataclass(frozen=True)
+class Finding:
+    expected: str  # + / - / 0: the cell above / below / level with its reference
+    text: str      # the paper's finding
+    vs: str = ""   # the reference cell as key=value[,key=value]; empty: the table's reference
+    cell: str = ""  # the cell's name in the published tables (scripts/verdict_summary.py matches on it)
+
+
+def read_findings(folder: Path, keys: list[str]) -> dict[tuple, Finding]:
+    """`findings.csv`: cell values (columns named by the cell keys) → the paper's finding (and its reference)."""
     path = folder / "findings.csv"
     if not path.exists():
         return {}
@@ -274,7 +285,38 @@ def read_findings(folder: Path, keys: list[str]) -> dict[tuple, tuple[str, str]]
     missing = [k for k in keys if rows and k not in rows[0]]
     if missing:
         raise SystemExit(f"{path} lacks the cell key columns {missing}")
-    return {tuple(r[k] for k in keys): (r["expected"], r["finding"]) for r in rows}
+    return {tuple(r[k] for k in keys): Finding(r["expected"], r["finding"], r.get("vs") or "", r.get("cell") or "")
+            for r in rows}
+
+
+def finding_references(cells: list[Cell], keys: list[str], findings: dict[tuple, Finding]) -> dict[int, Cell] | None:
+    """With findings against their own reference (`vs`): each finding's cell → that reference, every other cell →
+    itself (not compared). None when no finding names a reference."""
+    if not any(f.vs for f in findings.values()):
+        return None
+    known = {c.values for c in cells}
+    for values in findings:
+        if values not in known:
+            raise SystemExit(f"findings.csv names a cell the data lack: {dict(zip(keys, values))}")
+    out = {}
+    for i, c in enumerate(cells):
+        f = findings.get(c.values)
+        if f is None or not f.vs:
+            out[i] = c
+            continue
+        out[i] = _find(cells, keys, f.vs)
+    return out
+
+
+def _find(cells: list[Cell], keys: list[str], spec_text: str) -> Cell:
+    spec = dict(part.split("=", 1) for part in spec_text.split(","))
+    for k in spec:
+        if k not in keys:
+            raise SystemExit(f"findings.csv vs={spec_text!r}: {k!r} is not a swept key; the swept keys are {keys}")
+    found = [c for c in cells if _match(c, keys, spec)]
+    if len(found) != 1:
+        raise SystemExit(f"findings.csv vs={spec_text!r} matches {len(found)} cells; name one cell")
+    return found[0]
 
 
 def _p_text(p: float) -> str:
@@ -296,19 +338,23 @@ def _scaled(v, scale: float, digits: int) -> str:
 
 
 def markdown_table(cells: list[Cell], keys: list[str], metric: str, refs: dict[int, Cell],
-                   findings: dict[tuple, tuple[str, str]]) -> str:
+                   findings: dict[tuple, Finding]) -> str:
     comparisons = compare(cells, refs)
-    head = short_names(keys) + [f"{metric} (mean ± std)", "Δ [95 % CI]", "p (Holm)", "seeds", "steps", "params (M)",
-                                "MACs (M)", "train img/s"] + (["paper", "verdict"] if findings else [])
+    with_vs = any(f.vs for f in findings.values())
+    is_ref = {id(r) for i, r in refs.items() if r is not cells[i]}
+    head = short_names(keys) + [f"{metric} (mean ± std)", *(["vs"] if with_vs else []), "Δ [95 % CI]", "p (Holm)",
+                                "seeds", "steps", "params (M)", "MACs (M)", "train img/s"] + \
+        (["paper", "verdict"] if findings else [])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for i, c in enumerate(cells):
         cmp, p = comparisons.get(i, (None, math.nan))
-        row = [*c.values, _acc_text(c), "ref" if cmp is None else _delta_text(cmp), _p_text(p), str(len(c.runs)),
-               _scaled(c.mean("steps"), 1, 0), _scaled(c.mean("params"), 1e6, 3), _scaled(c.mean("macs"), 1e6, 1),
-               _scaled(c.mean("img_per_s"), 1, 0)]
+        f = findings.get(c.values, Finding("", ""))
+        delta = _delta_text(cmp) if cmp else "ref" if not with_vs or id(c) in is_ref else MISSING
+        row = [*c.values, _acc_text(c), *([f.vs if cmp else ""] if with_vs else []), delta, _p_text(p),
+               str(len(c.runs)), _scaled(c.mean("steps"), 1, 0), _scaled(c.mean("params"), 1e6, 3),
+               _scaled(c.mean("macs"), 1e6, 1), _scaled(c.mean("img_per_s"), 1, 0)]
         if findings:
-            expected, finding = findings.get(c.values, ("", ""))
-            row += [finding, "" if cmp is None or not expected else verdict(cmp.diff, p, expected)]
+            row += [f.text, "" if cmp is None or not f.expected else verdict(cmp.diff, p, f.expected)]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
@@ -431,18 +477,37 @@ def _budget_order(value: str) -> tuple:
         return (1, 0.0, value)
 
 
-def render(data: Path, out: Path, ref: str | None, budget: str | None) -> str:
-    """Table and plots from `data`'s runs.csv / epochs.csv (and findings.csv) into `out`; returns the table."""
+@dataclass
+class Table:
+    keys: list[str]
+    metric: str
+    cells: list[Cell]
+    refs: dict[int, Cell]          # each cell's reference (itself: not compared)
+    findings: dict[tuple, Finding]
+    own_refs: bool                 # the references come from findings.csv's vs column
+
+
+def read_table(data: Path, ref: str | None = None, budget: str | None = None) -> Table:
+    """The cells of `data`'s runs.csv / epochs.csv, their references and findings, in table order."""
     keys, metric, cells = read_results(data)
     if budget in keys:  # a curve reads by budget: rows and plot points in increasing budget, stable within one
         cells.sort(key=lambda c: _budget_order(c.values[keys.index(budget)]))
-    refs = references(cells, keys, ref, budget)
+    findings = read_findings(data, keys)
+    own = finding_references(cells, keys, findings)
+    return Table(keys, metric, cells, own or references(cells, keys, ref, budget), findings, own is not None)
+
+
+def render(data: Path, out: Path, ref: str | None, budget: str | None) -> str:
+    """Table and plots from `data`'s runs.csv / epochs.csv (and findings.csv) into `out`; returns the table."""
+    t = read_table(data, ref, budget)
+    keys, metric, cells, refs, findings, own = t.keys, t.metric, t.cells, t.refs, t.findings, t.own_refs
+    against = "the cell in the vs column" if own else f"{ref or 'the first row'}"
     comparisons = sum(refs[i] is not c for i, c in enumerate(cells))
     parts = [f"{sum(len(c.runs) for c in cells)} runs, {len(cells)} cells; swept: {', '.join(keys) or '(nothing)'}; "
-             f"accuracy: final val_{metric}. Δ against {ref or 'the first row'}"
+             f"accuracy: final val_{metric}. Δ against {against}"
              f"{f' at the same {budget}' if budget else ''}; p: Welch's t-test, Holm-corrected over the "
              f"{comparisons} comparisons of this table.",
-             markdown_table(cells, keys, metric, refs, read_findings(data, keys))]
+             markdown_table(cells, keys, metric, refs, findings)]
     pivot = pivot_table(cells, keys, metric)
     if pivot and not budget:
         parts.append(pivot)

@@ -11,6 +11,7 @@
 # steps (default: "env tests ops profile models models_amp compile train"; also "smoke", a two-run sweep that
 # stops the report at once if it fails, and "suites", scripts/run_suites.sh into OUT_DIR/suites with
 # SUITES_DEADLINE seconds), STEP_TIMEOUT bounds each (s, default 300; STEP_TIMEOUT_<step> for one step).
+# TEST_WORKERS: pytest-xdist workers for the CUDA tests (default 8; one at a time they take over 3.5 min on an H200).
 # It stops at once (exit 1) when torch sees no CUDA device, and exits 1 when any step failed.
 set -u
 out=${1:-cuda_report}
@@ -50,7 +51,7 @@ step smoke "$py" train.py -m experiment=ablation_grid seed=0 "++op={name:involut
   || { echo "cuda_report: the smoke sweep failed; stopping"; exit 1; }
 step suites env DEADLINE="${SUITES_DEADLINE:-1800}" PYTHON="$py" EXTRA="data.workers=0 ${SUITES_EXTRA:-}" \
     bash scripts/run_suites.sh "$out/suites" ${SUITES:-}
-step tests "$py" -m pytest -q -p no:cacheprovider -k cuda tests/dynconv/test_triton_pixel_filter.py \
+step tests "$py" -m pytest -q -p no:cacheprovider -n "${TEST_WORKERS:-8}" -k cuda tests/dynconv/test_triton_pixel_filter.py \
     tests/dynconv/test_devices.py tests/dynconv/test_sample_conv.py tests/dynconv/test_native.py \
     tests/dynconv/test_compile.py tests/dynconv/test_custom_ops.py
 step ops "$py" scripts/bench_ops.py --device cuda --repeat 20

@@ -121,6 +121,29 @@ def test_findings_give_verdict_words(tmp_path):
     assert rows[("| conv", "deep_only")][-1] == "inconclusive |"  # no detected change is not agreement
 
 
+def test_findings_with_their_own_reference_compare_only_those_cells(tmp_path):
+    """findings.csv's `vs` column: each finding against its own cell, Holm over those comparisons alone."""
+    make_sweep(tmp_path / "sweep")
+    data = tmp_path / "data"
+    ablation_table.main([str(tmp_path / "sweep"), "--out", str(data)])
+    (data / "findings.csv").write_text("op.name,policy.name,op.se_ratio,vs,expected,finding\n"
+                                       "ddf,dw_only,0.2,\"op.name=conv,policy.name=dw_only\",+,DDF beats conv\n"
+                                       "ddf,deep_only,0.2,\"op.name=ddf,policy.name=dw_only\",-,deep loses\n")
+    text = ablation_table.main([str(data)])
+    assert "Δ against the cell in the vs column" in text and "over the 2 comparisons" in text
+    rows = {tuple(r[:2]): r for r in rows_of(text)}
+    assert rows[("| conv", "dw_only")][4:6] == ["", "ref"]  # the reference of a finding
+    assert rows[("| conv", "deep_only")][4:7] == ["", "–", "–"]  # no finding: not compared
+    p_raw, half = welch_by_hand(4.0, 1.0, 3)
+    assert rows[("| ddf", "dw_only")][4:6] == ["op.name=conv,policy.name=dw_only", f"+4.00 [{-half + 4:+.2f}, {half + 4:+.2f}]"]
+    assert float(rows[("| ddf", "dw_only")][6]) == pytest.approx(2 * p_raw, abs=1e-3)  # the smaller p of 2, Holm x2
+    assert rows[("| ddf", "deep_only")][5].startswith("-1.00 [")
+    (data / "findings.csv").write_text("op.name,policy.name,op.se_ratio,vs,expected,finding\n"
+                                       "ddf,dw_only,0.2,op.name=conv,+,DDF beats conv\n")
+    with pytest.raises(SystemExit, match="matches 2 cells; name one cell"):
+        ablation_table.main([str(data)])
+
+
 def test_an_option_a_cell_leaves_out_shows_the_operators_default(tmp_path):
     """{name: ddf} runs with DDF's se_ratio 0.2: the table says so where another cell sets se_ratio."""
     make_sweep(tmp_path / "sweep")

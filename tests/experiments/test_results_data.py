@@ -4,13 +4,12 @@ import shutil
 
 import pytest
 
-from scripts import ablation_table
+from scripts import ablation_table, verdict_summary
 from tests.experiments.conftest import CONFIGS
 
 RESULTS = CONFIGS.parent / "docs" / "results"
 # how each suite's table is made: `python scripts/ablation_table.py docs/results/<suite> <args>`
-ARGS = {"grid": ["--ref", "op.name=conv"],
-        "budget_curve": ["--ref", "op.name=conv", "--budget", "data.train_subset"]}
+ARGS = {**verdict_summary.SUITES, "budget_curve": ["--ref", "op.name=conv", "--budget", "data.train_subset"]}
 
 
 def test_every_committed_suite_is_checked():
@@ -31,3 +30,16 @@ def test_suite_regenerates_byte_for_byte(suite, tmp_path):
         assert (data / png.name).read_bytes() == png.read_bytes(), png.name
     results_md = (CONFIGS.parent / "docs" / "RESULTS.md").read_text()
     assert text.split("\n\n")[1] in results_md  # the markdown table itself
+
+
+def test_verdict_summary_regenerates_byte_for_byte_and_is_in_results(tmp_path):
+    """The verdict counts (first rule / Welch / BH / Holm), the verdicts the correction changed, and the verdicts
+    that differ from the published run: from the committed CSVs alone, and shown in RESULTS.md."""
+    data = tmp_path / "results"
+    shutil.copytree(RESULTS, data)
+    (data / "verdicts.md").unlink()
+    text = verdict_summary.main([str(data)])
+    assert text == (RESULTS / "verdicts.md").read_text()
+    results_md = (CONFIGS.parent / "docs" / "RESULTS.md").read_text()
+    for section in ("\n" + text).split("\n### ")[1:]:
+        assert section.strip() in results_md, section.splitlines()[0]

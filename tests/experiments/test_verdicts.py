@@ -1,16 +1,15 @@
-"""The statistics of the ablation tables (scripts/ablation_stats.py) and the verdicts of the published tables
-recomputed from their committed summaries (scripts/recompute_verdicts.py), byte for byte."""
+"""The statistics of the ablation tables (scripts/ablation_stats.py) and the verdicts of the first published tables
+recomputed from their committed summaries (scripts/verdict_summary.py)."""
 import math
-import shutil
 
 import numpy as np
 import pytest
 from scipy import stats
 
-from scripts import recompute_verdicts
-from scripts.ablation_stats import benjamini_hochberg, holm, verdict, welch
+from scripts import verdict_summary
+from scripts.ablation_stats import benjamini_hochberg, holm, old_rule, verdict, welch
 
-ROOT = recompute_verdicts.ROOT
+ROOT = verdict_summary.ROOT
 PUBLISHED = ROOT / "docs" / "results" / "published"
 
 
@@ -39,19 +38,38 @@ def test_verdict_words(diff, p, expected, word):
     assert verdict(diff, p, expected) == word
 
 
+@pytest.mark.parametrize("diff, se, expected, word", [
+    (+2.5, 1.0, "+", "consistent with"), (-2.5, 1.0, "+", "contradicts"), (+1.9, 1.0, "+", "inconclusive"),
+    (-2.5, 1.0, "-", "consistent with"), (+0.5, 1.0, "0", "consistent with"), (+2.5, 1.0, "0", "contradicts"),
+])
+def test_the_first_tables_rule_in_todays_words(diff, se, expected, word):
+    """|Δ| > 2·SE decides, with no test: a finding of no change 'agreed' whenever the difference was within 2·SE."""
+    assert old_rule(diff, se, expected) == word
+
+
 def test_a_bad_expectation_names_the_fix():
     with pytest.raises(ValueError, match=r"write \+ .* - .* or 0"):
         verdict(1.0, 0.01, "up")
 
 
-def test_published_verdicts_regenerate_byte_for_byte_and_are_in_results(tmp_path):
-    data = tmp_path / "published"
-    shutil.copytree(PUBLISHED, data)
-    (data / "verdicts.md").unlink()
-    text = recompute_verdicts.main([str(data), "--img", str(tmp_path / "img")])
-    assert text == (PUBLISHED / "verdicts.md").read_text()
-    for png in (ROOT / "docs" / "img").glob("ablation_*_acc_vs_macs.png"):
-        assert (tmp_path / "img" / png.name).read_bytes() == png.read_bytes(), png.name
-    results = (ROOT / "docs" / "RESULTS.md").read_text()
-    for section in ("\n" + text).split("\n### ")[1:]:  # every suite's table, the counts and the changed verdicts
-        assert section.strip() in results, section.splitlines()[0]
+def test_the_published_tables_recompute_from_their_summaries():
+    """The first tables' 52 comparisons, Welch-tested from the printed means, stds and seeds: the first rule's counts
+    as they printed them, and Holm's verdicts as the tables of commit 9256cfe showed them."""
+    comps = verdict_summary.published_comparisons(PUBLISHED)
+    assert len(comps) == 52
+    count = lambda key: tuple(sum(c[key] == w for c in comps) for w in verdict_summary.WORDS)  # noqa: E731
+    assert count("old") == (13, 14, 25) and count("now") == (0, 2, 50)
+    dyconv = next(c for c in comps if c["suite"] == "grid" and c["cell"] == "dyconv, dw_only")
+    assert (round(dyconv["cmp"].diff, 2), round(dyconv["p_holm"], 3), dyconv["now"]) == (-16.74, 0.177, "inconclusive")
+    involution = [c for c in comps if c["suite"] == "grid" and c["cell"].startswith("involution")]
+    assert [c["now"] for c in involution] == ["contradicts", "contradicts"]
+
+
+def test_old_rule_reproduces_every_verdict_the_first_tables_printed():
+    """scripts/verdict_summary.py counts the rerun under the first rule with `old_rule`: on the published summaries
+    it gives the 52 verdicts those tables printed."""
+    cells = {(r["suite"], r["cell"]): r for r in verdict_summary._rows(PUBLISHED / "cells.csv")}
+    for c in verdict_summary.published_comparisons(PUBLISHED):
+        a, b = cells[(c["suite"], c["cell"])], cells[(c["suite"], c["ref"])]
+        se = math.sqrt(float(a["sd"]) ** 2 / int(a["n"]) + float(b["sd"]) ** 2 / int(b["n"]))
+        assert old_rule(c["cmp"].diff, se, c["expected"]) == c["old"], (c["suite"], c["cell"], c["published"])
