@@ -12,7 +12,7 @@ Holm-corrected over the table's comparisons (scripts/ablation_stats.py). A `find
 `expected` as + / - / 0, `finding`) adds the paper's finding and the verdict: "consistent with", "contradicts" or
 "inconclusive". With a `vs` column (`key=value[,key=value]`, the cell the paper compares it with), each finding's cell
 is compared with its own reference, only the cells with a finding are compared, and the table names each reference
-in a `vs` column (suites whose findings are against different cells: DDF's branches vs the conv, its normalisations
+by its key values in a `vs` column (suites whose findings are against different cells: DDF's branches vs the conv, its normalisations
 vs FilterNorm). A sweep over two keys that forms a full product is also printed as rows × columns.
 `--budget KEY` reads the sweep as a training-budget curve: KEY (e.g. data.train_subset) sets the budget, every cell is
 compared with the reference at the same budget, and `budget.png` plots accuracy and the gap to the reference against
@@ -350,7 +350,8 @@ def markdown_table(cells: list[Cell], keys: list[str], metric: str, refs: dict[i
         cmp, p = comparisons.get(i, (None, math.nan))
         f = findings.get(c.values, Finding("", ""))
         delta = _delta_text(cmp) if cmp else "ref" if not with_vs or id(c) in is_ref else MISSING
-        row = [*c.values, _acc_text(c), *([f.vs if cmp else ""] if with_vs else []), delta, _p_text(p),
+        vs = ", ".join(v for v in refs[i].values if v != MISSING) if cmp else ""  # the reference's key values
+        row = [*c.values, _acc_text(c), *([vs] if with_vs else []), delta, _p_text(p),
                str(len(c.runs)), _scaled(c.mean("steps"), 1, 0), _scaled(c.mean("params"), 1e6, 3),
                _scaled(c.mean("macs"), 1e6, 1), _scaled(c.mean("img_per_s"), 1, 0)]
         if findings:

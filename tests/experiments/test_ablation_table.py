@@ -135,7 +135,7 @@ def test_findings_with_their_own_reference_compare_only_those_cells(tmp_path):
     assert rows[("| conv", "dw_only")][4:6] == ["", "ref"]  # the reference of a finding
     assert rows[("| conv", "deep_only")][4:7] == ["", "–", "–"]  # no finding: not compared
     p_raw, half = welch_by_hand(4.0, 1.0, 3)
-    assert rows[("| ddf", "dw_only")][4:6] == ["op.name=conv,policy.name=dw_only", f"+4.00 [{-half + 4:+.2f}, {half + 4:+.2f}]"]
+    assert rows[("| ddf", "dw_only")][4:6] == ["conv, dw_only", f"+4.00 [{-half + 4:+.2f}, {half + 4:+.2f}]"]
     assert float(rows[("| ddf", "dw_only")][6]) == pytest.approx(2 * p_raw, abs=1e-3)  # the smaller p of 2, Holm x2
     assert rows[("| ddf", "deep_only")][5].startswith("-1.00 [")
     (data / "findings.csv").write_text("op.name,policy.name,op.se_ratio,vs,expected,finding\n"
