@@ -24,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from scripts.ablation_stats import benjamini_hochberg, holm, old_rule, verdict, welch  # noqa: E402
-from scripts.ablation_table import read_table  # noqa: E402
+from scripts.ablation_table import compare, read_table  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = ("consistent with", "contradicts", "inconclusive")
@@ -76,23 +76,21 @@ def counts_table(comps: list[dict], suites: list[str]) -> str:
 
 
 def suite_comparisons(folder: Path, args: list[str]) -> list[dict]:
-    """One dict per comparison with a finding: its label, the Welch comparison, and the four verdicts."""
+    """One dict per comparison with a finding: its label, the table's Welch comparison and Holm p, the four verdicts."""
     t = read_table(folder, args[args.index("--ref") + 1] if "--ref" in args else None)
+    compared = compare(t.cells, t.refs)  # the table's own statistics (Holm over the table's comparisons)
+    p_bh = dict(zip(compared, benjamini_hochberg([cmp.p for cmp, _ in compared.values()])))
     comps = []
-    for i, c in enumerate(t.cells):
-        f, ref = t.findings.get(c.values), t.refs[i]
-        if f is None or ref is c or not f.expected:
+    for i, (cmp, p_holm) in compared.items():
+        c, ref, f = t.cells[i], t.refs[i], t.findings.get(t.cells[i].values)
+        if f is None or not f.expected:
             continue
-        (m, s), (m0, s0) = c.acc, ref.acc
-        cmp = welch(m, s, len(c.runs), m0, s0, len(ref.runs))
-        se = math.sqrt(s * s / len(c.runs) + s0 * s0 / len(ref.runs))
+        (_, s), (_, s0) = c.acc, ref.acc
+        se = math.sqrt((s or 0.0) ** 2 / len(c.runs) + (s0 or 0.0) ** 2 / len(ref.runs))
         comps.append({"cell": f.cell or ", ".join(c.values), "finding": f.text, "expected": f.expected, "cmp": cmp,
-                      "old": old_rule(cmp.diff, se, f.expected), "raw": verdict(cmp.diff, cmp.p, f.expected)})
-    raw = [c["cmp"].p for c in comps]
-    for c, p_holm, p_bh in zip(comps, holm(raw), benjamini_hochberg(raw)):
-        c["p_holm"] = p_holm
-        c["bh"] = verdict(c["cmp"].diff, p_bh, c["expected"])
-        c["now"] = verdict(c["cmp"].diff, p_holm, c["expected"])
+                      "p_holm": p_holm, "old": old_rule(cmp.diff, se, f.expected),
+                      "raw": verdict(cmp.diff, cmp.p, f.expected), "bh": verdict(cmp.diff, p_bh[i], f.expected),
+                      "now": verdict(cmp.diff, p_holm, f.expected)})
     return comps
 
 

@@ -106,14 +106,20 @@ def test_regeneration_from_the_csvs_alone_is_byte_for_byte(tmp_path):
             assert img.size[0] > 400 and len(img.getcolors(1 << 20)) > 10  # drawn, not blank
 
 
-def test_findings_give_verdict_words(tmp_path):
+def data_with_findings(tmp_path, findings: str):
+    """The generated sweep's CSVs with `findings` as findings.csv beside them."""
     make_sweep(tmp_path / "sweep")
     data = tmp_path / "data"
     ablation_table.main([str(tmp_path / "sweep"), "--out", str(data)])
-    (data / "findings.csv").write_text("op.name,policy.name,op.se_ratio,expected,finding\n"
-                                       "ddf,dw_only,0.2,+,DDF beats conv\n"
-                                       "ddf,deep_only,0.2,-,DDF loses\n"
-                                       "conv,deep_only,–,0,policy changes nothing\n")
+    (data / "findings.csv").write_text(findings)
+    return data
+
+
+def test_findings_give_verdict_words(tmp_path):
+    data = data_with_findings(tmp_path, "op.name,policy.name,op.se_ratio,expected,finding\n"
+                                        "ddf,dw_only,0.2,+,DDF beats conv\n"
+                                        "ddf,deep_only,0.2,-,DDF loses\n"
+                                        "conv,deep_only,–,0,policy changes nothing\n")
     rows = {tuple(r[:2]): r for r in rows_of(ablation_table.main([str(data)]))}
     assert rows[("| ddf", "dw_only")][-2:] == ["DDF beats conv", "consistent with |"]  # Holm p < 0.05
     p3 = float(rows[("| ddf", "deep_only")][5])
@@ -123,12 +129,9 @@ def test_findings_give_verdict_words(tmp_path):
 
 def test_findings_with_their_own_reference_compare_only_those_cells(tmp_path):
     """findings.csv's `vs` column: each finding against its own cell, Holm over those comparisons alone."""
-    make_sweep(tmp_path / "sweep")
-    data = tmp_path / "data"
-    ablation_table.main([str(tmp_path / "sweep"), "--out", str(data)])
-    (data / "findings.csv").write_text("op.name,policy.name,op.se_ratio,vs,expected,finding\n"
-                                       "ddf,dw_only,0.2,\"op.name=conv,policy.name=dw_only\",+,DDF beats conv\n"
-                                       "ddf,deep_only,0.2,\"op.name=ddf,policy.name=dw_only\",-,deep loses\n")
+    data = data_with_findings(tmp_path, "op.name,policy.name,op.se_ratio,vs,expected,finding\n"
+                                        "ddf,dw_only,0.2,\"op.name=conv,policy.name=dw_only\",+,DDF beats conv\n"
+                                        "ddf,deep_only,0.2,\"op.name=ddf,policy.name=dw_only\",-,deep loses\n")
     text = ablation_table.main([str(data)])
     assert "Δ against the cell in the vs column" in text and "over the 2 comparisons" in text
     rows = {tuple(r[:2]): r for r in rows_of(text)}
