@@ -31,17 +31,11 @@ from torch import Tensor
 
 from .geometry import conv_out_hw, resolve_padding
 
-_SOURCES = [Path(__file__).resolve().parent.parent / "csrc" / "pixel_filter_cpu.cpp"]
 _CFLAGS = ["-O3", "-march=native", "-fopenmp"]
 _LDFLAGS = ["-fopenmp"]
 _COMBINE = {None: 0, "mul": 1, "add": 2}
 _NATIVE_DTYPES = (torch.float32, torch.float64)
 _UPCAST_DTYPES = (torch.bfloat16, torch.float16)
-
-_ext = None
-_tried = False
-_info: dict = {}
-
 
 def enabled() -> bool:
     """False when the environment says `DYNCONV_NATIVE=0` (or `false`/`off`)."""
@@ -58,59 +52,89 @@ def _cpu_flags() -> str:
     return platform.processor()
 
 
+class Extension:
+    """One compiled extension (`sources` under `dynconv/csrc/`), built on first use into its own cached folder.
+
+    Each fused kernel is its own extension, so a change to one source rebuilds only that library. A source
+    may expose functions through pybind11 (the loaded module's attributes) or register
+    `torch.ops.<namespace>.*` operators with `TORCH_LIBRARY_FRAGMENT`; loading the library registers them.
+    """
+
+    def __init__(self, name: str, sources: list[Path]):
+        self.name, self.sources = name, list(sources)
+        self.module = None
+        self.tried = False
+        self.info: dict = {}
+
+    def build_dir(self) -> Path:
+        """The folder the extension is built into (one per sources/flags/torch/CPU combination)."""
+        h = hashlib.sha256()
+        for src in self.sources:
+            h.update(src.read_bytes())
+        # the generated build file names the sources' and torch's absolute paths, so a folder shared by two
+        # checkouts or environments would be rebuilt by each in turn: one folder per pair of paths
+        for part in (_CFLAGS, _LDFLAGS, torch.__version__, platform.python_version(), platform.machine(),
+                     _cpu_flags(), [str(src) for src in self.sources], torch.__file__):
+            h.update(repr(part).encode())
+        root = os.environ.get("DYNCONV_CACHE_DIR") or Path(
+            os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dynconv"
+        return Path(root) / f"ext-{h.hexdigest()[:16]}"
+
+    def load(self):
+        """The compiled extension module, building it on first use; None if it cannot be built."""
+        if self.tried or not enabled():
+            return self.module
+        self.tried = True
+        # Importing cpp_extension logs a CUDA_HOME notice on machines without CUDA; it is irrelevant here.
+        log = logging.getLogger("torch.utils.cpp_extension")
+        level = log.level
+        log.setLevel(logging.ERROR)
+        try:
+            from torch.utils import cpp_extension
+        finally:
+            log.setLevel(level)
+
+        folder = self.build_dir()
+        folder.mkdir(parents=True, exist_ok=True)
+        name = f"{self.name}_" + folder.name.removeprefix("ext-")
+        cached = any(folder.glob(f"{name}*.so"))
+        t0 = time.perf_counter()
+        try:
+            self.module = cpp_extension.load(name=name, sources=[str(s) for s in self.sources],
+                                             extra_cflags=_CFLAGS, extra_ldflags=_LDFLAGS,
+                                             build_directory=str(folder), verbose=False)
+        except Exception as err:  # any compiler/linker failure: fall back to the PyTorch path
+            warnings.warn(f"dynconv: the native {self.name} kernel failed to build in {folder} "
+                          f"({type(err).__name__}: {str(err).strip()[-500:]}); using the pure-PyTorch "
+                          "fast path. Set DYNCONV_NATIVE=0 to skip the attempt.", RuntimeWarning)
+            self.module = None
+        self.info.update(path=str(folder), cached=cached, seconds=time.perf_counter() - t0,
+                         built=self.module is not None)
+        return self.module
+
+    def build_info(self) -> dict:
+        """Where the extension lives, whether it was already built, and what loading it cost (s)."""
+        self.load()
+        return dict(self.info)
+
+
+CSRC = Path(__file__).resolve().parent.parent / "csrc"
+PIXEL_FILTER = Extension("dynconv_pixel_filter", [CSRC / "pixel_filter_cpu.cpp"])
+
+
 def build_dir() -> Path:
-    """The folder the extension is built into (one per sources/flags/torch/CPU combination)."""
-    h = hashlib.sha256()
-    for src in _SOURCES:
-        h.update(src.read_bytes())
-    # the generated build file names the sources' and torch's absolute paths, so a folder shared by two
-    # checkouts or environments would be rebuilt by each in turn: one folder per pair of paths
-    for part in (_CFLAGS, _LDFLAGS, torch.__version__, platform.python_version(), platform.machine(),
-                 _cpu_flags(), [str(src) for src in _SOURCES], torch.__file__):
-        h.update(repr(part).encode())
-    root = os.environ.get("DYNCONV_CACHE_DIR") or Path(
-        os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dynconv"
-    return Path(root) / f"ext-{h.hexdigest()[:16]}"
+    """The pixel_filter extension's build folder."""
+    return PIXEL_FILTER.build_dir()
 
 
 def load():
-    """The compiled extension module, building it on first use; None if it cannot be built."""
-    global _ext, _tried
-    if _tried or not enabled():
-        return _ext
-    _tried = True
-    # Importing cpp_extension logs a CUDA_HOME notice on machines without CUDA; it is irrelevant here.
-    log = logging.getLogger("torch.utils.cpp_extension")
-    level = log.level
-    log.setLevel(logging.ERROR)
-    try:
-        from torch.utils import cpp_extension
-    finally:
-        log.setLevel(level)
-
-    folder = build_dir()
-    folder.mkdir(parents=True, exist_ok=True)
-    name = "dynconv_pixel_filter_" + folder.name.removeprefix("ext-")
-    cached = any(folder.glob(f"{name}*.so"))
-    t0 = time.perf_counter()
-    try:
-        _ext = cpp_extension.load(name=name, sources=[str(s) for s in _SOURCES],
-                                  extra_cflags=_CFLAGS, extra_ldflags=_LDFLAGS,
-                                  build_directory=str(folder), verbose=False)
-    except Exception as err:  # any compiler/linker failure: fall back to the PyTorch path
-        warnings.warn(f"dynconv: the native pixel_filter kernel failed to build in {folder} "
-                      f"({type(err).__name__}: {str(err).strip()[-500:]}); using the pure-PyTorch "
-                      "fast path. Set DYNCONV_NATIVE=0 to skip the attempt.", RuntimeWarning)
-        _ext = None
-    _info.update(path=str(folder), cached=cached, seconds=time.perf_counter() - t0,
-                 built=_ext is not None)
-    return _ext
+    """The pixel_filter extension module, building it on first use; None if it cannot be built."""
+    return PIXEL_FILTER.load()
 
 
 def build_info() -> dict:
-    """Where the extension lives, whether it was already built, and what loading it cost (s)."""
-    load()
-    return dict(_info)
+    """Where the pixel_filter extension lives, whether it was already built, and what loading it cost (s)."""
+    return PIXEL_FILTER.build_info()
 
 
 def available(x: Tensor, spatial: Tensor, channel: Tensor | None = None) -> bool:
@@ -137,7 +161,7 @@ class _PixelFilter(torch.autograd.Function):
         ctx.geom = (mode, k, s, p, d)
         ctx.save_for_backward(x, spatial, channel)
         empty = x.new_empty(0)
-        return _ext.forward(x, spatial, empty if channel is None else channel, mode, k, s, p, d)
+        return PIXEL_FILTER.module.forward(x, spatial, empty if channel is None else channel, mode, k, s, p, d)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -150,7 +174,7 @@ class _PixelFilter(torch.autograd.Function):
 def _backward(grad_out, x, spatial, channel, mode, k, s, p, d, need):
     """The compiled backward on compute-dtype contiguous inputs; None for the gradients not needed."""
     empty = x.new_empty(0)
-    gx, gs, gc = _ext.backward(grad_out.contiguous(), x, spatial, empty if channel is None else channel,
+    gx, gs, gc = PIXEL_FILTER.module.backward(grad_out.contiguous(), x, spatial, empty if channel is None else channel,
                                mode, k, s, p, d)
     return gx if need[0] else None, gs if need[1] else None, gc if channel is not None and need[2] else None
 

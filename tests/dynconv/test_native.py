@@ -220,10 +220,7 @@ def test_build_failure_falls_back_with_one_warning(monkeypatch, tmp_path):
     broken = tmp_path / "broken.cpp"
     broken.write_text("#error this source is broken on purpose\n")
     monkeypatch.setenv("DYNCONV_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setattr(native, "_SOURCES", [broken])
-    monkeypatch.setattr(native, "_ext", None)
-    monkeypatch.setattr(native, "_tried", False)
-    monkeypatch.setattr(native, "_info", {})
+    monkeypatch.setattr(native, "PIXEL_FILTER", native.Extension("dynconv_pixel_filter", [broken]))
     x, spatial, _, p = make(3, 1, 1, 5, 5, 4, 2, False, None)
     with pytest.warns(RuntimeWarning, match="failed to build") as record:
         assert not native.available(x, spatial)
