@@ -28,3 +28,20 @@ def test_slurm_launcher_keys_and_one_task_per_gpu():
     assert cfg.gpus_per_node == 8 and cfg.tasks_per_node == 8 and cfg.timeout_min == 240 and cfg.mem_gb == 256
     local = compose_cfg(["hydra/launcher=submitit_local"], hydra_cfg=True).hydra.launcher
     assert local._target_.endswith("LocalLauncher") and local.tasks_per_node == 1  # a CPU job: one process
+
+
+LAUNCHERS = ["basic", "joblib", "submitit_local", "submitit_slurm"]
+
+
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_every_experiment_composes_with_every_launcher(launcher):
+    """An experiment file sets no launcher-specific key, so `hydra/launcher=` on the command line takes any suite
+    anywhere (`Key 'n_jobs' not in 'SlurmQueueConf'` was the symptom)."""
+    from omegaconf import OmegaConf
+
+    from tests.experiments.conftest import EXPERIMENTS
+
+    for experiment in EXPERIMENTS:
+        cfg = compose_cfg([f"experiment={experiment}", f"hydra/launcher={launcher}"], hydra_cfg=True).hydra
+        assert cfg.runtime.choices["hydra/launcher"] == launcher, experiment
+        OmegaConf.to_container(cfg.launcher, resolve=True)

@@ -33,7 +33,9 @@ def test_full_scale_is_the_paper_size(experiment):
     assert full.model.get("width", 1.0) == 1.0 and not full.model.get("small_input", False)
     assert full.trainer.threads is None and small.trainer.threads == 1
     full_hydra = compose_cfg([f"experiment={experiment}_full"], hydra_cfg=True).hydra
-    assert full_hydra.launcher.n_jobs == 1 and full_hydra.sweeper.params == small_hydra(experiment).sweeper.params
+    assert full_hydra.launcher._target_.endswith("BasicLauncher")  # one paper-size run at a time
+    assert small_hydra(experiment).launcher._target_.endswith("JoblibLauncher")  # one small run per core
+    assert full_hydra.sweeper.params == small_hydra(experiment).sweeper.params
 
 
 def small_hydra(experiment):
