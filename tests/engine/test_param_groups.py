@@ -44,3 +44,25 @@ def test_timm_schedule_applies_the_multiplier_from_the_first_step(step_on_epochs
         sched.step_update(num_updates=update + 1)
         if (update + 1) % 2 == 0:
             sched.step((update + 1) // 2)
+
+
+def test_readme_lr_mult_override_parses_and_applies():
+    """The fine-tune command of README.md: its `optim.lr_mult=` override passes Hydra's grammar, keeps the globs in
+    order, and gives convnext_nano's depthwise convs and head the full lr and the rest 0.1x."""
+    import shlex
+    from pathlib import Path
+
+    import timm
+
+    from tests.engine.conftest import compose_cfg
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    override = next(tok for line in readme.splitlines() if "optim.lr_mult=" in line
+                    for tok in shlex.split(line.rstrip("\\")) if "optim.lr_mult=" in tok)
+    lr_mult = dict(compose_cfg([override]).optim.lr_mult)
+    assert list(lr_mult) == ["*conv_dw*", "head.fc.*", "*"]
+    net = timm.create_model("convnext_nano", num_classes=10)
+    scale = {id(p): g["lr_scale"] for g in param_groups(net, 0.0, False, lr_mult) for p in g["params"]}
+    for name, p in net.named_parameters():
+        want = 1.0 if ".conv_dw." in name or name.startswith("head.fc.") else 0.1
+        assert scale[id(p)] == want, name
