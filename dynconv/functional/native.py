@@ -120,6 +120,7 @@ class Extension:
 
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 PIXEL_FILTER = Extension("dynconv_pixel_filter", [CSRC / "pixel_filter_cpu.cpp"])
+INVOLUTION = Extension("dynconv_involution", [CSRC / "involution_cpu.cpp"])
 
 
 def build_dir() -> Path:
