@@ -2,7 +2,8 @@
 
 A kernel generator φ maps the feature at each output position to G spatial kernels (Eq. 6,
 φ = W1 σ(W0 x)), shared by the C/G channels of each contiguous group; the kernels are then
-applied per pixel (Eq. 4) by `pixel_filter`.
+applied per pixel (Eq. 4). The last 1×1 conv W1 (`conv2`) and the aggregation run as one op,
+`functional.involution`, which on CPU never holds the (B, G·K², Ho, Wo) kernel tensor.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from ..functional.geometry import centre_aligned, check_channelwise, conv_out_size, resolve_padding
-from ..functional.pixel_filter import pixel_filter
+from ..functional.involution import involution
 from ..operator import Operator, pixel_macs
 from ..registry import register_op
 
@@ -52,12 +53,13 @@ class Involution(Operator):
         self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
 
     def forward(self, x: Tensor) -> Tensor:
-        B, _, H, W = x.shape
+        H, W = x.shape[-2:]
         K = self.kernel_size
         out_size = [conv_out_size(n, K, self.stride, p, self.dilation) for n, p in zip((H, W), self.padding)]
         ctx = self.avgpool(centre_aligned(x, K, self.padding, self.dilation))[..., :out_size[0], :out_size[1]]
-        weight = self.conv2(self.conv1(ctx)).view(B, self.kernel_groups, K * K, *out_size)
-        out = pixel_filter(x, weight, kernel_size=K, stride=self.stride, padding=self.padding, dilation=self.dilation)
+        span = self.conv2.conv
+        out = involution(x, self.conv1(ctx), span.weight, span.bias, kernel_size=K, stride=self.stride,
+                         padding=self.padding, dilation=self.dilation, groups=self.kernel_groups)
         return out if self.bias is None else out + self.bias.view(1, -1, 1, 1)
 
     def aggregation_macs(self, out: Tensor) -> int:

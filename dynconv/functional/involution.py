@@ -1,0 +1,167 @@
+"""`involution`: involution's span projection and aggregation as one op (Li et al., "Involution:
+Inverting the Inherence of Convolution", CVPR 2021, Eqs. 4 and 6).
+
+    w[b, g·K²+k, p] = Σ_m W2[g·K²+k, m] · r[b, m, p] + b2[g·K²+k]
+    out[b, c, p]    = Σ_k w[b, g(c)·K²+k, p] · x[b, c, p·s − pad + k·d]
+
+`r` (B, M, Ho, Wo) is the reduced feature map (the generator's `conv1`: [avgpool(s)] → 1×1 conv → BN
+→ ReLU), `W2`, `b2` the span conv `conv2` (M → G·K², taps ordered (g, kh, kw) as the official
+`involution_naive.py`), channels in contiguous groups g(c) = c // (C // G).
+
+Backends: "reference" is the decomposition, `conv2` as a 1×1 conv and then `pixel_filter` (the tests'
+oracle, and what `torch.export`/ONNX see). "fast" is the custom op `torch.ops.dynconv.involution`
+(backward `dynconv::involution_backward`, fake kernels and registered autograd) on CPU tensors: the
+compiled kernel (`dynconv/csrc/involution_cpu.cpp`) computes the G·K² span weights one output row
+at a time and never holds the (B, G·K², Ho, Wo) tensor, in forward or backward; autograd saves only
+the op's inputs. Where the kernel is not built (or `DYNCONV_NATIVE=0`) the op runs the decomposition
+inside (its backward recomputes it), so it still saves only its inputs. Tensors on other devices
+(CUDA) take the decomposition with `pixel_filter`'s fast path.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.nn.modules.utils import _pair
+from torch.utils.flop_counter import register_flop_formula
+
+from .backend import resolve
+from .geometry import conv_out_hw, resolve_padding
+from .library import absent, register_autograd
+from .pixel_filter import _memory_format, common_dtype, pixel_filter
+
+try:
+    from . import native
+except ImportError:
+    native = None
+
+__all__ = ["involution"]
+
+
+def _check(x, reduced, weight, bias, K, s, p, d, groups) -> Tensor:
+    """Shape, dtype and device checks; returns the span weight as (G·K², M)."""
+    names = ("x", "reduced", "weight", "bias")
+    tensors = (x, reduced, weight, bias)
+    for name, t in zip(names, tensors):
+        if not t.is_floating_point():
+            raise ValueError(f"involution: {name} must be a floating-point tensor, got {t.dtype}")
+        if t.device != x.device:
+            raise ValueError(f"involution: {name} is on {t.device} but x is on {x.device}; move them to one device")
+    if x.dim() != 4:
+        raise ValueError(f"involution: x must be (B, C, H, W), got shape {tuple(x.shape)}")
+    B, C, H, W = x.shape
+    if groups < 1 or C % groups:
+        raise ValueError(f"involution: groups={groups} must divide the {C} input channels")
+    Ho, Wo = conv_out_hw((H, W), K, s, p, d)
+    if min(Ho, Wo) < 1:
+        raise ValueError(f"involution: input {H}x{W} is too small for kernel_size={K}, dilation={d}, padding={p}")
+    if reduced.dim() != 4 or reduced.shape[0] != B or tuple(reduced.shape[2:]) != (Ho, Wo):
+        raise ValueError(f"involution: reduced must be (B, M, Ho, Wo) = ({B}, M, {Ho}, {Wo}) for this input and "
+                         f"geometry, got shape {tuple(reduced.shape)}")
+    span = (groups * K * K, reduced.shape[1])
+    if weight.dim() == 4 and tuple(weight.shape[2:]) == (1, 1):
+        weight = weight.flatten(1)
+    if tuple(weight.shape) != span:
+        raise ValueError(f"involution: weight must be (G*K*K, M) = {span} (or its 1x1 conv form), "
+                         f"got shape {tuple(weight.shape)}")
+    if tuple(bias.shape) != span[:1]:
+        raise ValueError(f"involution: bias must be (G*K*K,) = {span[:1]}, got shape {tuple(bias.shape)}")
+    return weight
+
+
+def _decomposed(x, reduced, weight, bias, K, s, p, d, groups, backend) -> Tensor:
+    """The span projection as a 1×1 conv, then `pixel_filter` on `backend`."""
+    B, _, Ho, Wo = reduced.shape
+    spans = F.conv2d(reduced, weight[:, :, None, None], bias).view(B, groups, K * K, Ho, Wo)
+    return pixel_filter(x, spans, kernel_size=K, stride=s, padding=p, dilation=d, backend=backend)
+
+
+def _native_ok(x: Tensor) -> bool:
+    return native is not None and x.device.type == "cpu" and native.enabled() and native.INVOLUTION.load() is not None
+
+
+def _compute(tensors):
+    """The inputs in the kernel's dtype (float64 stays, the rest float32), contiguous."""
+    cdt = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+    return [t.to(cdt).contiguous() for t in tensors]
+
+
+def _geometry(kernel_size, stride, padding, dilation, groups) -> list[int]:
+    """The kernel's integer arguments: G, K, sh, sw, ph, pw, dh, dw."""
+    return [groups, kernel_size, *stride, *padding, *dilation]
+
+
+@torch.library.custom_op("dynconv::involution", mutates_args=())
+def _involution_op(x: Tensor, reduced: Tensor, weight: Tensor, bias: Tensor, kernel_size: int, stride: list[int],
+                   padding: list[int], dilation: list[int], groups: int) -> Tensor:
+    """The fused forward: the compiled CPU kernel, else the decomposition."""
+    if not _native_ok(x):
+        return _decomposed(x, reduced, weight, bias, kernel_size, tuple(stride), tuple(padding), tuple(dilation),
+                           groups, "fast")
+    out = native.INVOLUTION.module.forward(*_compute((x, reduced, weight, bias)),
+                                           *_geometry(kernel_size, stride, padding, dilation, groups))
+    return out.to(x.dtype).contiguous(memory_format=_memory_format(x))
+
+
+@torch.library.custom_op("dynconv::involution_backward", mutates_args=())
+def _involution_backward_op(grad_out: Tensor, x: Tensor, reduced: Tensor, weight: Tensor, bias: Tensor,
+                            kernel_size: int, stride: list[int], padding: list[int], dilation: list[int],
+                            groups: int, need: list[bool]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Gradients for x, reduced, weight and bias (`library.absent` where `need` is False): the compiled
+    kernel recomputes the span weights row by row; else autograd through the recomputed decomposition."""
+    inputs = (x, reduced, weight, bias)
+    if _native_ok(x):
+        grads = native.INVOLUTION.module.backward(*_compute((grad_out, *inputs)),
+                                                  *_geometry(kernel_size, stride, padding, dilation, groups))
+        grads = [g.to(t.dtype) for g, t in zip(grads, inputs)]
+        grads[0] = grads[0].contiguous(memory_format=_memory_format(x))
+    else:
+        with torch.enable_grad():
+            leaves = [t.detach().requires_grad_(n) for t, n in zip(inputs, need)]
+            out = _decomposed(*leaves, kernel_size, tuple(stride), tuple(padding), tuple(dilation), groups, "fast")
+            wanted = iter(torch.autograd.grad(out, [t for t in leaves if t.requires_grad], grad_out) if any(need) else ())
+        grads = [next(wanted) if n else None for n in need]
+    return absent([g if n else None for g, n in zip(grads, need)], x)
+
+
+@_involution_op.register_fake
+def _(x, reduced, weight, bias, kernel_size, stride, padding, dilation, groups):
+    return x.new_empty((*x.shape[:2], *reduced.shape[-2:])).contiguous(memory_format=_memory_format(x))
+
+
+@_involution_backward_op.register_fake
+def _(grad_out, x, reduced, weight, bias, kernel_size, stride, padding, dilation, groups, need):
+    grads = [torch.empty_like(x, memory_format=_memory_format(x))]
+    grads += [torch.empty_like(t, memory_format=torch.contiguous_format) for t in (reduced, weight, bias)]
+    return absent([g if n else None for g, n in zip(grads, need)], x)
+
+
+register_autograd(_involution_op, torch.ops.dynconv.involution_backward, tensors=4)
+
+
+@register_flop_formula(torch.ops.dynconv.involution)
+def _flops(x_shape, reduced_shape, weight_shape, *args, out_shape=None, **kwargs) -> int:
+    """The span projection's FLOPs (a 1×1 conv M → G·K²), as `FlopCounterMode` counts the unfused `conv2`;
+    the aggregation is the operator's `aggregation_macs`."""
+    B, M, Ho, Wo = reduced_shape
+    return 2 * B * weight_shape[0] * M * Ho * Wo
+
+
+def involution(x: Tensor, reduced: Tensor, weight: Tensor, bias: Tensor, *, kernel_size: int, stride=1,
+               padding=None, dilation=1, groups: int = 1, backend: str | None = None) -> Tensor:
+    """Involution's span projection and aggregation (module docstring).
+
+    x: (B, C, H, W). reduced: (B, M, Ho, Wo), (Ho, Wo) by the conv formula. weight: (G·K², M) or the
+    1×1 conv's (G·K², M, 1, 1). bias: (G·K²,). groups: G, dividing C. padding None means d·(K−1)//2.
+    Inputs of mixed floating dtypes are promoted (or cast to the autocast dtype, as `pixel_filter`);
+    any strides and memory formats are taken (the compiled kernel copies to contiguous once).
+    """
+    K = int(kernel_size)
+    s, d = _pair(stride), _pair(dilation)
+    p = resolve_padding(K, padding, d)
+    weight = _check(x, reduced, weight, bias, K, s, p, d, int(groups))
+    x, reduced, weight, bias = common_dtype(x, reduced, weight, bias)
+    with torch.autocast(x.device.type, enabled=False):
+        if resolve(backend) == "reference" or x.device.type != "cpu":
+            return _decomposed(x, reduced, weight, bias, K, s, p, d, int(groups), backend)
+        return torch.ops.dynconv.involution(x, reduced, weight, bias, K, list(s), list(p), list(d), int(groups))
