@@ -49,6 +49,10 @@ def _batch_dims(example: Tensor, dynamic_batch: bool):
 
 
 def _trace(model: nn.Module, example: Tensor, dynamic_batch: bool) -> torch.export.ExportedProgram:
+    """torch.export specialises a size-1 dimension to the constant 1 (its 0/1 specialisation), so a batch-1 example
+    of a symbolic batch is traced as two copies of itself; the program still serves batch 1."""
+    if dynamic_batch and example.shape[0] == 1:
+        example = example.expand(2, *example.shape[1:]).contiguous()
     with use_backend("reference"), torch.no_grad():
         return torch.export.export(model, (example,), dynamic_shapes=_batch_dims(example, dynamic_batch))
 

@@ -50,3 +50,16 @@ def test_dcn_exports_at_opset_19_and_fails_clearly_below():
     with pytest.raises(ExportError, match=r"operator 'dcn' \(DCN, first at '1'\) .*ONNX opset 18") as err:
         export_onnx(model, x, opset=18)
     assert err.value.__cause__ is None and err.value.__context__ is None  # no chained deep trace
+
+
+def test_a_batch_1_example_exports_a_symbolic_batch():
+    """torch.export would specialise a batch-1 example's batch to 1 (`Constraints violated (batch)`); the program
+    traced from it serves other batch sizes too."""
+    from dynconv.export import export_program
+
+    model = nn.Sequential(dynconv.create_op("involution", 16, 16, 3), nn.BatchNorm2d(16)).eval()
+    program = export_program(model, torch.randn(1, 16, 6, 6))
+    for batch in (1, 3):
+        x = torch.randn(batch, 16, 6, 6)
+        with torch.no_grad(), dynconv.use_backend("reference"):
+            torch.testing.assert_close(program.module()(x), model(x))
