@@ -4,19 +4,34 @@ A channel's S_h×S_w scope kernel W_c is resampled bilinearly at learnt scope po
 k×k kernel at pixel p is W_c(fh + Δh + (S_h−k)/2, fw + Δw + (S_w−k)/2), channel c using offset group
 c mod G. Sampling follows the official `planar_bilinear`: 0 unless −1 < h < S_h and −1 < w < S_w, and
 corners outside the scope count as 0.
+
+Backends: "reference" resamples the whole (B, C, k², Ho, Wo) kernel with one gather per bilinear
+corner (all taps at once) and filters with `pixel_filter`'s reference: plain PyTorch ops, the tests'
+oracle and what `torch.export`/ONNX see. "fast" is the custom op `torch.ops.dynconv.deform_kernel_local`
+(fake kernel and registered autograd): for CPU tensors the compiled kernel
+(`dynconv/csrc/deform_kernel_cpu.cpp`) samples each tap's kernel value where it multiplies the input,
+forward and backward; elsewhere a PyTorch tap loop that holds one tap's (B, C, Ho, Wo) kernel at a time.
+Neither keeps the per-pixel kernel. The compiled kernel computes float32 and float64 natively and
+bfloat16/float16 in float32.
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.modules.utils import _pair
 
 from .backend import resolve
-from .geometry import resolve_padding
+from .geometry import conv_out_hw, resolve_padding
 from .library import absent, register_autograd
-from .pixel_filter import acc_dtype, common_dtype, padded_input, pixel_filter, tap, zeros_in_format
+from .pixel_filter import _memory_format, acc_dtype, common_dtype, padded_input, pixel_filter, tap, zeros_in_format
 
-__all__ = ["deform_kernel_local", "scope_corners", "tap_kernel"]
+try:
+    from . import native
+except ImportError:
+    native = None
+
+__all__ = ["deform_kernel_local", "resampled_kernel", "scope_corners", "tap_kernel"]
 
 
 def scope_corners(h: Tensor, w: Tensor, scope: tuple[int, int]):
@@ -45,6 +60,13 @@ def _tap_coords(offset: Tensor, k: int, kernel_size: int, scope: tuple[int, int]
             offset[:, :, k, 1] + (fw + (scope[1] - kernel_size) / 2))
 
 
+def _all_tap_coords(offset: Tensor, kernel_size: int, scope: tuple[int, int]):
+    """`_tap_coords` of every tap at once, each (B, G, k², Ho, Wo)."""
+    t = torch.arange(kernel_size * kernel_size, device=offset.device).view(-1, 1, 1)
+    return (offset[:, :, :, 0] + ((t // kernel_size).to(offset.dtype) + (scope[0] - kernel_size) / 2),
+            offset[:, :, :, 1] + ((t % kernel_size).to(offset.dtype) + (scope[1] - kernel_size) / 2))
+
+
 def _gather(planes: Tensor, index: Tensor) -> Tensor:
     """planes (C, S·S), index (B, G, Ho, Wo) → (B, C/G, G, Ho, Wo): channel c = m·G + g reads
     planes[c, index[b, g]], i.e. channel c uses offset group c mod G."""
@@ -54,14 +76,24 @@ def _gather(planes: Tensor, index: Tensor) -> Tensor:
     return src.gather(3, index.reshape(B, 1, G, -1).expand(-1, M, -1, -1)).view(B, M, G, *index.shape[2:])
 
 
-def tap_kernel(weight: Tensor, offset: Tensor, k: int, kernel_size: int) -> Tensor:
-    """The resampled kernel of tap k at every pixel, (B, C, Ho, Wo); weight (C, S_h, S_w)."""
+def _resample(weight: Tensor, h: Tensor, w: Tensor) -> Tensor:
+    """weight (C, S_h, S_w) sampled at scope coordinates h, w (B, G, ...): (B, C, ...), channel c at group c mod G."""
     C, sh, sw = weight.shape
-    h, w = _tap_coords(offset, k, kernel_size, (sh, sw))
     planes = weight.reshape(C, sh * sw)
     kern = sum(coef.unsqueeze(1) * _gather(planes, index) for index, coef, _, _ in scope_corners(h, w, (sh, sw)))
     # reshape: offsets sliced from a channels_last offset conv give a kernel that cannot be viewed as (B, C, ...)
     return kern.reshape(h.shape[0], C, *h.shape[2:])
+
+
+def tap_kernel(weight: Tensor, offset: Tensor, k: int, kernel_size: int) -> Tensor:
+    """The resampled kernel of tap k at every pixel, (B, C, Ho, Wo); weight (C, S_h, S_w)."""
+    return _resample(weight, *_tap_coords(offset, k, kernel_size, tuple(weight.shape[-2:])))
+
+
+def resampled_kernel(weight: Tensor, offset: Tensor, kernel_size: int) -> Tensor:
+    """The whole resampled kernel (B, C, k², Ho, Wo), one gather per bilinear corner for all taps: equal,
+    element by element, to stacking `tap_kernel` over the taps."""
+    return _resample(weight, *_all_tap_coords(offset, kernel_size, tuple(weight.shape[-2:])))
 
 
 def _local_forward(x, offset, weight, k, s, p, d) -> Tensor:
@@ -118,21 +150,69 @@ def _local_backward(grad_out, x, offset, weight, k, s, p, d, need):
             None if gw is None else gw.sum(0).view_as(weight).to(weight.dtype))
 
 
+def _native_ok(*tensors: Tensor) -> bool:
+    """True when the compiled kernel serves these tensors: CPU, and built (not switched off by DYNCONV_NATIVE=0)."""
+    return (native is not None and native.enabled() and all(t.device.type == "cpu" for t in tensors)
+            and native.DEFORM_KERNEL.load() is not None)
+
+
+def _to_groups(t: Tensor, groups: int, dtype: torch.dtype) -> Tensor:
+    """(B, C, H, W) → the compiled kernel's contiguous (B, H, W, G, C/G), channel c = m·G + g at [.., c mod G, m]
+    (for G = 1 a channels_last tensor is already laid out so, and is not copied)."""
+    B, C, H, W = t.shape
+    return t.to(dtype).reshape(B, C // groups, groups, H, W).permute(0, 3, 4, 2, 1).contiguous()
+
+
+def _from_groups(t: Tensor) -> Tensor:
+    """The inverse of `_to_groups`, (B, H, W, G, M) → (B, C, H, W) (a view where the strides allow)."""
+    B, H, W, G, M = t.shape
+    return t.permute(0, 4, 3, 1, 2).reshape(B, G * M, H, W)
+
+
+def _native_args(x, offset, weight, k, s, p, d):
+    """The compiled kernel's inputs: x in `_to_groups` layout, contiguous offsets, the scope planes bordered
+    with zeros as (G, (S_h+2)·(S_w+2), C/G), all in float32 (float64 for float64), and the geometry."""
+    cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    G, (C, sh, sw) = offset.shape[1], weight.shape
+    wt = F.pad(weight.to(cdt), (1, 1, 1, 1)).reshape(C // G, G, -1).permute(1, 2, 0).contiguous()
+    return _to_groups(x, G, cdt), offset.to(cdt).contiguous(), wt, (k, *s, *p, *d, sh, sw)
+
+
+def _native_forward(x, offset, weight, k, s, p, d) -> Tensor:
+    xw, off, wt, geom = _native_args(x, offset, weight, k, s, p, d)
+    out = native.DEFORM_KERNEL.module.forward(xw, off, wt, *geom)
+    return _from_groups(out).to(x.dtype, memory_format=_memory_format(x))
+
+
+def _native_backward(grad_out, x, offset, weight, k, s, p, d, need):
+    """Gradients by the compiled kernel, each in its input's dtype and strides (None where `need` says so)."""
+    xw, off, wt, geom = _native_args(x, offset, weight, k, s, p, d)
+    go = _to_groups(grad_out, offset.shape[1], xw.dtype)
+    gx, goff, gwt = native.DEFORM_KERNEL.module.backward(go, xw, off, wt, *geom)
+    C, sh, sw = weight.shape
+    gw = gwt.view(gwt.shape[0], sh + 2, sw + 2, -1)[:, 1:-1, 1:-1].permute(3, 0, 1, 2).reshape(C, sh, sw)
+    return tuple(torch.empty_like(t).copy_(g) if n else None
+                 for t, g, n in zip((x, offset, weight), (_from_groups(gx), goff, gw), need))
+
+
 @torch.library.custom_op("dynconv::deform_kernel_local", mutates_args=())
 def _local_op(x: Tensor, offset: Tensor, weight: Tensor, kernel_size: int, stride: list[int], padding: list[int],
               dilation: list[int]) -> Tensor:
-    """The fast local DK aggregation (`_local_forward`) as a custom op."""
-    return _local_forward(x, offset, weight, kernel_size, tuple(stride), tuple(padding), tuple(dilation))
+    """The fast local DK aggregation: the compiled kernel for CPU tensors, else the tap loop (`_local_forward`)."""
+    geom = (kernel_size, tuple(stride), tuple(padding), tuple(dilation))
+    if _native_ok(x, offset, weight):
+        return _native_forward(x, offset, weight, *geom)
+    return _local_forward(x, offset, weight, *geom)
 
 
 @torch.library.custom_op("dynconv::deform_kernel_local_backward", mutates_args=())
 def _local_backward_op(grad_out: Tensor, x: Tensor, offset: Tensor, weight: Tensor, kernel_size: int,
                        stride: list[int], padding: list[int], dilation: list[int],
                        need: list[bool]) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients for x, offset and weight; an empty tensor where `need` is False."""
-    grads = _local_backward(grad_out, x, offset, weight, kernel_size, tuple(stride), tuple(padding),
-                            tuple(dilation), need)
-    return absent(grads, x)
+    """Gradients for x, offset and weight, on the forward's implementation; an empty tensor where `need` is False."""
+    geom = (kernel_size, tuple(stride), tuple(padding), tuple(dilation))
+    backward = _native_backward if _native_ok(x, offset, weight) else _local_backward
+    return absent(backward(grad_out, x, offset, weight, *geom, need), x)
 
 
 @_local_op.register_fake
@@ -148,20 +228,40 @@ def _(grad_out, x, offset, weight, kernel_size, stride, padding, dilation, need)
 register_autograd(_local_op, torch.ops.dynconv.deform_kernel_local_backward)
 
 
+def _check_local(x: Tensor, offset: Tensor, weight: Tensor, k: int, s, p, d) -> None:
+    for name, t, dim in (("x", x, 4), ("offset", offset, 6), ("weight", weight, 3)):
+        if t.dim() != dim or not t.is_floating_point():
+            raise ValueError(f"deform_kernel_local: {name} must be a {dim}-d floating-point tensor, "
+                             f"got shape {tuple(t.shape)} of {t.dtype}")
+    if not x.device == offset.device == weight.device:
+        raise ValueError(f"deform_kernel_local: x, offset and weight must be on one device, got {x.device}, "
+                         f"{offset.device} and {weight.device}; move them with .to(device)")
+    B, C = x.shape[:2]
+    ho, wo = conv_out_hw(x.shape[2:], k, s, p, d)
+    G = offset.shape[1]
+    if G < 1 or C % G:
+        raise ValueError(f"deform_kernel_local: offset groups {G} must divide the {C} channels")
+    if tuple(offset.shape) != (B, G, k * k, 2, ho, wo):
+        raise ValueError(f"deform_kernel_local: offset must be (B, G, k², 2, Ho, Wo) = {(B, G, k * k, 2, ho, wo)} "
+                         f"for x {tuple(x.shape)} and this geometry, got {tuple(offset.shape)}")
+    if weight.shape[0] != C or min(weight.shape[1:]) < 1:
+        raise ValueError(f"deform_kernel_local: weight must be the scope planes (C={C}, S_h, S_w), "
+                         f"got {tuple(weight.shape)}")
+
+
 def deform_kernel_local(x: Tensor, offset: Tensor, weight: Tensor, *, kernel_size: int, stride=1, padding=None,
                         dilation=1, backend: str | None = None) -> Tensor:
     """Local DK aggregation: x (B, C, H, W), offset (B, G, k², 2, Ho, Wo) as (Δh, Δw), weight (C, S_h, S_w).
 
-    "reference" materialises the resampled (B, C, k², Ho, Wo) kernel and calls `pixel_filter`'s
-    reference; "fast" is the tap-by-tap custom op `torch.ops.dynconv.deform_kernel_local`.
+    "reference" materialises the resampled (B, C, k², Ho, Wo) kernel (`resampled_kernel`) and calls
+    `pixel_filter`'s reference; "fast" is the custom op `torch.ops.dynconv.deform_kernel_local`.
     """
     k, s, d = int(kernel_size), _pair(stride), _pair(dilation)
     p = resolve_padding(k, padding, d)
-    if x.shape[1] % offset.shape[1]:
-        raise ValueError(f"offset groups {offset.shape[1]} must divide the {x.shape[1]} channels")
+    _check_local(x, offset, weight, k, s, p, d)
     x, offset, weight = common_dtype(x, offset, weight)
     if resolve(backend) == "reference":
-        kernel = torch.stack([tap_kernel(weight, offset, t, k) for t in range(k * k)], 2)
+        kernel = resampled_kernel(weight, offset, k)
         return pixel_filter(x, kernel, kernel_size=k, stride=s, padding=p, dilation=d, backend="reference")
     with torch.autocast(x.device.type, enabled=False):
         return torch.ops.dynconv.deform_kernel_local(x, offset, weight, k, list(s), list(p), list(d))

@@ -9,7 +9,9 @@ a second process (or run) only loads the cached library. `build_info()` reports 
 what the build or load cost. A failed build gives one warning and `available()` turns False, so
 the pure-PyTorch path runs. `DYNCONV_NATIVE=0` switches the kernel off (read at every call).
 The kernel runs on torch's intra-op thread pool (`at::parallel_for`), so `torch.set_num_threads`
-applies; build it ahead of time with `python -m dynconv.functional.native`.
+applies; build it ahead of time with `python -m dynconv.functional.native` (it exits 1 after the compiler's
+output when the build fails). The build runs the `ninja` package's binary where that package is installed, so
+it does not depend on which `ninja` PATH finds.
 
 Computation: float32 and float64 natively; bfloat16 and float16 inputs are computed in float32
 (accumulation in float32) and cast back. The kernel reads contiguous NCHW, so channels_last or
@@ -18,10 +20,12 @@ The per-pixel channel sums of the channel filter's gradient are accumulated in d
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import platform
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -50,6 +54,28 @@ def _cpu_flags() -> str:
     except OSError:
         pass
     return platform.processor()
+
+
+@contextlib.contextmanager
+def _package_ninja_first():
+    """Put the `ninja` package's binary first on PATH while building: `cpp_extension` runs the `ninja` that PATH
+    finds, and a different ninja version rewrites the build log and recompiles everything (the PATH of a venv
+    differs from the system's). Without the package, PATH's ninja builds."""
+    try:
+        import ninja
+        bin_dir = ninja.BIN_DIR
+    except ImportError:
+        bin_dir = ""
+    path = os.environ.get("PATH")
+    if bin_dir:
+        os.environ["PATH"] = os.pathsep.join(p for p in (bin_dir, path) if p)
+    try:
+        yield
+    finally:
+        if path is None:
+            os.environ.pop("PATH", None)
+        else:
+            os.environ["PATH"] = path
 
 
 class Extension:
@@ -99,21 +125,25 @@ class Extension:
         name = f"{self.name}_" + folder.name.removeprefix("ext-")
         cached = any(folder.glob(f"{name}*.so"))
         t0 = time.perf_counter()
+        error = None
         try:
-            self.module = cpp_extension.load(name=name, sources=[str(s) for s in self.sources],
-                                             extra_cflags=_CFLAGS, extra_ldflags=_LDFLAGS,
-                                             build_directory=str(folder), verbose=False)
+            with _package_ninja_first():
+                self.module = cpp_extension.load(name=name, sources=[str(s) for s in self.sources],
+                                                 extra_cflags=_CFLAGS, extra_ldflags=_LDFLAGS,
+                                                 build_directory=str(folder), verbose=False)
         except Exception as err:  # any compiler/linker failure: fall back to the PyTorch path
+            error = f"{type(err).__name__}: {str(err).strip()}"
             warnings.warn(f"dynconv: the native {self.name} kernel failed to build in {folder} "
-                          f"({type(err).__name__}: {str(err).strip()[-500:]}); using the pure-PyTorch "
+                          f"({error[-500:]}); using the pure-PyTorch "
                           "fast path. Set DYNCONV_NATIVE=0 to skip the attempt.", RuntimeWarning)
             self.module = None
         self.info.update(path=str(folder), cached=cached, seconds=time.perf_counter() - t0,
-                         built=self.module is not None)
+                         built=self.module is not None, error=error)
         return self.module
 
     def build_info(self) -> dict:
-        """Where the extension lives, whether it was already built, and what loading it cost (s)."""
+        """Where the extension lives, whether it was already built, what loading it cost (s), and the build's
+        error (None when it built)."""
         self.load()
         return dict(self.info)
 
@@ -121,6 +151,7 @@ class Extension:
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 PIXEL_FILTER = Extension("dynconv_pixel_filter", [CSRC / "pixel_filter_cpu.cpp"])
 INVOLUTION = Extension("dynconv_involution", [CSRC / "involution_cpu.cpp"])
+DEFORM_KERNEL = Extension("dynconv_deform_kernel", [CSRC / "deform_kernel_cpu.cpp"])
 
 
 def build_dir() -> Path:
@@ -233,5 +264,30 @@ def pixel_filter(x: Tensor, spatial: Tensor, channel: Tensor | None = None, *, k
     return _PixelFilter.apply(xc, sc, cc, mode, k, s, p, d).to(out_dtype)
 
 
-if __name__ == "__main__":  # `python -m dynconv.functional.native` builds the kernel ahead of time
-    print(build_info())
+def main() -> int:
+    """Build (or load) every compiled kernel and say which CPU path runs (`make setup`); 1, after the
+    compiler's output, when one does not build."""
+    if not enabled():
+        print("dynconv: DYNCONV_NATIVE=0: the compiled CPU kernels are off; CPU runs use the pure-PyTorch path")
+        return 0
+    failed = []
+    for ext in [v for v in globals().values() if isinstance(v, Extension)]:
+        with warnings.catch_warnings():  # the full error is printed below
+            warnings.simplefilter("ignore", RuntimeWarning)
+            info = ext.build_info()
+        if info["built"]:
+            how = "loaded from cache" if info["cached"] else "built"
+            print(f"dynconv: compiled CPU kernel {ext.name} {how} in {info['seconds']:.1f} s ({info['path']})")
+        else:
+            print(f"dynconv: compiled CPU kernel {ext.name} failed to build in {info['path']}:\n{info['error']}",
+                  file=sys.stderr)
+            failed.append(ext.name)
+    if failed:
+        print(f"dynconv: without {', '.join(failed)}, CPU runs use the slower pure-PyTorch path. Fix the build "
+              "(a C++17 compiler with OpenMP, `pip install ninja`) and rerun, or set DYNCONV_NATIVE=0 to run "
+              "without the compiled kernels", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":  # `python -m dynconv.functional.native`: build the kernels ahead of time
+    sys.exit(main())
