@@ -19,8 +19,11 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+MODEL_CONFIGS = ROOT / "configs" / "model"
+sys.path.insert(0, str(ROOT))
 
 import models  # noqa: E402
 from dynconv.export import DEFAULT_OPSET, ExportError, export_onnx, export_program, ort_max_rel_diff  # noqa: E402
@@ -33,6 +36,21 @@ def load_weights(model: torch.nn.Module, path: str) -> None:
         model.load_state_dict(state["model"])
     else:
         models.load_official(model, state)
+
+
+def resolve_arch(arch: str) -> tuple[str, dict]:
+    """Registered model name and builder options of `--arch`: a registered name (`dynconv_resnet50`) or a
+    `model=` config name of configs/model/ (`resnet50`, `resnet50_small`), whose other keys are builder options."""
+    if arch in models.list_models():
+        return arch, {}
+    path = MODEL_CONFIGS / f"{arch}.yaml"
+    cfg = yaml.safe_load(path.read_text()) if path.is_file() else None
+    if cfg and cfg.get("name") in models.list_models():
+        return cfg.pop("name"), cfg
+    configs = sorted(p.stem for p in MODEL_CONFIGS.glob("*.yaml") if p.stem not in models.list_models()
+                     and yaml.safe_load(p.read_text()).get("name") in models.list_models())
+    raise ValueError(f"unknown --arch {arch!r}: give a registered model ({', '.join(models.list_models())}) "
+                     f"or a model config naming one ({', '.join(configs)})")
 
 
 def export_one(spec: PaperModel, args, out: Path) -> None:
@@ -60,7 +78,7 @@ def export_one(spec: PaperModel, args, out: Path) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("out", help="output file (a folder with --all)")
-    p.add_argument("--arch", help="registered model name (models.list_models())")
+    p.add_argument("--arch", help="registered model name (models.list_models()) or model config name (configs/model/)")
     p.add_argument("--op", help="operator that fills the model's slots (dynconv.list_ops())")
     p.add_argument("--policy", help="replacement policy (none, all_3x3, dw_only, deep_only, shallow_only)")
     p.add_argument("--all", action="store_true", help="every paper model, each at its paper resolution")
@@ -79,9 +97,13 @@ def main(argv=None) -> int:
         jobs = [(s, out_dir / f"{re.sub(r'[^a-z0-9]+', '_', s.label.lower()).strip('_')}.{args.format}")
                 for s in PAPER_MODELS]
     else:
-        kwargs = {k: v for k, v in (("op", args.op), ("policy", args.policy)) if v}
+        try:
+            name, kwargs = resolve_arch(args.arch)
+        except ValueError as err:
+            p.error(str(err))
+        kwargs.update({k: v for k, v in (("op", args.op), ("policy", args.policy)) if v})
         args.img_size = args.img_size or 224
-        jobs = [(PaperModel(args.arch, args.arch, args.img_size, kwargs), Path(args.out))]
+        jobs = [(PaperModel(args.arch, name, args.img_size, kwargs), Path(args.out))]
     for spec, out in jobs:
         out.parent.mkdir(parents=True, exist_ok=True)
         try:

@@ -57,3 +57,20 @@ def test_export_script_rejects_missing_model():
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "export.py"), "out.onnx"], cwd=ROOT,
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "give either --arch NAME or --all" in proc.stderr
+
+
+def test_export_script_takes_config_names_and_lists_valid_ones():
+    """`--arch resnet50` (a `model=` config name) builds what `model=resnet50` builds; an unknown name ends in one
+    line listing the valid ones, no traceback."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from export import resolve_arch
+
+    assert resolve_arch("resnet50") == ("dynconv_resnet50", {})
+    assert resolve_arch("resnet50_small") == ("dynconv_resnet50", {"width": 0.125, "small_input": True})
+    assert resolve_arch("rednet26") == ("rednet26", {})
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "export.py"), "--arch", "resnet5", "out.onnx"],
+                          cwd=ROOT, capture_output=True, text=True)
+    error = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert error.startswith("export.py: error: unknown --arch 'resnet5'") and "dynconv_resnet50" in error
+    assert "resnet50_small" in error
