@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import random
+import signal
 import time
 from pathlib import Path
 
@@ -34,7 +35,7 @@ import dynconv
 from dynconv.complexity import count_macs
 import models as models_lib
 from . import checkpoint as ckpt_lib
-from . import distributed, faults
+from . import distributed, faults, preemption
 from .sampler import EpochBatches, SeededItems
 from .precise_bn import bn_layers, recompute_bn_stats
 from .state import RunState, fresh_meters
@@ -107,7 +108,9 @@ class Run:
         self.state = RunState(unwrap(self.model), self.optimizer, self.scheduler, self.scaler,
                               self.ema.module if self.ema is not None else None, OmegaConf.to_yaml(cfg))
         self.bad_update = False  # a micro-batch of the current update had a non-finite loss
-        resume = ckpt_lib.resolve_resume(t.resume)
+        self.preemption = preemption.Listener()
+        resume = ckpt_lib.resolve_resume(t.resume) \
+            or preemption.requeued_checkpoint(self.run_dir, self.state.config)
         saved = ckpt_lib.load(resume[1]) if resume else None
         if saved is not None:
             self.state.load_state_dict(saved)
@@ -294,11 +297,14 @@ class Run:
                     step_loss = distributed.all_reduce_sum(loss.detach().float().cpu().reshape(1), self.dist)
                     self._scalar("train/loss", step_loss.item() / self.dist.world_size)
                     self._scalar("lr", self.lr())
-                if t.ckpt_interval and self.state.num_updates % t.ckpt_interval == 0 \
+                signum = self.preemption.agreed(self.dist)
+                if signum is not None or t.ckpt_interval and self.state.num_updates % t.ckpt_interval == 0 \
                         and self.state.batch < self.train_batches.num_batches():
                     m["time"] += time.perf_counter() - end
                     end = time.perf_counter()
                     self.save()
+                if signum is not None:
+                    self._preempted(signum)
                 faults.kill_point("update", self.state.num_updates)
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{self.lr():.2e}", refresh=False)
@@ -474,6 +480,8 @@ class Run:
                 self._anneal()
                 self.train_epoch()
                 self.end_epoch()
+                if (signum := self.preemption.agreed(self.dist)) is not None:  # end_epoch saved this state
+                    self._preempted(signum)
             hparams.write(self.writer, self.cfg, self.run_dir, self.state.history)
         finally:
             if self.writer is not None:
@@ -482,6 +490,16 @@ class Run:
             log.info(self._finished(time.perf_counter() - started))
         return {"best": self.state.best, "final": self.state.history[-1] if self.state.history else {},
                 "run_dir": str(self.run_dir)}
+
+    def _preempted(self, signum: int) -> None:
+        """`last.pt` holds this step: log one line and exit to the launcher (engine/preemption.py)."""
+        if self.main:
+            st = self.state
+            log.warning("%s: stopped after update %d (epoch %d, batch %d); %s saved %.1f s after the signal. "
+                        "Continue with trainer.resume=%s (a submitit job continues by itself when requeued)",
+                        signal.Signals(signum).name, st.num_updates, st.epoch, st.batch, self.ckpt_dir / "last.pt",
+                        time.monotonic() - self.preemption.received_at, self.run_dir)
+        self.preemption.hand_over(signum)
 
     def _finished(self, seconds: float) -> str:
         """The run's last log line, e.g. "finished: 2 epochs, 6.8 min of training and evaluation in this process,
@@ -516,6 +534,7 @@ def _atomic_text(path: Path, text: str) -> None:
 def fit(cfg: DictConfig, run_dir: Path) -> dict:
     run = Run(cfg, run_dir)
     try:
-        return run.fit()
+        with run.preemption:  # SIGTERM / submitit's signal: save this step and exit (engine/preemption.py)
+            return run.fit()
     finally:
         distributed.shutdown()
