@@ -10,8 +10,10 @@ DATA   := .cache/data/.fetched
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
 
-setup: $(STAMP) $(DATA)  ## virtual env, pinned packages, bundled data, the compiled CPU kernel
-	@$(PY) -W ignore -m dynconv.functional.native > /dev/null  # builds once (~30 s), then a cache hit
+# the compiled CPU kernels build once (~30 s each), then load from the cache; a failed build stops here with the
+# compiler's output (DYNCONV_NATIVE=0 goes on without them, on the slower pure-PyTorch path)
+setup: $(STAMP) $(DATA)  ## virtual env, pinned packages, bundled data, the compiled CPU kernels
+	@$(PY) -W ignore::RuntimeWarning:runpy -m dynconv.functional.native
 
 $(STAMP): requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
