@@ -108,7 +108,8 @@ def _involution_backward_op(grad_out: Tensor, x: Tensor, reduced: Tensor, weight
                             kernel_size: int, stride: list[int], padding: list[int], dilation: list[int],
                             groups: int, need: list[bool]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Gradients for x, reduced, weight and bias (`library.absent` where `need` is False): the compiled
-    kernel recomputes the span weights row by row; else autograd through the recomputed decomposition."""
+    kernel recomputes the span weights row by row; else the decomposition's, with the span weights
+    recomputed and their gradient from `pixel_filter`'s backward (both transient)."""
     inputs = (x, reduced, weight, bias)
     if _native_ok(x):
         grads = native.INVOLUTION.module.backward(*_compute((grad_out, *inputs)),
@@ -116,11 +117,13 @@ def _involution_backward_op(grad_out: Tensor, x: Tensor, reduced: Tensor, weight
         grads = [g.to(t.dtype) for g, t in zip(grads, inputs)]
         grads[0] = grads[0].contiguous(memory_format=_memory_format(x))
     else:
-        with torch.enable_grad():
-            leaves = [t.detach().requires_grad_(n) for t, n in zip(inputs, need)]
-            out = _decomposed(*leaves, kernel_size, tuple(stride), tuple(padding), tuple(dilation), groups, "fast")
-            wanted = iter(torch.autograd.grad(out, [t for t in leaves if t.requires_grad], grad_out) if any(need) else ())
-        grads = [next(wanted) if n else None for n in need]
+        B, _, Ho, Wo = reduced.shape
+        spans = F.conv2d(reduced, weight[:, :, None, None], bias).view(B, groups, -1, Ho, Wo)
+        gx, gspans, _ = torch.ops.dynconv.pixel_filter_backward(
+            grad_out, x, spans, None, kernel_size, stride, padding, dilation, "mul", [need[0], True, False])
+        gspans = gspans.flatten(1, 2)
+        grads = [gx, torch.einsum("bkhw,km->bmhw", gspans, weight), torch.einsum("bkhw,bmhw->km", gspans, reduced),
+                 gspans.sum((0, 2, 3))]
     return absent([g if n else None for g, n in zip(grads, need)], x)
 
 
