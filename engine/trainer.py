@@ -88,6 +88,41 @@ def param_groups(model: nn.Module, weight_decay: float, filter_bias_and_bn: bool
     return list(groups.values())
 
 
+def data_loader(dataset, cfg: DictConfig, dist, device: torch.device, *, shuffle: bool, limit: int | None,
+                seed_offset: int = 0) -> DataLoader:
+    """A DataLoader over this rank's share of `dataset` (`EpochBatches` is its `.batch_sampler`)."""
+    d, seed = cfg.data, cfg.seed + seed_offset
+    batches = EpochBatches(len(dataset), d.batch_size, shuffle=shuffle, drop_last=shuffle, seed=seed,
+                           rank=dist.rank, world_size=dist.world_size, limit=limit)
+    # a private generator: creating a loader iterator must not draw from the global
+    # RNG streams, which a mid-epoch resume restores to their state at the checkpoint
+    return DataLoader(SeededItems(dataset), batch_sampler=batches, num_workers=d.workers,
+                      pin_memory=d.pin_memory and device.type == "cuda",
+                      persistent_workers=d.persistent_workers and d.workers > 0,
+                      generator=torch.Generator().manual_seed(seed))
+
+
+def eval_batches(cfg: DictConfig) -> int | None:
+    """How many validation batches an evaluation takes (None: all)."""
+    return 1 if cfg.trainer.dry_run else cfg.trainer.limit_val_batches
+
+
+def build_network(cfg: DictConfig, task, info) -> tuple[nn.Module, nn.Module, list[dict]]:
+    """The task's module around the configured backbone (operators replaced), the backbone, and the report."""
+    to_dict = functools.partial(OmegaConf.to_container, resolve=True)
+    num_classes = task.backbone_num_classes
+    backbone, report = models_lib.build(to_dict(cfg.model), to_dict(cfg.op), to_dict(cfg.policy),
+                                        num_classes=info.num_classes if num_classes is None else num_classes,
+                                        in_chans=info.in_chans, input_size=tuple(info.input_size))
+    return task.wrap(backbone), backbone, report
+
+
+def autocast(trainer_cfg: DictConfig, device: torch.device):
+    """Autocast in `trainer.amp_dtype` when `trainer.amp` (a context-manager factory)."""
+    amp_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}[trainer_cfg.amp_dtype]
+    return functools.partial(torch.autocast, device.type, dtype=amp_dtype, enabled=trainer_cfg.amp)
+
+
 class Run:
     """State of one training run, built by small builders in timm's order; `fit` drives it."""
 
@@ -98,8 +133,7 @@ class Run:
         self._build_train_loaders(train_ds)
         to_dict = functools.partial(OmegaConf.to_container, resolve=True)
         self.task = build_task(to_dict(cfg.task), self.info)
-        limit_val = 1 if t.dry_run else t.limit_val_batches
-        self.val = self.task.eval_data(val, functools.partial(self._loader, shuffle=False, limit=limit_val))
+        self.val = self.task.eval_data(val, functools.partial(self._loader, shuffle=False, limit=eval_batches(cfg)))
         self._build_model()
         self._build_optimizer()
         self._build_amp()
@@ -147,16 +181,8 @@ class Run:
         seed_everything(self.cfg.seed + self.dist.rank)
 
     def _loader(self, dataset, *, shuffle: bool, limit: int | None, seed_offset: int = 0):
-        """A DataLoader over this rank's share of `dataset` (`EpochBatches` is its `.batch_sampler`)."""
-        d, seed = self.cfg.data, self.cfg.seed + seed_offset
-        batches = EpochBatches(len(dataset), d.batch_size, shuffle=shuffle, drop_last=shuffle, seed=seed,
-                               rank=self.dist.rank, world_size=self.dist.world_size, limit=limit)
-        # a private generator: creating a loader iterator must not draw from the global
-        # RNG streams, which a mid-epoch resume restores to their state at the checkpoint
-        return DataLoader(SeededItems(dataset), batch_sampler=batches, num_workers=d.workers,
-                          pin_memory=d.pin_memory and self.device.type == "cuda",
-                          persistent_workers=d.persistent_workers and d.workers > 0,
-                          generator=torch.Generator().manual_seed(seed))
+        return data_loader(dataset, self.cfg, self.dist, self.device, shuffle=shuffle, limit=limit,
+                           seed_offset=seed_offset)
 
     def _build_train_loaders(self, train_ds) -> None:
         """The training stream, and the precise-BN one (its own sampler and seed: training draws are untouched)."""
@@ -169,13 +195,9 @@ class Run:
 
     def _build_model(self) -> None:
         """Backbone (+ operator replacement) wrapped by the task, on the device; its size and MACs."""
-        cfg, t, info = self.cfg, self.cfg.trainer, self.info
-        to_dict = functools.partial(OmegaConf.to_container, resolve=True)
-        num_classes = self.task.backbone_num_classes
-        backbone, self.report = models_lib.build(to_dict(cfg.model), to_dict(cfg.op), to_dict(cfg.policy),
-                                                 num_classes=info.num_classes if num_classes is None else num_classes,
-                                                 in_chans=info.in_chans, input_size=tuple(info.input_size))
-        model = self.task.wrap(backbone).to(self.device)
+        t, info = self.cfg.trainer, self.info
+        model, backbone, self.report = build_network(self.cfg, self.task, info)
+        model = model.to(self.device)
         if t.channels_last:  # the expert convs (CondConv, DY-Conv, ODConv) convert their 5-D kernels per expert
             model = model.to(memory_format=torch.channels_last)
         if t.sync_bn and self.dist.enabled:
@@ -223,10 +245,9 @@ class Run:
     def _build_amp(self) -> None:
         """Autocast in `trainer.amp_dtype`; float16 on CUDA also gets a GradScaler."""
         t = self.cfg.trainer
-        amp_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}[t.amp_dtype]
-        self.autocast = functools.partial(torch.autocast, self.device.type, dtype=amp_dtype, enabled=t.amp)
+        self.autocast = autocast(t, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type) \
-            if t.amp and amp_dtype == torch.float16 and self.device.type == "cuda" else None
+            if t.amp and t.amp_dtype == "float16" and self.device.type == "cuda" else None
 
     def _wrap_model(self) -> None:
         """torch.compile, then DDP (after the weights are final: DDP broadcasts rank 0's)."""

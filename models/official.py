@@ -56,6 +56,18 @@ def face_keys(key: str, model: nn.Module) -> str | None:
                  (r"^output_layer\.layer2\.1\.", "head.bn.")])(key, model)
 
 
+class OfficialKeysError(KeyError):
+    """An official checkpoint that does not fit the model; `missing`, `unexpected` and `mismatched` list the keys."""
+
+    def __init__(self, arch: str, missing: list[str], unexpected: list[str], mismatched: list[str]):
+        super().__init__(arch, missing, unexpected, mismatched)
+        self.arch, self.missing, self.unexpected, self.mismatched = arch, missing, unexpected, mismatched
+
+    def __str__(self) -> str:
+        return (f"official {self.arch} checkpoint does not fit the model: missing keys {self.missing}; "
+                f"unexpected keys {self.unexpected}; shape mismatches {self.mismatched}")
+
+
 def converter(arch: str) -> Converter:
     """The key converter of registered model `arch`."""
     for pattern, conv in ((r"^rednet\d*$", rednet_keys), (r"^ddf_(mul|add)_resnet\d+$|^ddf_resnet$", resnet_keys),
@@ -91,8 +103,7 @@ def convert_state_dict(model: nn.Module, state_dict: dict, arch: str | None = No
             out[new] = value
     missing = [k for k in ours if k not in hit]
     if unexpected or missing or mismatched:
-        raise KeyError(f"official {arch} checkpoint does not fit the model: "
-                       f"missing keys {missing}; unexpected keys {unexpected}; shape mismatches {mismatched}")
+        raise OfficialKeysError(arch, missing, unexpected, mismatched)
     return out
 
 
@@ -106,4 +117,4 @@ def load_official(model: nn.Module, state_dict: dict, arch: str | None = None) -
     return model
 
 
-__all__ = ["load_official", "convert_state_dict", "converter"]
+__all__ = ["load_official", "convert_state_dict", "converter", "OfficialKeysError"]
