@@ -217,7 +217,7 @@ class Loaded:
         if isinstance(self.val, ImageFolderSet):
             return lambda im: self.val.transform(im.convert(self.val.mode))
         if self.is_face:
-            return lambda im: face_tensor(np.asarray(im.convert("RGB")), info.input_size[0], "pad", info.in_chans,
+            return lambda im: face_tensor(np.array(im.convert("RGB")), info.input_size[0], "pad", info.in_chans,
                                           info.mean, info.std)
         mode = "L" if data_cfg.name in GRAY_SETS or info.in_chans == 1 else "RGB"
         mean, std = torch.tensor(info.mean).view(-1, 1, 1), torch.tensor(info.std).view(-1, 1, 1)
