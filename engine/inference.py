@@ -132,8 +132,9 @@ class Checkpoint:
             model.load_state_dict(state)
         except RuntimeError as e:
             problem = " ".join(str(e).split())
-            raise ConfigError(f"checkpoint={self.path} does not fit the network of its config ({problem[:300]}); "
-                              "was it written by another version of the model?") from None
+            raise ConfigError(f"checkpoint={self.path} does not fit the network built from its config "
+                              f"({problem[:300]}); keep the run's data classes (data.num_classes) and model code") \
+                from None
 
 
 def _key(override: str) -> str:
