@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -160,18 +161,58 @@ def validate(cfg: DictConfig) -> None:
         OmegaConf.to_object(cfg[group])  # the dataclass's __post_init__ checks the ranges
 
 
+_OPTION = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*")
+_GROUP = re.compile(r"[A-Za-z0-9_]+(/[A-Za-z0-9_]+)*")
+
+
+def _group_options(group: str) -> set[str]:
+    """The options of a config group of the project's own `configs/` (its yaml files' stems)."""
+    return {f.stem for f in (CONFIG_DIR / group).glob("*.yaml")}
+
+
+def _option_problem(group: str, value: Any) -> str | None:
+    """Why `value` is not an option (or a list of options) of `configs/<group>/`, or None."""
+    options = value if isinstance(value, list) else [] if value is None else [value]  # `group=null` deselects
+    if any(not isinstance(o, str) or not _OPTION.fullmatch(o) or ".." in o for o in options):
+        return (f"{group}= must name an option of configs/{group}/ (a path, an interpolation or a structured "
+                "value could load a config file from anywhere)")
+    missing = [o for o in options if o not in _group_options(group)]
+    if missing:
+        return f"configs/{group}/ has no option {missing[0]!r} (options: {', '.join(sorted(_group_options(group)))})"
+    return None
+
+
 def _replay_problem(override: str) -> str | None:
-    """Why an override read from a run folder must not be replayed, or None when it may."""
-    key, _, value = override.lstrip("+~").partition("=")
-    parts = key.split(".")
-    if parts[0] == "hydra" or key.startswith("hydra/"):
-        return "hydra.* keys configure Hydra itself (callbacks can run code)"
+    """Why an override read from a run folder must not be replayed, or None when it may.
+
+    Parsed with Hydra's own override grammar, so the key, package and value checked are the ones Hydra acts on.
+    A config group replays only as the name of one of the project's own options: a group value that is a path
+    (`experiment=../../x/evil`) would compose any file, and a `# @package _global_` file can set anything,
+    Hydra's callbacks included. Values of schema keys are data (a dataset root, a weights file) and may be paths.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
     if any(k in override for k in INSTANTIATE_KEYS):
         return f"instantiation keys ({', '.join(INSTANTIATE_KEYS)}) can run code"
-    if key == "op.module" or (key == "op" and "module" in value):
+    try:
+        parsed = OverridesParser.create().parse_override(override)
+    except HydraException as err:
+        return f"not a valid Hydra override ({str(err).splitlines()[0]})"
+    key = parsed.key_or_group
+    if key.split(".")[0].split("/")[0] == "hydra":
+        return "hydra.* keys configure Hydra itself (callbacks can run code)"
+    if key == "op.module" or (key == "op" and "module" in str(parsed.value())):
         return "op.module imports Python code (give it on the command line again if you trust it)"
-    if "." not in key:
-        ok = (CONFIG_DIR / key).is_dir() or key in ("seed", "name")
+    if parsed.package is not None:
+        return "a package override (group@package) moves a config elsewhere in the tree"
+    if parsed.is_sweep_override():
+        return "a sweep (choice, range, glob) is not the value of one run"
+    if _GROUP.fullmatch(key) and (CONFIG_DIR / key).is_dir():
+        return None if parsed.is_delete() and parsed.value() is None else _option_problem(key, parsed.value())
+    parts = key.split(".")
+    if len(parts) == 1:
+        ok = key in ("seed", "name")
     else:
         cls = CLOSED_GROUPS.get(parts[0])
         ok = parts[1] in _fields(cls) if cls else parts[0] in _fields(Config)
@@ -183,8 +224,15 @@ def replayable_overrides(path: Path) -> list[str]:
     of the schema are replayed; anything else stops the resume with the file and line."""
     if not path.exists():
         return []
-    nodes = yaml.compose(path.read_text())
-    items = nodes.value if isinstance(nodes, yaml.SequenceNode) else []
+    try:
+        nodes = yaml.compose(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: not a YAML list of overrides ({str(err).splitlines()[0]}); restore it from the "
+                          "run's .hydra/config.yaml or pass the overrides on the command line") from None
+    if nodes is not None and not isinstance(nodes, yaml.SequenceNode):
+        raise ConfigError(f"{path}:{nodes.start_mark.line + 1}: not a YAML list of overrides; restore it from the "
+                          "run's .hydra/config.yaml or pass the overrides on the command line")
+    items = [] if nodes is None else nodes.value
     for node in items:
         problem = _replay_problem(str(node.value)) if isinstance(node, yaml.ScalarNode) else "not a plain override"
         if problem:
