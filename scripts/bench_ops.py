@@ -5,7 +5,8 @@ C=256 14x14, C=512 7x7) it measures, in one run:
 - every operator of `dynconv.list_ops()` (or `--ops`) under the "reference" and "fast" backends,
   with its official kernel size (involution 7, the rest 3); an operator that calls no primitive
   (conv, DCD, DCN, ...) runs the same code under both, so its speed-up column reads "same path";
-- `nn.Conv2d` 3x3 and depthwise 3x3 as baselines;
+- `nn.Conv2d` 3x3 and depthwise 3x3 as baselines, and depthwise 7x7 with involution, whose module also
+  runs unfused ("fast unfused": `conv2` then `pixel_filter`, `Involution.fused = False`);
 - the raw `pixel_filter` in its involution (G = C/16, K 7), DDF (G 1 + channel filter, K 3) and
   TVConv (filter shared by the batch, G = C, K 3) forms, with the compiled kernel (on CPU "native",
   the C++ kernel; on CUDA "triton", the Triton kernels), the pure-PyTorch fast path ("fast",
@@ -229,6 +230,9 @@ def run(shapes, ops, repeat: int, log=print) -> list[dict]:
         add(shape, "nn.Conv2d 3x3", "-", lambda: measure_module(nn.Conv2d(c, c, 3, padding=1).to(DEVICE), x, repeat))
         add(shape, "depthwise 3x3", "-",
             lambda: measure_module(nn.Conv2d(c, c, 3, padding=1, groups=c).to(DEVICE), x, repeat))
+        if "involution" in ops:
+            add(shape, "depthwise 7x7", "-",
+                lambda: measure_module(nn.Conv2d(c, c, 7, padding=3, groups=c).to(DEVICE), x, repeat))
         for name in ops:
             try:
                 same_path = not consults_backend(make_op(name, c, h, w).eval(), x[:1])
@@ -241,6 +245,12 @@ def run(shapes, ops, repeat: int, log=print) -> list[dict]:
                         return measure_module(op, x, repeat)
                 add(shape, name, backend, bench)
                 rows[-1]["same_path"] = same_path
+            if name == "involution":
+                def bench_unfused():
+                    op = make_op(name, c, h, w)
+                    op.fused = False
+                    return measure_module(op, x, repeat)
+                add(shape, name, "fast unfused", bench_unfused)
         compiled, _, available = COMPILED[DEVICE.type]
         for name, fn, inputs in pixel_filter_forms(b, c, h, w):
             for label, backend, on in ((compiled, "fast", True), ("fast", "fast", False),

@@ -151,13 +151,14 @@ def _flops(x_shape, reduced_shape, weight_shape, *args, out_shape=None, **kwargs
 
 
 def involution(x: Tensor, reduced: Tensor, weight: Tensor, bias: Tensor, *, kernel_size: int, stride=1,
-               padding=None, dilation=1, groups: int = 1, backend: str | None = None) -> Tensor:
+               padding=None, dilation=1, groups: int = 1, backend: str | None = None, fused: bool = True) -> Tensor:
     """Involution's span projection and aggregation (module docstring).
 
     x: (B, C, H, W). reduced: (B, M, Ho, Wo), (Ho, Wo) by the conv formula. weight: (G·K², M) or the
     1×1 conv's (G·K², M, 1, 1). bias: (G·K²,). groups: G, dividing C. padding None means d·(K−1)//2.
     Inputs of mixed floating dtypes are promoted (or cast to the autocast dtype, as `pixel_filter`);
     any strides and memory formats are taken (the compiled kernel copies to contiguous once).
+    fused=False runs the decomposition on `backend` everywhere (the unfused operator, for comparisons).
     """
     K = int(kernel_size)
     s, d = _pair(stride), _pair(dilation)
@@ -165,6 +166,6 @@ def involution(x: Tensor, reduced: Tensor, weight: Tensor, bias: Tensor, *, kern
     weight = _check(x, reduced, weight, bias, K, s, p, d, int(groups))
     x, reduced, weight, bias = common_dtype(x, reduced, weight, bias)
     with torch.autocast(x.device.type, enabled=False):
-        if resolve(backend) == "reference" or x.device.type != "cpu":
+        if not fused or resolve(backend) == "reference" or x.device.type != "cpu":
             return _decomposed(x, reduced, weight, bias, K, s, p, d, int(groups), backend)
         return torch.ops.dynconv.involution(x, reduced, weight, bias, K, list(s), list(p), list(d), int(groups))

@@ -29,8 +29,11 @@ class Involution(Operator):
     `ceil_mode=True` (the last window averages only the pixels inside the input), which gives the
     conv-formula size ⌈H/s⌉ and equals the official AvgPool(s, s) whenever s divides H and W.
     `groups` is checked as in Conv2d; the operator is channel-wise whatever its value. Its G kernel
-    groups (C / group_channels) are `kernel_groups`.
+    groups (C / group_channels) are `kernel_groups`. `fused = False` (an attribute, not saved) runs
+    `conv2` and the aggregation as two steps, as before the fused op, for comparisons.
     """
+
+    fused = True
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, padding=None,
                  dilation: int = 1, groups: int = 1, bias: bool = False, *, group_channels: int = 16,
@@ -59,7 +62,7 @@ class Involution(Operator):
         ctx = self.avgpool(centre_aligned(x, K, self.padding, self.dilation))[..., :out_size[0], :out_size[1]]
         span = self.conv2.conv
         out = involution(x, self.conv1(ctx), span.weight, span.bias, kernel_size=K, stride=self.stride,
-                         padding=self.padding, dilation=self.dilation, groups=self.kernel_groups)
+                         padding=self.padding, dilation=self.dilation, groups=self.kernel_groups, fused=self.fused)
         return out if self.bias is None else out + self.bias.view(1, -1, 1, 1)
 
     def aggregation_macs(self, out: Tensor) -> int:

@@ -145,8 +145,8 @@ def _largest_saved(fn) -> int:
 @pytest.mark.parametrize("stride", [1, 2])
 def test_saves_no_weight_sized_tensor(largest_tensor, stride):
     """An involution layer (generator included) keeps nothing of the size of its (B, G·K², Ho, Wo) kernel
-    tensor for backward, and on CPU no such tensor exists in forward or backward; the unfused
-    decomposition (the reference backend) keeps it."""
+    tensor for backward, and on CPU no such tensor exists in forward or backward; the unfused layer
+    (`fused = False`, and the reference backend) keeps it."""
     K, B = 5, 2
     op = Involution(8, 8, K, stride, group_channels=4, reduction_ratio=2)
     x = torch.randn(B, 8, 9, 10, requires_grad=True)
@@ -156,6 +156,8 @@ def test_saves_no_weight_sized_tensor(largest_tensor, stride):
     assert largest_tensor(lambda: op(x).sum().backward()) < weight_size
     with use_backend("reference"):
         assert _largest_saved(lambda: op(x)) >= weight_size
+    op.fused = False
+    assert _largest_saved(lambda: op(x)) >= weight_size
 
 
 def test_compile_fullgraph_no_graph_break():
