@@ -18,6 +18,7 @@ FRAMEWORK = {"models", "data", "engine", "scripts", "tests", "configs"}  # must 
 FAKE_NINJA = "#!/bin/sh\necho 'the ninja on PATH was run' >&2\nexit 1\n"
 CHECKS = """
 import importlib.util
+import torch
 import dynconv
 from dynconv.functional import native
 
