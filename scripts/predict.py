@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
+from omegaconf.errors import MissingMandatoryValue
 from PIL import Image
 from torch.utils.data import TensorDataset
 from torchvision.datasets.folder import IMG_EXTENSIONS
@@ -125,6 +126,8 @@ def _compose(overrides: list[str]) -> DictConfig:
 def main(cfg: DictConfig) -> None:
     try:
         result = predict(cfg, list(HydraConfig.get().overrides.task), _compose)
+    except MissingMandatoryValue as e:
+        sys.exit(f"predict.py: error: {e.full_key}= is required: python scripts/predict.py checkpoint=<best.pt or last.pt> inputs=<image, folder or glob>")
     except (ConfigError, OSError, ValueError) as e:
         sys.exit(f"predict.py: error: {e}")
     print(f"{result['images']} image(s) predicted, {result['skipped']} unreadable skipped; wrote "

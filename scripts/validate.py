@@ -23,6 +23,7 @@ import numpy as np
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
+from omegaconf.errors import MissingMandatoryValue
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -82,6 +83,8 @@ def main(cfg: DictConfig) -> None:
     hc = HydraConfig.get()
     try:
         results = validate(cfg, list(hc.overrides.task), _compose)
+    except MissingMandatoryValue as e:
+        sys.exit(f"validate.py: error: {e.full_key}= is required: python scripts/validate.py checkpoint=<best.pt, last.pt or official state_dict>")
     except (ConfigError, OSError, ValueError) as e:
         sys.exit(f"validate.py: error: {e}")
     print(report(results), flush=True)
