@@ -1,14 +1,15 @@
 """Bad inputs fail early and clearly, and nothing a run folder holds can run code or be damaged (issue 17)."""
 import hashlib
 import math
-import pickle
+import os
 import re
+import shutil
 
 import pytest
 import torch
 
 from engine import checkpoint as ck
-from engine.config import ConfigError, replayable_overrides, validate
+from engine.config import CONFIG_DIR, ConfigError, replayable_overrides, validate
 from tests.engine.conftest import compose_cfg, run_train, summary
 
 PAYLOAD = ["+hydra.callbacks.pwn._target_=os.system", "+hydra.callbacks.pwn._args_=[touch PWNED]"]
@@ -52,6 +53,19 @@ def test_failed_resume_leaves_the_run_folder_unchanged(finished_run, tmp_path):
     assert _digest(run) == before
 
 
+def test_resume_from_a_damaged_last_pt_names_it_and_offers_best_pt(finished_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(finished_run[0], run)
+    last = run / "checkpoints" / "last.pt"
+    last.write_bytes(last.read_bytes()[:last.stat().st_size // 2])  # cut short, as by a full disk
+    before = _digest(run)
+    proc = run_train([f"trainer.resume={run}"], check=False, cwd=tmp_path)
+    assert proc.returncode != 0 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr[-2000:]
+    assert proc.stderr.startswith(f"train.py: error: trainer.resume: {last} is damaged or not a checkpoint")
+    assert proc.stderr.strip().endswith(f"resume from trainer.resume={run / 'checkpoints' / 'best.pt'}")
+    assert _digest(run) == before
+
+
 def test_replacement_table_is_logged_once(finished_run):
     _, proc = finished_run
     assert (proc.stdout + proc.stderr).count("params before→after") == 1
@@ -62,10 +76,12 @@ def test_diverging_run_stops_naming_step_lr_and_loss(tmp_path):
     proc = run_train(["data=mnist5k", "optim.lr=1e30", "debug=limit", "model=resnet50_small"], run, check=False,
                      tiny=False)
     assert proc.returncode != 0
-    err = proc.stderr[-3000:]
-    assert re.search(r"NonFiniteLossError: non-finite loss at step \d+ \(epoch 0, batch \d+\), "
-                     r"lr [\d.]+e\+(29|30), loss -?(nan|inf);", err), err
+    err = proc.stderr.strip().splitlines()[-1]  # one line, no traceback
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert re.match(r"train.py: error: non-finite loss at step \d+ \(epoch 0, batch \d+\), "
+                    r"lr [\d.]+e\+(29|30), loss -?(nan|inf);", err), err
     assert not (run / "checkpoints" / "last.pt").exists() and not (run / "summary.json").exists()
+    assert f"stopped: {err.removeprefix('train.py: error: ')}" in (run / "train.log").read_text()  # why, in the log
 
 
 def test_skipped_steps_warn_and_a_later_divergence_keeps_the_last_finite_checkpoints(tmp_path):
@@ -106,16 +122,18 @@ def test_validate_names_the_bad_key(override, message):
 
 def test_train_py_rejects_an_added_misspelt_key(tmp_path):
     proc = run_train(["+optim.lrr=0.1"], tmp_path / "run", check=False)
-    assert proc.returncode != 0 and "did you mean optim.lr?" in proc.stderr
+    assert proc.returncode != 0 and proc.stderr.strip().splitlines()[-1] == (
+        "train.py: error: unknown config key 'optim.lrr'; did you mean optim.lr?")
+    assert "Traceback" not in proc.stderr
 
 
 def test_unsafe_checkpoint_error_never_suggests_disabling_the_check(tmp_path):
     p = tmp_path / "evil.pt"
     torch.save({"x": print}, p)
-    with pytest.raises(pickle.UnpicklingError) as err:
+    with pytest.raises(ck.CheckpointError) as err:
         ck.load(p)
     msg = str(err.value)
-    assert "is not a dynconv checkpoint, or is unsafe" in msg and "a reference to print" in msg
+    assert f"{p} is unsafe: it holds a reference to print" in msg
     assert "weights_only" not in msg
 
 
@@ -126,3 +144,26 @@ def test_replay_refuses_an_operator_module_from_the_run_folder(tmp_path, overrid
     saved.write_text(f"- op=ddf\n- '{override}'\n")
     with pytest.raises(ConfigError, match=rf"{saved}:2: refusing to replay .*op.module imports Python code"):
         replayable_overrides(saved)
+
+
+def test_resume_refuses_a_config_group_that_names_a_file_outside_configs(finished_run, tmp_path):
+    """The reproduced attack: `experiment=../../<elsewhere>/evil` in the run folder's overrides composed a
+    `# @package _global_` file that installed a Hydra callback running a shell command."""
+    run, _ = finished_run
+    evil = tmp_path / "x" / "evil.yaml"
+    evil.parent.mkdir()
+    evil.write_text("# @package _global_\nhydra:\n  callbacks:\n    pwn:\n      _target_: os.system\n"
+                    "      _args_: [touch PWNED]\n")
+    attack = "experiment=" + os.path.relpath(evil.with_suffix(""), CONFIG_DIR / "experiment")
+    overrides = run / ".hydra" / "overrides.yaml"
+    clean = overrides.read_text()
+    try:
+        overrides.write_text(clean + f"- {attack}\n")
+        proc = run_train([f"trainer.resume={run}"], check=False, cwd=tmp_path)
+    finally:
+        overrides.write_text(clean)
+    assert not list(tmp_path.rglob("PWNED"))
+    assert proc.returncode != 0
+    line = clean.count("\n") + 1
+    assert (f"{overrides}:{line}: refusing to replay '{attack}': experiment= must name an option of "
+            "configs/experiment/") in proc.stderr, proc.stderr[-2000:]
