@@ -10,6 +10,7 @@ import os
 import pickle
 import random
 import re
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -58,17 +59,28 @@ def atomic_copy(src: str | Path, dst: str | Path) -> None:
     _fsync_dir(dst.parent)
 
 
+class CheckpointError(ConfigError):
+    """A file that cannot be read as a checkpoint: damaged, not written by `torch.save`, or holding more than tensors
+    and plain containers. The message is one line naming the file."""
+
+
 def load(path: str | Path, map_location="cpu", mmap: bool = False) -> dict:
-    """Load a checkpoint without executing code (`weights_only=True`)."""
+    """Load a checkpoint without executing code (`weights_only=True`). A file that cannot be read so raises
+    `CheckpointError` in one line naming it (torch's own text would suggest turning the check off)."""
     try:
         return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
-    except pickle.UnpicklingError as e:
-        ref = re.search(r"GLOBAL (\S+)", str(e))  # torch's own text goes on to suggest disabling the check
-        found = f"a reference to {ref.group(1)}" if ref else "objects beyond tensors and plain containers"
-        raise pickle.UnpicklingError(
-            f"{path} is not a dynconv checkpoint, or is unsafe: it holds {found}. Only tensors and plain "
-            "containers are loaded, so a checkpoint cannot run code; use a last.pt/best.pt written by train.py"
-        ) from None
+    except FileNotFoundError:
+        raise
+    except (pickle.UnpicklingError, RuntimeError, OSError, EOFError, KeyError, ValueError, zipfile.BadZipFile) as e:
+        ref = re.search(r"GLOBAL (\S+)", str(e)) if isinstance(e, pickle.UnpicklingError) else None
+        if ref:
+            raise CheckpointError(
+                f"{path} is unsafe: it holds a reference to {ref.group(1)}. Only tensors and plain containers are "
+                "loaded, so a checkpoint cannot run code; use a last.pt/best.pt written by train.py or a state_dict "
+                "saved with torch.save") from None
+        raise CheckpointError(
+            f"{path} is damaged or not a checkpoint: PyTorch cannot read it as one ({Path(path).stat().st_size} bytes; "
+            "a full disk or an interrupted copy cuts files short)") from None
 
 
 def _network(cfg: DictConfig) -> dict:
@@ -94,8 +106,16 @@ def network_diffs(saved: DictConfig, cfg: DictConfig) -> tuple[str, str, list[st
 
 def check_resumable(ckpt: Path, cfg: DictConfig) -> None:
     """Refuse to resume `ckpt` under a config that builds another network, in one line and before any file of
-    the run folder is touched (train.py calls this before Hydra starts the job)."""
-    old, new, diffs = network_diffs(OmegaConf.create(load(ckpt, mmap=True)["config"]), cfg)
+    the run folder is touched (train.py calls this before Hydra starts the job). A damaged `ckpt` is refused
+    naming the other checkpoints of its folder to resume from instead."""
+    try:
+        saved_config = load(ckpt, mmap=True)["config"]
+    except CheckpointError as e:
+        others = sorted(p for p in Path(ckpt).parent.glob("*.pt") if p.name != Path(ckpt).name)
+        offer = f"resume from {' or '.join(f'trainer.resume={p}' for p in others)}" if others else \
+            f"{Path(ckpt).parent} holds no other checkpoint, so start a new run"
+        raise CheckpointError(f"trainer.resume: {e}; nothing in the folder was changed: {offer}") from None
+    old, new, diffs = network_diffs(OmegaConf.create(saved_config), cfg)
     if diffs:
         raise ConfigError(f"trainer.resume={ckpt}: checkpoint is {old}, the command asks for "
                           f"{new} ({'; '.join(diffs)}); resume with the checkpoint's model, op, policy, "

@@ -111,6 +111,10 @@ def timm_model(name: str, *, pretrained: bool = False, pretrained_file: str | No
             raise ValueError(f"model.pretrained_file={pretrained_file} is read only with model.pretrained=true")
         if not Path(pretrained_file).is_file():
             raise FileNotFoundError(f"model.pretrained_file={pretrained_file}: no such file")
+        if not str(pretrained_file).endswith(".safetensors"):  # timm reads those with safetensors, the rest with torch
+            from engine.checkpoint import load  # a damaged or unsafe file: one line naming it
+
+            load(pretrained_file)
         kwargs["pretrained_cfg_overlay"] = {**kwargs.get("pretrained_cfg_overlay", {}), "file": str(pretrained_file)}
     try:
         return timm.create_model(name, pretrained=pretrained, **kwargs)

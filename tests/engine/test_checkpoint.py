@@ -33,8 +33,20 @@ def test_load_refuses_code(tmp_path):
     p = tmp_path / "evil.pt"
     with open(p, "wb") as f:
         pickle.dump({"x": Evil()}, f)
-    with pytest.raises(pickle.UnpicklingError):
+    with pytest.raises(ck.CheckpointError, match="is damaged or not a checkpoint"):
         ck.load(p)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "text", "empty"])
+@pytest.mark.parametrize("mmap", [False, True])
+def test_a_damaged_file_is_named_in_one_line(tmp_path, damage, mmap):
+    p = tmp_path / "last.pt"
+    ck.atomic_save({"w": torch.randn(64, 64)}, p)
+    data = p.read_bytes()
+    p.write_bytes({"truncated": data[:len(data) // 2], "text": b"weights: none\n", "empty": b""}[damage])
+    with pytest.raises(ck.CheckpointError) as err:
+        ck.load(p, mmap=mmap)
+    assert str(err.value).startswith(f"{p} is damaged or not a checkpoint: PyTorch cannot read it") and "\n" not in str(err.value)
 
 
 def test_resolve_resume(tmp_path):

@@ -157,6 +157,20 @@ def test_small_input_warning_names_the_fix(caplog):
     assert not any(r.get("warning") for r in report) and "small_input" not in caplog.text
 
 
+@pytest.mark.parametrize("content, says", [(b"not weights\n", "is damaged or not a checkpoint"),
+                                           ({"fc.weight": print}, "is unsafe: it holds a reference to print")])
+def test_a_pretrained_file_that_is_not_plain_weights_is_named(tmp_path, content, says):
+    from engine.checkpoint import CheckpointError
+
+    path = tmp_path / "resnet18.pth"
+    path.write_bytes(content) if isinstance(content, bytes) else torch.save(content, path)
+    with pytest.raises(CheckpointError) as err:
+        models.build({"name": "resnet18", "pretrained": True, "pretrained_file": str(path)}, None, None,
+                     num_classes=10)
+    msg = str(err.value)
+    assert msg.startswith(f"{path} {says}") and "\n" not in msg and "weights_only" not in msg
+
+
 def test_finetune_timm_ddf_experiment_runs_from_a_pretrained_file(weights_file, tmp_path):
     run = tmp_path / "run"
     run_train(["experiment=finetune_timm_ddf", f"model.pretrained_file={weights_file}",
