@@ -19,22 +19,26 @@ import models as _models
 
 def _load(model, name: str, file: str, use_ema: bool) -> None:
     state = _torch.load(file, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and "model" in state and "config" in state:  # train.py's checkpoint
+    trainer = isinstance(state, dict) and "model" in state and "config" in state  # train.py's last.pt/best.pt
+    if trainer:
         state = state["ema" if use_ema else "model"]
         if state is None:
             raise ValueError(f"pretrained_file={file} holds no EMA weights (trained with trainer.model_ema=false); "
                              "drop use_ema=True")
     elif use_ema:
         raise ValueError(f"use_ema=True needs a last.pt/best.pt of train.py; pretrained_file={file} is a state_dict")
-    if state.keys() != model.state_dict().keys():
+    ours = model.state_dict()
+    if not trainer and state.keys() != ours.keys():  # an official checkpoint's layout
         _models.load_official(model, state)
         return
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        last = str(e).splitlines()[-1].strip().rstrip(".")  # one mismatched shape
-        raise ValueError(f"pretrained_file={file} does not fit {name} as built ({last}); pass the options it was "
-                         "trained with (num_classes=, in_chans=, op=, policy=)") from None
+    missing, unexpected = sorted(ours.keys() - state.keys()), sorted(state.keys() - ours.keys())
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in ours.items()
+              if k in state and state[k].shape != v.shape]
+    if missing or unexpected or shapes:
+        raise ValueError(f"pretrained_file={file} does not fit {name} as built (missing keys {missing[:3]}, unexpected "
+                         f"keys {unexpected[:3]}, other shapes {shapes[:3]}); pass the options it was trained with "
+                         "(num_classes=, in_chans=, op=, policy=)")
+    model.load_state_dict(state)
 
 
 def _entry(name: str):

@@ -67,11 +67,14 @@ def test_pretrained_trainer_checkpoint_and_its_ema(tmp_path, reference):
 
 def test_pretrained_file_errors(tmp_path, reference):
     torch.save(reference, tmp_path / "ours.pth")
-    fit = r"does not fit rednet26 as built \(size mismatch for fc\.\w+: .*\[10\].*\[5\]\)\); pass the options"
+    fit = (r"does not fit rednet26 as built \(missing keys \[\], unexpected keys \[\], "
+           r"other shapes \[.*'fc.bias \(10,\) vs \(5,\)'\]\)")
     with pytest.raises(ValueError, match=fit):
         hub_load("rednet26", pretrained_file=str(tmp_path / "ours.pth"), num_classes=5, input_size=(32, 32))
+    torch.save({"model": reference, "ema": None, "config": ""}, tmp_path / "last.pt")
+    with pytest.raises(ValueError, match=r"does not fit dynconv_resnet18 as built \(missing keys \['"):
+        hub_load("dynconv_resnet18", pretrained_file=str(tmp_path / "last.pt"), **SMALL)
     with pytest.raises(ValueError, match="use_ema=True needs a last.pt/best.pt of train.py"):
         hub_load("rednet26", pretrained_file=str(tmp_path / "ours.pth"), use_ema=True, **SMALL)
-    torch.save({"model": reference, "ema": None, "config": ""}, tmp_path / "last.pt")
     with pytest.raises(ValueError, match="holds no EMA weights"):
         hub_load("rednet26", pretrained_file=str(tmp_path / "last.pt"), use_ema=True, **SMALL)
