@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import logging
 import shutil
 import sys
 import tempfile
@@ -16,10 +17,12 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from dynconv.errors import UserError
 from engine.checkpoint import check_resumable, resolve_resume
-from engine.config import CONFIG_DIR, ConfigError, register_configs, replayable_overrides, validate
+from engine.config import CONFIG_DIR, register_configs, replayable_overrides, validate
 from engine.distributed import env_rank
 
 RANK_DIR_PREFIX = "dynconv-rank"
@@ -74,14 +77,28 @@ def prepare_argv(argv: list[str]) -> list[str]:
     return [argv[0], *args]
 
 
+def _log_to_file(message: str) -> None:
+    """Record `message` in the run's train.log only (the console gets the one-line error instead)."""
+    record = logging.LogRecord("dynconv", logging.ERROR, __file__, 0, message, None, None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+
+
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
 def main(cfg: DictConfig):
-    validate(cfg)
-    from engine.trainer import fit  # heavy imports after Hydra has parsed the command line
-
     out = Path(HydraConfig.get().runtime.output_dir)
     try:
+        validate(cfg)
+        from engine.trainer import fit  # heavy imports after Hydra has parsed the command line
+
         result = fit(cfg, out)
+    except UserError as e:  # bad input, not a bug: one line, no traceback (a sweep reports it per run)
+        message = " ".join(str(e).split())
+        _log_to_file(f"stopped: {message}")
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise
+        sys.exit(f"train.py: error: {message}")
     finally:
         if env_rank() != 0 and out.name.startswith(RANK_DIR_PREFIX):
             shutil.rmtree(out, ignore_errors=True)
@@ -92,6 +109,6 @@ if __name__ == "__main__":
     register_configs()
     try:
         sys.argv = prepare_argv(sys.argv)
-    except ConfigError as e:
+    except (UserError, FileNotFoundError) as e:
         sys.exit(f"train.py: error: {e}")
     main()

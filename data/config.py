@@ -3,9 +3,15 @@ misspelt key or a wrong type fails at compose time. Augmentation names follow ti
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional
 
+from dynconv.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A config value or command line that cannot run; found before any work is done (one-line message)."""
+
+
+class MissingDataError(ConfigError, FileNotFoundError):
+    """The data the config names is not on disk (the message says where it was looked for and how to get it)."""
 
 
 Rule = tuple[Callable[[float], bool], str]
@@ -53,7 +59,7 @@ class DataConfig:
     color_jitter: Optional[float] = 0.4  # colour jitter strength; null: none (ignored when aa is set, as in timm)
     interpolation: str = "bilinear"  # resize interpolation: bilinear | bicubic | nearest | random
     crop_pct: float = 0.875  # eval: resize to img_size / crop_pct, then center-crop img_size
-    skip_corrupt: bool = False  # imagefolder: skip undecodable files (logged) instead of failing on them
+    on_bad_image: str = "error"  # imagefolder, a file PIL cannot decode: error (stop, naming it) | skip (log a count)
 
     # synthetic
     train_size: int = 512  # number of training images
@@ -71,4 +77,5 @@ class DataConfig:
             batch_size=POSITIVE, workers=NON_NEGATIVE, reprob=PROBABILITY, recount=POSITIVE, hflip=PROBABILITY,
             color_jitter=NON_NEGATIVE, crop_pct=(lambda v: 0 < v <= 1, "in (0, 1]"), train_size=POSITIVE,
             val_size=POSITIVE, num_test=POSITIVE, fold=NON_NEGATIVE,
-            channels=(lambda v: v in (1, 3), "1 (gray) or 3 (RGB)")))
+            channels=(lambda v: v in (1, 3), "1 (gray) or 3 (RGB)"),
+            on_bad_image=(lambda v: v in ("error", "skip"), "error or skip")))

@@ -3,8 +3,9 @@
 Train: RandomResizedCrop(scale, ratio) + hflip + RandAugment (`aa`) or colour jitter + random erasing (`reprob`,
 `remode`, `recount`);
 eval: resize to img_size / crop_pct and a center crop (timm's `create_transform`).
-A file PIL cannot decode stops the run with an error naming it, unless `skip_corrupt`: then the next decodable
-file in index order takes its place (deterministic) and the skip is logged with a running count.
+A file PIL cannot decode (corrupt, truncated, not an image) stops the run with a one-line error naming it; with
+`data.on_bad_image=skip` the next decodable file in index order takes its place (deterministic) and the skip is logged
+with a running count.
 """
 import logging
 import os
@@ -14,23 +15,30 @@ from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
 from torchvision.datasets import ImageFolder
 
+from dynconv.errors import UserError
+
 from .base import DataInfo, normalisation
+from .config import MissingDataError
 
 log = logging.getLogger(__name__)
 DEFAULT_SIZE = 224
 
 
-class CorruptImageError(RuntimeError):
-    """An image file that PIL cannot decode."""
+class CorruptImageError(UserError, RuntimeError):
+    """An image file that PIL cannot decode (one line naming it)."""
+
+    def __init__(self, message: str):
+        # from a DataLoader worker it comes back as "Caught ... Original Traceback ... <class name>: <message>"
+        super().__init__(message.rstrip().rpartition(f"{type(self).__name__}: ")[2] or message)
 
 
 class ImageFolderSet(ImageFolder):
     """torchvision's ImageFolder, with a class map that can be fixed (val uses train's) and corrupt-file handling."""
 
-    def __init__(self, root, transform, channels, skip_corrupt=False, class_to_idx=None):
+    def __init__(self, root, transform, channels, skip_bad=False, class_to_idx=None):
         self._fixed_classes = class_to_idx
         self.mode = "L" if channels == 1 else "RGB"
-        self.skip_corrupt = skip_corrupt
+        self.skip_bad = skip_bad
         self.skipped = set()  # corrupt files met by this process
         super().__init__(root, transform=transform, allow_empty=class_to_idx is not None)
 
@@ -49,9 +57,9 @@ class ImageFolderSet(ImageFolder):
                 with open(path, "rb") as f:
                     image = Image.open(f).convert(self.mode)  # convert() decodes the whole file
             except (OSError, SyntaxError, ValueError) as err:  # what PIL raises on broken headers or data
-                if not self.skip_corrupt:
-                    raise CorruptImageError(f"cannot decode image file {path}: {err}\nRemove or replace the file, "
-                                            "or set data.skip_corrupt=true to skip undecodable files.") from err
+                if not self.skip_bad:
+                    raise CorruptImageError(f"cannot decode image file {path} ({err}); remove or replace it, or set "
+                                            "data.on_bad_image=skip to skip undecodable files") from err
                 if path not in self.skipped:
                     self.skipped.add(path)
                     log.warning("skipped corrupt image %s (%s); %d corrupt file(s) skipped so far in %s (this process)",
@@ -63,12 +71,13 @@ class ImageFolderSet(ImageFolder):
 
 def build_imagefolder(cfg):
     if not cfg.root:
-        raise ValueError("data.name=imagefolder needs data.root: a folder with train/<class>/* and val/<class>/*")
+        raise MissingDataError("data.name=imagefolder needs data.root: a folder with train/<class>/* and "
+                               "val/<class>/*")
     root = Path(cfg.root)
     for split in ("train", "val"):
         if not (root / split).is_dir():
-            raise FileNotFoundError(f"{root / split} is not a folder; data.root must hold train/<class>/* and "
-                                    "val/<class>/* (the ImageNet layout)")
+            raise MissingDataError(f"{root / split} is not a folder; data.root must hold train/<class>/* and "
+                                   "val/<class>/* (the ImageNet layout)")
     size = cfg.img_size or DEFAULT_SIZE
     mean, std = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
     if cfg.channels == 1:  # gray images: the channel average of ImageNet's statistics
@@ -81,8 +90,9 @@ def build_imagefolder(cfg):
     eval_tf = create_transform(
         size, is_training=False, crop_pct=cfg.crop_pct, mean=mean, std=std,
         interpolation="bilinear" if cfg.interpolation == "random" else cfg.interpolation)
-    train = ImageFolderSet(root / "train", train_tf, cfg.channels, cfg.skip_corrupt)
-    val = ImageFolderSet(root / "val", eval_tf, cfg.channels, cfg.skip_corrupt, class_to_idx=train.class_to_idx)
+    skip_bad = cfg.on_bad_image == "skip"
+    train = ImageFolderSet(root / "train", train_tf, cfg.channels, skip_bad)
+    val = ImageFolderSet(root / "val", eval_tf, cfg.channels, skip_bad, class_to_idx=train.class_to_idx)
     if not val.samples:
-        raise FileNotFoundError(f"{root / 'val'} holds no image files")
+        raise MissingDataError(f"{root / 'val'} holds no image files")
     return train, val, DataInfo(len(train.classes), cfg.channels, (size, size), mean, std)

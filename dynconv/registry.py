@@ -12,6 +12,7 @@ from typing import Callable
 
 import torch.nn as nn
 
+from .errors import UserError
 from .operator import Operator
 
 _OPS: dict[str, type[nn.Module]] = {}
@@ -53,12 +54,16 @@ def op_options(name: str) -> dict[str, inspect.Parameter]:
     return {k: p for k, p in params.items() if k not in skip and p.kind is not p.VAR_KEYWORD}
 
 
+class OptionError(UserError, TypeError):
+    """An option that the operator or model does not take (the message lists those it does)."""
+
+
 def check_op_kwargs(name: str, kwargs: dict) -> None:
     """Raise a clear error for options the operator does not take (misspelt config keys)."""
     known = op_options(name)
     bad = sorted(set(kwargs) - set(known))
     if bad:
-        raise TypeError(
+        raise OptionError(
             f"operator {name!r} got unknown option(s) {bad}; its options are: {', '.join(sorted(known))}"
         )
 

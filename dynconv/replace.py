@@ -53,6 +53,7 @@ import torch
 import torch.nn as nn
 from torch.nn.modules.utils import _pair
 
+from .errors import UserError
 from .functional.geometry import conv_out_hw, resolve_padding
 from .registry import get_op, op_options, resolve_op
 
@@ -63,6 +64,10 @@ ON_INCOMPATIBLE = ("error", "skip", "adapt")
 PLACEMENT = ("deep_only", "shallow_only")  # policies that also choose which slots get the operator
 STEM_NAMES = ("stem", "conv1", "conv_stem")
 DEFAULT_INPUT_SIZE = (224, 224)
+
+
+class IncompatibleLayerError(UserError, ValueError):
+    """A layer the operator cannot take, under `on_incompatible="error"` (or `"adapt"` with no valid option)."""
 
 
 class Slot(nn.Module):
@@ -339,9 +344,9 @@ def _fill(name: str, op: str, m: nn.Module, info: dict, kw: dict, mode: str) -> 
         reason = str(e)
     if mode == "adapt":
         done = f" after adapting {', '.join(notes)}" if notes else " (no option to adapt)"
-        raise ValueError(f"{name}: {reason}{done}; policy.on_incompatible=skip keeps this conv")
+        raise IncompatibleLayerError(f"{name}: {reason}{done}; policy.on_incompatible=skip keeps this conv")
     if mode == "error":
-        raise ValueError(f"{name}: {reason}; policy.on_incompatible=skip keeps this conv, "
+        raise IncompatibleLayerError(f"{name}: {reason}; policy.on_incompatible=skip keeps this conv, "
                          "=adapt picks the nearest valid option")
     if isinstance(m, Slot):  # a slot must be filled: the plain conv it stands for
         return _make("conv", m, info, {})[0], False, f"skipped (plain conv): {reason}"

@@ -47,7 +47,7 @@ from .tasks import build_task
 log = logging.getLogger("dynconv")
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(dynconv.UserError, RuntimeError):
     """The training loss became NaN or inf; nothing of the diverged state was saved."""
 
 
@@ -272,8 +272,10 @@ class Run:
         bad = next((n for n, v in unwrap(self.model).state_dict().items()
                     if v.is_floating_point() and not torch.isfinite(v).all()), None)
         if bad is not None:
+            last = self.ckpt_dir / "last.pt"
+            kept = f"{last} keeps the last finite state" if last.is_file() else "no checkpoint was written before"
             raise NonFiniteLossError(f"{bad} holds NaN/inf at step {self.state.num_updates} (lr {self.lr():.3g}); "
-                                     f"{self.ckpt_dir / 'last.pt'} keeps the last finite state")
+                                     f"{kept}: lower optim.lr or set optim.clip_grad")
         ckpt_lib.atomic_save(self.state.state_dict(), self.ckpt_dir / "last.pt")
 
     # ------------------------------------------------------------------ loop

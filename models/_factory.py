@@ -21,7 +21,7 @@ import torch.nn as nn
 from timm.models import register_model
 
 import dynconv
-from dynconv.registry import check_op_kwargs
+from dynconv.registry import OptionError, check_op_kwargs
 from dynconv.replace import Policy, format_report
 
 log = logging.getLogger(__name__)
@@ -82,15 +82,15 @@ def create(name: str, *, num_classes: int | None = None, in_chans: int = 3, op=N
     model_kwargs = {}
     for k, v in kwargs.items():
         if k in spec.fixed:
-            raise TypeError(f"{name} fixes {k}={spec.fixed[k]!r}; use its family name to choose {k}")
+            raise OptionError(f"{name} fixes {k}={spec.fixed[k]!r}; use its family name to choose {k}")
         if k in model_keys:
             model_kwargs[k] = v
         elif k in op_keys:
             op_kwargs[k] = v
         else:
             valid = ", ".join(sorted(model_keys - set(spec.fixed)))
-            raise TypeError(f"{name}: unknown option {k!r}; model options: {valid}; "
-                            f"options of operator {op_name!r}: {', '.join(sorted(op_keys)) or '(none)'}")
+            raise OptionError(f"{name}: unknown option {k!r}; model options: {valid}; "
+                              f"options of operator {op_name!r}: {', '.join(sorted(op_keys)) or '(none)'}")
     if op_name == spec.op:
         op_kwargs = {**spec.op_kwargs, **op_kwargs}
     if num_classes is not None:  # else the builder's default (1000 classes; the face nets' embedding)
@@ -103,14 +103,18 @@ def create(name: str, *, num_classes: int | None = None, in_chans: int = 3, op=N
     return model
 
 
+class ModelError(dynconv.UserError, ValueError):
+    """A model the config cannot build: an unknown name, weights that cannot be found or fetched."""
+
+
 def timm_model(name: str, *, pretrained: bool = False, pretrained_file: str | None = None, **kwargs) -> nn.Module:
     """timm's model `name` (timm's own class; none of ours). `pretrained_file` is the offline source of
     the pretrained weights, passed as timm's pretrained-config file overlay; online, timm fetches them."""
     if pretrained_file is not None:
         if not pretrained:
-            raise ValueError(f"model.pretrained_file={pretrained_file} is read only with model.pretrained=true")
+            raise ModelError(f"model.pretrained_file={pretrained_file} is read only with model.pretrained=true")
         if not Path(pretrained_file).is_file():
-            raise FileNotFoundError(f"model.pretrained_file={pretrained_file}: no such file")
+            raise ModelError(f"model.pretrained_file={pretrained_file}: no such file")
         if not str(pretrained_file).endswith(".safetensors"):  # timm reads those with safetensors, the rest with torch
             from engine.checkpoint import load  # a damaged or unsafe file: one line naming it
 
@@ -121,8 +125,14 @@ def timm_model(name: str, *, pretrained: bool = False, pretrained_file: str | No
     except RuntimeError as e:
         if "Unknown model" not in str(e):
             raise
-        raise ValueError(f"unknown model {name!r}: not one of ours ({', '.join(list_models())}) "
+        raise ModelError(f"unknown model {name!r}: not one of ours ({', '.join(list_models())}) "
                          f"and timm says: {e}") from None
+    except OSError as e:  # huggingface_hub's download and offline-cache errors
+        if not pretrained or pretrained_file is not None:
+            raise
+        raise ModelError(f"model.pretrained=true: timm could not fetch {name}'s weights ({type(e).__name__}: "
+                         f"{str(e).split('. ')[0][:160]}); offline, give a weights file with "
+                         "model.pretrained_file=<path>") from None
 
 
 def warn_small_inputs(name: str, report: list[dict]) -> None:

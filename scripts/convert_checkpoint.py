@@ -9,6 +9,7 @@ Builds `--arch` as timm.create_model would (with `--op` filling its slots), maps
 from __future__ import annotations
 
 import argparse
+import pickle
 import sys
 from pathlib import Path
 
@@ -26,12 +27,25 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("input", type=Path, help="official checkpoint (.pth/.ckpt: a state_dict or {'state_dict': ...})")
     ap.add_argument("output", type=Path, help="where to save our state_dict")
     a = ap.parse_args(argv)
-    models.official.converter(a.arch)  # fail before building when the arch has no official layout
+    if not a.input.is_file():
+        ap.error(f"{a.input}: no such file; give the official checkpoint to convert")
+    try:
+        models.official.converter(a.arch)  # fail before building when the arch has no official layout
+    except ValueError as e:
+        ap.error(f"--arch {a.arch}: {e}")
+    try:
+        state = torch.load(a.input, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
+        ap.error(f"{a.input} cannot be read as a checkpoint ({str(e).split('. ')[0][:200]}); the file is damaged "
+                 "or not a PyTorch checkpoint")
     size = (96, 96) if a.arch.startswith("face_") else (224, 224)
     with torch.device("meta"):  # the checkpoint provides every value
         model = models.create(a.arch, op=a.op, input_size=size)
     model.to_empty(device="cpu")
-    models.load_official(model, torch.load(a.input, map_location="cpu", weights_only=True))
+    try:
+        models.load_official(model, state)
+    except models.official.OfficialKeysError as e:
+        ap.error(f"{a.input}: {str(e)[:400]}")
     a.output.parent.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), a.output)
     print(f"{a.arch}: {len(model.state_dict())} tensors converted → {a.output}")
