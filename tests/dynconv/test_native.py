@@ -251,8 +251,9 @@ def test_bench_ops_quick(capsys, device):
     finally:
         torch.set_num_threads(threads)
     table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 2x16x8x8")]
-    # 2 baselines, 2 operators x 2 backends, 3 pixel_filter forms x 3 backends
-    assert len(table) == 2 + 2 * 2 + 3 * 3
+    # 3 baselines (depthwise 7x7 with involution), 2 operators x 2 backends, involution unfused,
+    # 3 pixel_filter forms x 3 backends
+    assert len(table) == 3 + 2 * 2 + 1 + 3 * 3
     assert not [line for line in table if "error" in line]
     compiled = {"cpu": "native", "cuda": "triton"}[device]
     assert sum(f"| {compiled} |" in line for line in table) == 3
