@@ -3,11 +3,14 @@ clear line for each bad input."""
 import csv
 import json
 
+import numpy as np
 import pytest
 import torch
 
+from data import build_datasets
 from engine.config import ConfigError
 from engine.inference import Checkpoint, Loaded
+from engine.verification import evaluate_pairset
 from scripts.validate import validate
 from tests.engine.conftest import run_train
 from tests.scripts.conftest import TINY_RUN, run_script, write_checkpoint
@@ -128,3 +131,16 @@ def test_bad_input_is_one_line_without_traceback(tmp_path):
     assert proc.stderr.strip().splitlines() == [
         f"validate.py: error: checkpoint={tmp_path / 'none.pt'}: no such file; give a best.pt/last.pt written by "
         "train.py (outputs/<name>/<run>/checkpoints/) or an official state_dict"]
+
+
+def test_face_checkpoint_reports_accuracy_and_threshold_per_set(tmp_path, script_config):
+    ckpt, cfg, model = write_checkpoint(tmp_path / "best.pt", ["task=face", "data=orl", "model=face_mobilenetv2_x0_1",
+                                                               "data.img_size=32"])
+    overrides = [f"checkpoint={ckpt}"]
+    script_cfg, compose = script_config("validate", overrides)
+    res = validate(script_cfg, overrides, compose)
+    _, pairsets, _ = build_datasets(cfg.data)
+    expected = evaluate_pairset(model.backbone, pairsets[0])
+    orl = res["sets"]["orl"]
+    assert list(res["sets"]) == ["orl"] and res["mean_acc"] == orl["acc"] == 100 * expected.acc
+    assert orl["acc_std"] == 100 * expected.acc_std and orl["threshold"] == float(np.mean(expected.thresholds))
