@@ -9,7 +9,8 @@ Each image gets the evaluation transforms of the checkpoint's data config and is
 top-k class names with their probabilities. Class names come from the dataset (Fashion-MNIST's names, the
 ImageFolder's folders, ImageNet synsets through timm's ImageNetInfo). A face model writes the embeddings to
 `<output>.npy` (one row per image) and the image paths to `<output>.txt` (same order). An unreadable image is
-named and skipped, and counted at the end. The config is composed as in scripts/validate.py.
+named and skipped, and counted at the end. The config is composed as in scripts/validate.py; the checkpoint's
+dataset must be readable (`data.root=` where it moved), as its class names and transforms come from it.
 """
 from __future__ import annotations
 
