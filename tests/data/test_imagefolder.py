@@ -8,6 +8,8 @@ import torch
 from PIL import Image
 
 from data import build_datasets
+from data.config import ConfigError, DataConfig
+from tests.engine.conftest import run_train
 from data.imagefolder import CorruptImageError
 
 CLASSES = ("cat", "dog", "owl")
@@ -51,12 +53,25 @@ def test_corrupt_file_error_names_it(folder):
     train, _, _ = build_datasets(_cfg(root))
     with pytest.raises(CorruptImageError) as err:
         list(torch.utils.data.DataLoader(train, batch_size=4))
-    assert str(bad) in str(err.value) and "data.skip_corrupt=true" in str(err.value)
+    assert str(bad) in str(err.value) and "data.on_bad_image=skip" in str(err.value)
 
 
-def test_skip_corrupt_substitutes_next_file_and_logs(folder, caplog):
+def test_corrupt_file_from_a_worker_is_one_line_naming_it(folder):
     root, bad = folder
-    train, _, info = build_datasets(_cfg(root, skip_corrupt=True, augment=False))
+    train, _, _ = build_datasets(_cfg(root))
+    with pytest.raises(CorruptImageError) as err:
+        list(torch.utils.data.DataLoader(train, batch_size=4, num_workers=1))
+    assert str(err.value).startswith(f"cannot decode image file {bad} (") and "\n" not in str(err.value)
+
+
+def test_on_bad_image_takes_error_or_skip():
+    with pytest.raises(ConfigError, match="data.on_bad_image='ignore': must be error or skip"):
+        DataConfig(name="imagefolder", on_bad_image="ignore")
+
+
+def test_skip_substitutes_next_file_and_logs(folder, caplog):
+    root, bad = folder
+    train, _, info = build_datasets(_cfg(root, on_bad_image="skip", augment=False))
     assert len(train) == 10 and info.num_classes == 3
     index = [path for path, _ in train.samples].index(str(bad))
     with caplog.at_level(logging.WARNING, logger="data.imagefolder"):
@@ -71,7 +86,7 @@ def test_skip_corrupt_substitutes_next_file_and_logs(folder, caplog):
 
 def test_transforms_and_labels(folder):
     root, _ = folder
-    train, val, info = build_datasets(_cfg(root, skip_corrupt=True, aa="rand-m9-mstd0.5-inc1", reprob=0.5,
+    train, val, info = build_datasets(_cfg(root, on_bad_image="skip", aa="rand-m9-mstd0.5-inc1", reprob=0.5,
                                            interpolation="bicubic"))
     assert (info.in_chans, info.input_size) == (3, (24, 24)) and len(info.mean) == 3
     assert val.classes == list(CLASSES) and sorted(val.targets) == [0, 0, 1, 1, 2, 2]
@@ -89,7 +104,7 @@ def test_gray_and_val_uses_train_classes(folder):
     for path in (root / "val" / "cat").iterdir():
         path.unlink()
     (root / "val" / "cat").rmdir()
-    train, val, info = build_datasets(_cfg(root, channels=1, skip_corrupt=True, aa="rand-m9-mstd0.5"))
+    train, val, info = build_datasets(_cfg(root, channels=1, on_bad_image="skip", aa="rand-m9-mstd0.5"))
     assert train[0][0].shape == (1, 24, 24) and val[0][0].shape == (1, 24, 24) and info.in_chans == 1
     assert val.class_to_idx == train.class_to_idx and sorted(val.targets) == [1, 1, 2, 2]
     (root / "val" / "bat").mkdir()
@@ -105,3 +120,21 @@ def test_config_errors(folder, tmp_path):
         build_datasets({"name": "imagefolder"})
     with pytest.raises(FileNotFoundError, match="ImageNet layout"):
         build_datasets(_cfg(tmp_path / "nowhere"))
+
+
+@pytest.mark.parametrize("folder", ["truncated"], indirect=True)
+@pytest.mark.parametrize("on_bad_image", ["error", "skip"])
+def test_train_py_names_the_bad_file_in_one_line_or_skips_it(folder, tmp_path, on_bad_image):
+    root, bad = folder
+    run = tmp_path / "run"
+    proc = run_train(["model=resnet50", "model.width=0.125", "model.small_input=true", "data=imagefolder",
+                      f"data.root={root}", "data.img_size=16", "data.batch_size=5", "data.workers=0",
+                      "trainer.epochs=1", "trainer.progress=false", "trainer.count_flops=false",
+                      f"data.on_bad_image={on_bad_image}"], run, check=False, tiny=False)
+    log = (run / "train.log").read_text()
+    if on_bad_image == "error":
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+        assert proc.stderr.strip().splitlines()[-1].startswith(f"train.py: error: cannot decode image file {bad} (")
+    else:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert f"skipped corrupt image {bad}" in log and "1 corrupt file(s) skipped so far" in log

@@ -171,6 +171,16 @@ def test_a_pretrained_file_that_is_not_plain_weights_is_named(tmp_path, content,
     assert msg.startswith(f"{path} {says}") and "\n" not in msg and "weights_only" not in msg
 
 
+def test_train_py_names_an_unsafe_pretrained_file_in_one_line(tmp_path):
+    path = tmp_path / "resnet18.pth"
+    torch.save({"fc.weight": print}, path)
+    proc = run_train(["model=timm", "model.name=resnet18", "model.pretrained=true", f"model.pretrained_file={path}",
+                      "op=conv", "data=synthetic", "data.img_size=32", "data.channels=3", "data.workers=0"],
+                     tmp_path / "run", check=False, tiny=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr and "weights_only" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"train.py: error: {path} is unsafe"), proc.stderr[-3000:]
+
+
 def test_finetune_timm_ddf_experiment_runs_from_a_pretrained_file(weights_file, tmp_path):
     run = tmp_path / "run"
     run_train(["experiment=finetune_timm_ddf", f"model.pretrained_file={weights_file}",
@@ -203,3 +213,14 @@ def test_slots_follow_on_incompatible(mode):
         else:
             g = r["out_channels"] // module.kernel_groups
             assert g == max(d for d in range(1, 49) if r["out_channels"] % d == 0) and str(g) in r["note"]
+
+
+def test_small_input_warning_never_asks_for_small_input_when_it_is_set(caplog):
+    """RedNet-50 with the stride-1 stem at 28 px: stage 4 still sees 4×4 maps under 7×7 kernels; the warning names
+    the one fix left (a larger data.img_size), not model.small_input=true."""
+    with torch.device("meta"), caplog.at_level("WARNING", logger="models._factory"):
+        _, report = models.build({"name": "rednet", "small_input": True}, None, None, num_classes=10, in_chans=1,
+                                 input_size=(28, 28))
+    assert [r["input_size"] for r in report if r.get("warning")] == [[4, 4]] * 2
+    assert "with model.small_input=true already" in caplog.text and "data.img_size=" in caplog.text
+    assert "keep the resolution with model.small_input=true" not in caplog.text
