@@ -417,9 +417,10 @@ def replace(model: nn.Module, op="conv", policy="none", *, input_size=None, in_c
             "skipped": new is None or note.startswith("skipped"), "note": note,
             "init": "kept" if new is None else "conv" if started else "fresh",
         })
-    if report:
-        log.info("replaced %d layer(s) by %s:\n%s", len(report), op, format_report(report))
     skipped = [r["layer"] for r in report if r["skipped"]]
+    if report:
+        kept = f" ({len(skipped)} kept their conv)" if skipped else ""
+        log.info("replaced %d layer(s) by %s%s:\n%s", len(report) - len(skipped), op, kept, format_report(report))
     if skipped:
         log.warning("%d layer(s) kept their conv (policy.on_incompatible=skip; the report's notes say why): %s",
                     len(skipped), ", ".join(skipped))

@@ -491,9 +491,11 @@ class Run:
         self.writer.add_text("config", "```yaml\n" + cfg_yaml + "\n```", self.state.num_updates)
         _atomic_text(self.run_dir / "replacement.json", json.dumps(self.report, indent=2, default=str))
         log.info("run folder: %s", self.run_dir)
-        log.info("model: %s params, %s MACs/image; %d layers replaced; device %s, world size %d",
-                 f"{self.param_count:,}", f"{self.macs:,}" if self.macs is not None else "n/a", len(self.report),
-                 self.device, self.dist.world_size)
+        kept = sum(r["skipped"] for r in self.report)
+        log.info("model: %s params, %s MACs/image; %d layers replaced%s; device %s, world size %d",
+                 f"{self.param_count:,}", f"{self.macs:,}" if self.macs is not None else "n/a",
+                 len(self.report) - kept, f" ({kept} kept their conv)" if kept else "", self.device,
+                 self.dist.world_size)
 
     def fit(self) -> dict:
         self.start_logging()

@@ -135,9 +135,9 @@ def timm_model(name: str, *, pretrained: bool = False, pretrained_file: str | No
                          "model.pretrained_file=<path>") from None
 
 
-def warn_small_inputs(name: str, report: list[dict]) -> None:
+def warn_small_inputs(name: str, report: list[dict], small_input: bool = False) -> None:
     """Flag the operator layers whose input is smaller than their kernel (they see mostly padding), in the
-    report (`warning`) and the log, naming the fixes."""
+    report (`warning`) and the log, naming the fixes (`model.small_input=true` only when it is not set)."""
     small = [r for r in report if r["op"] != "conv" and not r["skipped"] and r["input_size"]
              and min(r["input_size"]) < max(r["kernel_size"])]
     for r in small:
@@ -145,9 +145,11 @@ def warn_small_inputs(name: str, report: list[dict]) -> None:
                        f"{'×'.join(map(str, r['kernel_size']))}"
     if small:
         worst = min(small, key=lambda r: min(r["input_size"]))
+        fix = ("with model.small_input=true already: train at a larger size (data.img_size=...)" if small_input else
+               "train at a larger size (data.img_size=...) or, on a backbone with that option, keep the resolution "
+               "with model.small_input=true")
         log.warning("model %s: %d operator layer(s) get inputs smaller than their kernel (down to %s): they see "
-                    "mostly zero padding. Train at a larger size (data.img_size=...) or, on a backbone with that "
-                    "option, keep the resolution with model.small_input=true", name, len(small), worst["warning"])
+                    "mostly zero padding; %s", name, len(small), worst["warning"], fix)
 
 
 def build(model_cfg: dict, op_cfg: dict | None = None, policy_cfg: dict | None = None, *, num_classes: int,
@@ -174,9 +176,9 @@ def build(model_cfg: dict, op_cfg: dict | None = None, policy_cfg: dict | None =
         model = timm_model(name, num_classes=num_classes, in_chans=in_chans, **cfg)
         report = dynconv.replace(model, op or "conv", policy, input_size=input_size, in_chans=in_chans,
                                  warm_start=bool(cfg.get("pretrained")))
-    warn_small_inputs(name, report)
+    warn_small_inputs(name, report, bool(cfg.get("small_input")))
     if op and not report and op["name"] != "conv" and policy.name == "none" and not policy.include:
-        raise ValueError(f"op={op['name']} has no effect: model {name!r} has no operator slots and policy is "
+        raise ModelError(f"op={op['name']} has no effect: model {name!r} has no operator slots and policy is "
                          "'none'; choose a policy (all_3x3, dw_only, deep_only) or include patterns")
     return model, report
 

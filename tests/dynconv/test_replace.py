@@ -183,3 +183,19 @@ def test_exclude_pattern_leaves_a_slot_to_its_plain_conv():
 def test_from_stage_is_only_for_deep_only():
     with pytest.raises(ValueError, match="from_stage applies to deep_only only"):
         Policy("shallow_only", from_stage=2)
+
+
+def test_report_header_counts_replaced_and_kept_layers(caplog):
+    """Under on_incompatible=skip the header counts only the layers that got the operator and says how many kept
+    their conv (involution needs channels divisible by group_channels=16: the 8-channel conv stays)."""
+    import torch.nn as nn
+
+    from dynconv.replace import Policy
+
+    model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.Conv2d(16, 16, 3, padding=1), nn.Conv2d(16, 8, 1),
+                          nn.Conv2d(8, 8, 3, padding=1))
+    with caplog.at_level("INFO", logger="dynconv.replace"):
+        report = dynconv.replace(model, "involution", Policy.parse({"name": "all_3x3", "on_incompatible": "skip"}),
+                                 input_size=(8, 8), in_chans=3)
+    assert [r["skipped"] for r in report] == [False, True]
+    assert "replaced 1 layer(s) by involution (1 kept their conv)" in caplog.text
