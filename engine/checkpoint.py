@@ -6,10 +6,13 @@ the new file, never a torn one. Loading always uses `weights_only=True`: a check
 """
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import random
 import re
+import sys
+import time
 import zipfile
 from pathlib import Path
 
@@ -145,14 +148,31 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def find_latest_run(root: str | Path = "outputs") -> Path:
-    """The run folder under `root` whose `checkpoints/last.pt` was written most recently."""
-    cands = sorted(Path(root).glob(f"**/{CKPT_DIR}/last.pt"), key=lambda p: p.stat().st_mtime)
-    if not cands:
+def run_finished(run: Path) -> bool:
+    """Whether the run trained all its epochs (its summary.json, rewritten after every epoch, says so)."""
+    try:
+        summary = json.loads((run / "summary.json").read_text())
+        return summary["epochs_done"] >= summary["total_epochs"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def find_latest_run(root: str | Path = "outputs") -> tuple[Path, str]:
+    """The unfinished run folder under `root` whose `checkpoints/last.pt` was written most recently (a finished
+    run has nothing to continue), and why it was picked, in words."""
+    cands = sorted(Path(root).glob(f"**/{CKPT_DIR}/last.pt"), key=lambda p: p.stat().st_mtime, reverse=True)
+    finished = [last.parent.parent for last in cands if run_finished(last.parent.parent)]
+    run = next((last.parent.parent for last in cands if last.parent.parent not in finished), None)
+    if run is None:
         raise FileNotFoundError(
-            f"trainer.resume=true but no run with {CKPT_DIR}/last.pt exists under {Path(root).resolve()}; "
-            "start a new run, or pass trainer.resume=<run folder or .pt file>")
-    return cands[-1].parent.parent
+            f"trainer.resume=true but no unfinished run with {CKPT_DIR}/last.pt exists under "
+            f"{Path(root).resolve()} ({len(finished)} finished); start a new run, or pass "
+            "trainer.resume=<run folder or .pt file>")
+    last = run / CKPT_DIR / "last.pt"
+    newer = sum(f.joinpath(CKPT_DIR, "last.pt").stat().st_mtime > last.stat().st_mtime for f in finished)
+    why = (f"continuing {run}: the unfinished run whose last.pt is the newest "
+           f"({time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(last.stat().st_mtime))})")
+    return run, why + (f"; skipped {newer} newer finished run(s)" if newer else "")
 
 
 def resolve_resume(value, root: str | Path = "outputs") -> tuple[Path, Path] | None:
@@ -160,7 +180,8 @@ def resolve_resume(value, root: str | Path = "outputs") -> tuple[Path, Path] | N
     if value in (None, False, "", "false", "False", "null"):
         return None
     if value in (True, "true", "True"):
-        run = find_latest_run(root)
+        run, why = find_latest_run(root)
+        print(f"trainer.resume=true: {why}", file=sys.stderr, flush=True)
         return run, run / CKPT_DIR / "last.pt"
     p = Path(str(value))
     if p.is_dir():

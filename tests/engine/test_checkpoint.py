@@ -56,10 +56,31 @@ def test_resolve_resume(tmp_path):
     assert ck.resolve_resume(True, tmp_path / "outputs") == (run, run / "checkpoints" / "last.pt")
     assert ck.resolve_resume(str(run)) == (run, run / "checkpoints" / "last.pt")
     assert ck.resolve_resume(str(run / "checkpoints" / "last.pt"))[0] == run
-    with pytest.raises(FileNotFoundError, match="no run"):
+    with pytest.raises(FileNotFoundError, match="no unfinished run"):
         ck.resolve_resume(True, tmp_path / "empty")
     with pytest.raises(FileNotFoundError, match="neither"):
         ck.resolve_resume(str(tmp_path / "missing"))
+
+
+def test_resume_true_skips_finished_runs_and_says_which_it_picked(tmp_path, capsys):
+    """A finished run (say a `debug=fdr` check) written after the interrupted one is not "resumed"."""
+    import json
+    import os
+
+    outputs = tmp_path / "outputs"
+    for age, (name, done) in enumerate([("finished", 2), ("unfinished", 1), ("older_finished", 3)]):
+        run = outputs / "train" / name
+        ck.atomic_save({"a": 1}, run / "checkpoints" / "last.pt")
+        (run / "summary.json").write_text(json.dumps({"epochs_done": done, "total_epochs": max(done, 2)}))
+        os.utime(run / "checkpoints" / "last.pt", (1e9 - age * 100, 1e9 - age * 100))  # "finished" is the newest
+    run = outputs / "train" / "unfinished"
+    assert ck.resolve_resume(True, outputs) == (run, run / "checkpoints" / "last.pt")
+    said = capsys.readouterr().err
+    assert said.startswith(f"trainer.resume=true: continuing {run}: the unfinished run whose last.pt is the newest")
+    assert said.rstrip().endswith("skipped 1 newer finished run(s)")
+    (run / "summary.json").write_text(json.dumps({"epochs_done": 2, "total_epochs": 2}))
+    with pytest.raises(FileNotFoundError, match=r"no unfinished run .* \(3 finished\)"):
+        ck.resolve_resume(True, outputs)
 
 
 def test_run_state_round_trips_every_part_and_the_progress(tmp_path):
