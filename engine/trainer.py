@@ -535,7 +535,12 @@ class Run:
                 f"process, {float('nan') if speed is None else speed:.0f} train img/s")
         if best.get("key"):
             final = history[-1].get(best["key"], float("nan"))
+            if self.ema is not None:  # best.pt is chosen by the EMA's metric: say so, and give the raw weights' too
+                line += "; EMA weights (trainer.model_ema=true; they pick best.pt, its `ema` entry)"
             line += f"; {best['key']} {final:.2f} at the end, best {best['metric']:.2f} (epoch {best['epoch']})"
+            if self.ema is not None:
+                raw = f"val_{self.cfg.trainer.eval_metric}"
+                line += f"; raw weights: {raw} {history[-1].get(raw, float('nan')):.2f} at the end"
         return line
 
     def _anneal(self) -> None:

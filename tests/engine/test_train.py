@@ -34,8 +34,10 @@ def test_train_writes_events_checkpoints_and_summary(tmp_path):
     assert (run / "train.log").read_text().count("epoch 2:") == 1
     last_line = (run / "train.log").read_text().strip().splitlines()[-1]  # what the README's quickstart quotes
     best = out["best"]
-    assert last_line.endswith(f"{best['key']} {out['final'][best['key']]:.2f} at the end, best {best['metric']:.2f} "
-                              f"(epoch {best['epoch']})") and "finished: 3 epochs" in last_line, last_line
+    assert best["key"] == "val_ema_acc1" and "finished: 3 epochs" in last_line, last_line
+    assert (f"; EMA weights (trainer.model_ema=true; they pick best.pt, its `ema` entry); val_ema_acc1 "
+            f"{out['final']['val_ema_acc1']:.2f} at the end, best {best['metric']:.2f} (epoch {best['epoch']}); "
+            f"raw weights: val_acc1 {out['final']['val_acc1']:.2f} at the end") in last_line, last_line
     rows = list(csv.DictReader(open(run / "metrics.csv")))
     assert [int(r["epoch"]) for r in rows] == [0, 1, 2]
 
