@@ -66,6 +66,18 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def schedule_warning(sched_cfg, epochs: int) -> str | None:
+    """Why the schedule leaves little of the run at a useful lr, or None: warmup (rising from `warmup_lr`) and
+    cooldown (timm appends it after `trainer.epochs`, at `min_lr`) together longer than the decay they frame."""
+    s = sched_cfg
+    if s.sched == "none" or s.warmup_epochs + s.cooldown_epochs <= epochs:
+        return None
+    return (f"sched.warmup_epochs={s.warmup_epochs} + sched.cooldown_epochs={s.cooldown_epochs} is longer than "
+            f"trainer.epochs={epochs}: the run trains {epochs + s.cooldown_epochs} epochs, "
+            f"{min(s.warmup_epochs, epochs)} warming up from {s.warmup_lr:g} and {s.cooldown_epochs} at "
+            f"sched.min_lr={s.min_lr:g} after the schedule; shorten them or raise trainer.epochs")
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     model = getattr(model, "module", model)          # DDP
     return getattr(model, "_orig_mod", model)         # torch.compile
@@ -227,6 +239,8 @@ class Run:
         self.optimizer = create_optimizer_v2(self.model, opt=o.opt, lr=lr, weight_decay=o.weight_decay,
                                              momentum=o.momentum, filter_bias_and_bn=o.filter_bias_and_bn, **opt_kw)
         self.scheduler, self.epochs = None, t.epochs
+        if (warning := schedule_warning(s, t.epochs)) is not None and not t.dry_run:
+            log.warning(warning)
         if s.sched != "none":
             self.scheduler, self.epochs = create_scheduler_v2(
                 self.optimizer, sched=s.sched, num_epochs=t.epochs, decay_epochs=s.decay_epochs,

@@ -66,3 +66,22 @@ def test_readme_lr_mult_override_parses_and_applies():
     for name, p in net.named_parameters():
         want = 1.0 if ".conv_dw." in name or name.startswith("head.fc.") else 0.1
         assert scale[id(p)] == want, name
+
+
+@pytest.mark.parametrize("overrides, warns", [
+    (["sched=cosine", "sched.warmup_epochs=5", "sched.cooldown_epochs=10"], True),  # 2 epochs: 12 run, 10 at min_lr
+    (["sched=cosine", "sched.warmup_epochs=5", "sched.cooldown_epochs=10", "trainer.epochs=100"], False),
+    (["sched=cosine", "sched.warmup_epochs=3"], True),
+    (["sched=none", "sched.warmup_epochs=3"], False),
+    ([], False),
+])
+def test_a_schedule_longer_than_the_run_is_flagged(overrides, warns):
+    from engine.trainer import schedule_warning
+    from tests.engine.conftest import compose_cfg
+
+    cfg = compose_cfg(overrides)
+    warning = schedule_warning(cfg.sched, cfg.trainer.epochs)
+    assert (warning is not None) == warns
+    if warns:
+        assert f"trainer.epochs={cfg.trainer.epochs}" in warning
+        assert f"trains {cfg.trainer.epochs + cfg.sched.cooldown_epochs} epochs" in warning
