@@ -34,7 +34,7 @@ from .distributed import DistInfo
 from .tasks import build_task
 from .trainer import autocast, build_network, data_loader, eval_batches, pick_device
 
-# the network's own groups: `model=...` on the command line replaces the checkpoint's whole node
+# config groups whose option fills one node: `data=imagefolder` on the command line replaces the checkpoint's node
 NODE_GROUPS = {"model": "model", "op": "op", "policy": "policy", "data": "data", "optim": "optim", "sched": "sched",
                "trainer": "trainer", "margin": "task.margin"}
 GRAY_SETS = ("fashion_mnist", "mnist5k")  # gray images, repeated to `data.channels`
