@@ -76,24 +76,36 @@ def _gather(planes: Tensor, index: Tensor) -> Tensor:
     return src.gather(3, index.reshape(B, 1, G, -1).expand(-1, M, -1, -1)).view(B, M, G, *index.shape[2:])
 
 
-def _resample(weight: Tensor, h: Tensor, w: Tensor) -> Tensor:
-    """weight (C, S_h, S_w) sampled at scope coordinates h, w (B, G, ...): (B, C, ...), channel c at group c mod G."""
+def tap_kernel(weight: Tensor, offset: Tensor, k: int, kernel_size: int) -> Tensor:
+    """The resampled kernel of tap k at every pixel, (B, C, Ho, Wo); weight (C, S_h, S_w)."""
     C, sh, sw = weight.shape
+    h, w = _tap_coords(offset, k, kernel_size, (sh, sw))
     planes = weight.reshape(C, sh * sw)
     kern = sum(coef.unsqueeze(1) * _gather(planes, index) for index, coef, _, _ in scope_corners(h, w, (sh, sw)))
     # reshape: offsets sliced from a channels_last offset conv give a kernel that cannot be viewed as (B, C, ...)
     return kern.reshape(h.shape[0], C, *h.shape[2:])
 
 
-def tap_kernel(weight: Tensor, offset: Tensor, k: int, kernel_size: int) -> Tensor:
-    """The resampled kernel of tap k at every pixel, (B, C, Ho, Wo); weight (C, S_h, S_w)."""
-    return _resample(weight, *_tap_coords(offset, k, kernel_size, tuple(weight.shape[-2:])))
-
-
 def resampled_kernel(weight: Tensor, offset: Tensor, kernel_size: int) -> Tensor:
-    """The whole resampled kernel (B, C, k², Ho, Wo), one gather per bilinear corner for all taps: equal,
-    element by element, to stacking `tap_kernel` over the taps."""
-    return _resample(weight, *_all_tap_coords(offset, kernel_size, tuple(weight.shape[-2:])))
+    """The whole resampled kernel (B, C, k², Ho, Wo) in a few standard ops, what export sees: equal, element
+    by element, to stacking `tap_kernel` over the taps.
+
+    The scope planes get a border of zeros, so the four corners of a point inside (−1, S) are inside the
+    bordered plane and a corner outside the scope reads 0; one gather fetches all corners of all taps."""
+    C, sh, sw = weight.shape
+    h, w = _all_tap_coords(offset, kernel_size, (sh, sw))
+    inside = (h > -1) & (h < sh) & (w > -1) & (w < sw)
+    h0, w0 = h.floor(), w.floor()
+    lh, lw = h - h0, w - w0
+    row = sw + 2
+    base = torch.where(inside, (h0 + 1) * row + (w0 + 1), 0).long()  # any in-range index where the sample is 0
+    index = torch.stack([base, base + 1, base + row, base + row + 1], 2)  # (B, G, 4, k², Ho, Wo)
+    val = _gather(F.pad(weight, (1, 1, 1, 1)).reshape(C, -1), index)  # (B, C/G, G, 4, k², Ho, Wo)
+    inside = inside.to(h.dtype).unsqueeze(1)
+    ah, aw = (1 - lh).unsqueeze(1) * inside, (1 - lw).unsqueeze(1)
+    bh, bw = lh.unsqueeze(1) * inside, lw.unsqueeze(1)
+    kern = ah * aw * val[:, :, :, 0] + ah * bw * val[:, :, :, 1] + bh * aw * val[:, :, :, 2] + bh * bw * val[:, :, :, 3]
+    return kern.reshape(h.shape[0], C, *h.shape[2:])
 
 
 def _local_forward(x, offset, weight, k, s, p, d) -> Tensor:

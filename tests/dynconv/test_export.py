@@ -35,12 +35,30 @@ def _onnx_ops(proto) -> set[str]:
 
 
 def test_deformable_kernels_export_without_the_broken_optimisation(tmp_path):
-    """onnxscript's optimiser mis-orders this graph; the export falls back to the unoptimised one."""
-    model = nn.Sequential(dynconv.create_op("dk_local", 8, 8, 3)).eval()
+    """onnxscript's optimiser mis-orders the global DK's clamped scope sampling; the export falls back to the
+    unoptimised graph."""
+    model = nn.Sequential(dynconv.create_op("dk_global", 8, 8, 3)).eval()
     proto = export_onnx(model, torch.randn(2, 8, 6, 6), tmp_path / "dk.onnx")
-    assert "GatherElements" in _onnx_ops(proto) and not proto.functions
+    assert "Gather" in _onnx_ops(proto) and not proto.functions
     x = [torch.randn(b, 8, 6, 6) for b in (1, 3)]
     assert ort_max_rel_diff(tmp_path / "dk.onnx", model, x) < 1e-4
+
+
+def test_local_deformable_kernel_exports_compactly_and_matches_the_fused_kernel(tmp_path):
+    """ONNX Runtime runs the reference decomposition (the kernel of all taps resampled by one gather of
+    every bilinear corner), eager PyTorch the compiled kernel: equal, with taps leaving the scope, offset
+    groups, stride 2 and a non-square scope."""
+    torch.manual_seed(0)
+    dk = dynconv.create_op("dk_local", 8, 8, 3, stride=2, offset_groups=2, scope_size=(4, 5))
+    with torch.no_grad():
+        dk.rotation_conv.weight.normal_(0, 0.3)
+        dk.rotation_conv.bias.normal_(0, 0.7)
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), dk).eval()
+    proto = export_onnx(model, torch.randn(2, 3, 9, 7), tmp_path / "dk.onnx")
+    assert sum(n.op_type == "GatherElements" for n in proto.graph.node) == 1  # not one per tap and corner
+    x = [torch.randn(b, 3, 9, 7) for b in (1, 3)]
+    # float32 rounding of the longest sum (3 input channels, then 9 taps of 4 corners) in either order
+    assert ort_max_rel_diff(tmp_path / "dk.onnx", model, x) < 2 * (3 + 9 * 4) * torch.finfo(torch.float32).eps
 
 
 def test_dcn_exports_at_opset_19_and_fails_clearly_below():
