@@ -14,8 +14,9 @@ oracle, and what `torch.export`/ONNX see). "fast" is the custom op `torch.ops.dy
 compiled kernel (`dynconv/csrc/involution_cpu.cpp`) computes the G·K² span weights one output row
 at a time and never holds the (B, G·K², Ho, Wo) tensor, in forward or backward; autograd saves only
 the op's inputs. Where the kernel is not built (or `DYNCONV_NATIVE=0`) the op runs the decomposition
-inside (its backward recomputes it), so it still saves only its inputs. Tensors on other devices
-(CUDA) take the decomposition with `pixel_filter`'s fast path.
+inside (its backward recomputes it), so it still saves only its inputs. CUDA tensors take the Triton
+kernels (`triton_involution`, op `dynconv::involution_triton`, equally unmaterialised) where triton is
+installed; other devices take the decomposition with `pixel_filter`'s fast path.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from torch import Tensor
 from torch.nn.modules.utils import _pair
 from torch.utils.flop_counter import register_flop_formula
 
+from . import triton_involution
 from .backend import resolve
 from .geometry import conv_out_hw, resolve_padding
 from .library import absent, register_autograd
@@ -166,6 +168,9 @@ def involution(x: Tensor, reduced: Tensor, weight: Tensor, bias: Tensor, *, kern
     weight = _check(x, reduced, weight, bias, K, s, p, d, int(groups))
     x, reduced, weight, bias = common_dtype(x, reduced, weight, bias)
     with torch.autocast(x.device.type, enabled=False):
+        if fused and resolve(backend) != "reference" and triton_involution.available(x, reduced, weight, bias):
+            op = torch.ops.dynconv.involution_triton  # CUDA (or the opted-in interpreter)
+            return op(x, reduced, weight, bias, K, list(s), list(p), list(d), int(groups))
         if not fused or resolve(backend) == "reference" or x.device.type != "cpu":
             return _decomposed(x, reduced, weight, bias, K, s, p, d, int(groups), backend)
         return torch.ops.dynconv.involution(x, reduced, weight, bias, K, list(s), list(p), list(d), int(groups))

@@ -1,0 +1,208 @@
+"""The Triton path of the fused involution op (`dynconv/functional/triton_involution.py`) against the
+decomposition (1×1 span conv + reference `pixel_filter`), through `dynconv.functional.involution`.
+
+As in test_triton_pixel_filter.py, the kernels run under Triton's interpreter in one child process
+(this file run as a script), with small tiles (2 planes; the r tile shrunk to give several pixel
+blocks per image) so that the channel-chunk and pixel-block loops are exercised on tiny shapes. Where
+CUDA exists the same checks also run on the GPU, with the default tiles.
+"""
+import json
+import os
+import subprocess
+import sys
+import traceback
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from dynconv.functional import triton_involution
+from dynconv.functional.geometry import conv_out_hw
+from dynconv.functional.involution import involution
+from tests.dynconv.op_checks import rounding_tolerance
+
+ROOT = Path(__file__).resolve().parents[2]
+DEVICES = ["interpreter"] + (["cuda"] if torch.cuda.is_available() else [])
+TRITON_NODE = "GeneratedBackwardFor_dynconv_involution_triton_defaultBackward"
+
+# (B, C, H, W, M, G, K, stride, dilation): G > 1 with two channel chunks per group, stride 2 with
+# dilation 2 and odd sizes (three chunks of a 6-channel group, M not a power of two), K = 5 over
+# several pixel blocks
+CASES = [(2, 8, 6, 5, 3, 2, 3, 1, 1), (1, 6, 7, 9, 5, 1, 3, 2, 2), (1, 4, 9, 8, 2, 2, 5, 1, 1)]
+
+
+def _inputs(case, device, dtype=torch.float64, channels_last=False):
+    B, C, H, W, M, G, K, s, d = case
+    ho, wo = conv_out_hw((H, W), K, s, d * (K - 1) // 2, d)
+    x = torch.randn(B, C, H, W, dtype=dtype, device=device)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    tensors = [x, torch.randn(B, M, ho, wo, dtype=dtype, device=device),
+               torch.randn(G * K * K, M, dtype=dtype, device=device), torch.randn(G * K * K, dtype=dtype, device=device)]
+    return tensors, dict(kernel_size=K, stride=s, dilation=d, groups=G)
+
+
+def _run(tensors, geometry, grad_out, backend=None):
+    leaves = [t.detach().requires_grad_() for t in tensors]
+    out = involution(*leaves, **geometry, backend=backend)
+    return out, torch.autograd.grad(out, leaves, grad_out)
+
+
+def _reduction_sizes(case) -> list[int]:
+    """Terms summed per element of the output and of the gradients of x, r, W2 and b2."""
+    B, C, H, W, M, G, K, s, d = case
+    ho, wo = conv_out_hw((H, W), K, s, d * (K - 1) // 2, d)
+    taps, pixels = K * K * (M + 1), B * ho * wo * C // G
+    return [taps, taps, K * K * C, pixels, pixels]
+
+
+def _magnitudes(tensors, geometry, grad_out):
+    """Σ|terms| of the output and of every gradient: the float64 decomposition on absolute values."""
+    out, grads = _run([t.double().abs() for t in tensors], geometry, grad_out.double().abs(), "reference")
+    return out, *grads
+
+
+class _Allocations(TorchDispatchMode):
+    """(dtype, numel) of every tensor an aten op returns while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.seen.append((t.dtype, t.numel()))
+        return out
+
+
+def check_float64_matches_decomposition(device):
+    """Forward and all four gradients, within n·eps of the decomposition; channels_last x kept by the
+    output and grad x; an expanded (stride-0) grad_out."""
+    torch.manual_seed(0)
+    for n, case in enumerate(CASES):
+        tensors, geometry = _inputs(case, device, channels_last=n == 1)
+        ho, wo = tensors[1].shape[-2:]
+        shape = (case[0], case[1], ho, wo)
+        go = torch.randn((), dtype=torch.float64, device=device).expand(shape) if n == 2 else \
+            torch.randn(shape, dtype=torch.float64, device=device)
+        out, grads = _run(tensors, geometry, go)
+        ref, ref_grads = _run(tensors, geometry, go, "reference")
+        assert type(out.grad_fn).__name__ == TRITON_NODE, f"{case}: dispatched to {out.grad_fn}"
+        if n == 1:
+            assert out.is_contiguous(memory_format=torch.channels_last)
+            assert grads[0].is_contiguous(memory_format=torch.channels_last)
+        eps = torch.finfo(torch.float64).eps
+        for name, got, want, mag, size in zip(("out", "x", "r", "W2", "b2"), (out, *grads), (ref, *ref_grads),
+                                              _magnitudes(tensors, geometry, go), _reduction_sizes(case)):
+            assert ((got - want).abs() <= size * eps * mag).all(), f"{case} {name}: {(got - want).abs().max()}"
+
+
+def check_low_precision(device):
+    """float32 and bfloat16 inputs: loaded as such, summed in float32, one rounding to the dtype
+    at the store (against the float64 decomposition of the same rounded inputs); no float32 tensor of
+    the size of x or r is made (no upcast copy), and no tensor of the span weights' size
+    (B·G·K²·Ho·Wo) in any dtype, forward or backward."""
+    torch.manual_seed(1)
+    case = CASES[0]
+    B, C, H, W, M, G, K = case[:7]
+    tensors, geometry = _inputs(case, device, torch.float32)
+    ho, wo = tensors[1].shape[-2:]
+    go = torch.randn(B, C, ho, wo, device=device)
+    spans = B * G * K * K * ho * wo
+    assert spans not in {t.numel() for t in (*tensors, go)}
+    for dtype in (torch.float32, torch.bfloat16):
+        low = [t.to(dtype) for t in tensors]
+        with _Allocations() as allocations:
+            out, grads = _run(low, geometry, go.to(dtype))
+        assert type(out.grad_fn).__name__ == TRITON_NODE
+        assert all(n != spans for _, n in allocations.seen), f"{dtype}: a span-weight-sized tensor was made"
+        if dtype != torch.float32:
+            big = min(low[0].numel(), low[1].numel())
+            upcasts = [n for dt, n in allocations.seen if dt == torch.float32 and n >= big]
+            assert not upcasts, f"{dtype}: float32 tensors of {upcasts} elements were made"
+        ref, ref_grads = _run([t.double() for t in low], geometry, go.to(dtype).double(), "reference")
+        mags = _magnitudes(low, geometry, go.to(dtype))
+        for name, got, want, mag, size in zip(("out", "x", "r", "W2", "b2"), (out, *grads), (ref, *ref_grads),
+                                              mags, _reduction_sizes(case)):
+            assert got.dtype == dtype
+            # one rounding more than the store's: Triton's interpreter converts to bfloat16 by truncation
+            bound = rounding_tolerance(dtype, mag, want, roundings=1, n=size)
+            assert ((got.double() - want).abs() <= bound).all(), f"{dtype} {name}: {(got.double() - want).abs().max()}"
+
+
+def check_gradcheck(device):
+    """float64 gradcheck (fast mode) of all four inputs, stride 2."""
+    torch.manual_seed(2)
+    tensors, geometry = _inputs((1, 4, 5, 4, 3, 2, 3, 2, 1), device)
+    leaves = [t.requires_grad_() for t in tensors]
+
+    def f(*t):
+        return involution(*t, **geometry)
+
+    assert type(f(*leaves).grad_fn).__name__ == TRITON_NODE
+    assert torch.autograd.gradcheck(f, leaves, fast_mode=True)
+
+
+def check_available(device):
+    """On for matching float tensors; off for mixed dtypes, integer tensors, `fused=False` and
+    `DYNCONV_TRITON=0`."""
+    tensors, geometry = _inputs(CASES[0], device, torch.float32)
+    assert triton_involution.available(*tensors)
+    assert not triton_involution.available(tensors[0], tensors[1].double(), *tensors[2:])
+    assert not triton_involution.available(*(t.long() for t in tensors))
+    assert type(involution(*(t.requires_grad_() for t in tensors), **geometry, fused=False).grad_fn).__name__ \
+        != TRITON_NODE
+    os.environ["DYNCONV_TRITON"] = "0"
+    try:
+        assert not triton_involution.available(*tensors)
+    finally:
+        del os.environ["DYNCONV_TRITON"]
+
+
+CHECKS = ["check_float64_matches_decomposition", "check_low_precision", "check_gradcheck", "check_available"]
+
+
+@pytest.fixture(scope="module")
+def interpreter_results():
+    """{check: "" or its traceback}: all checks in one child process (one torch/triton start-up)."""
+    env = dict(os.environ, TRITON_INTERPRET="1", DYNCONV_TRITON_INTERPRET="1", DYNCONV_NATIVE="0",
+               DYNCONV_TRITON_CPB="2",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    run = subprocess.run([sys.executable, __file__], env=env, cwd=ROOT, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0 and run.stdout.strip(), f"the interpreter child process failed:\n{run.stderr[-6000:]}"
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", CHECKS)
+def test_triton_involution(name, device, request):
+    if device == "cuda":
+        globals()[name]("cuda")
+    else:
+        error = request.getfixturevalue("interpreter_results")[name]
+        assert not error, f"{name} under the Triton interpreter failed:\n{error}"
+
+
+def test_cpu_without_opt_in_stays_off_triton(monkeypatch):
+    """Without the interpreter opt-in, CPU tensors take the compiled CPU op, never the Triton one."""
+    monkeypatch.delenv("DYNCONV_TRITON_INTERPRET", raising=False)
+    tensors, geometry = _inputs(CASES[0], "cpu", torch.float32)
+    assert not triton_involution.available(*tensors)
+    out = involution(*(t.requires_grad_() for t in tensors), **geometry)
+    assert type(out.grad_fn).__name__ != TRITON_NODE
+
+
+if __name__ == "__main__":  # the child process of `interpreter_results`: every check on CPU tensors
+    triton_involution._R_TILE = 32  # 16-pixel blocks for M ≤ 2, so the K = 5 case spans several blocks
+    results = {}
+    for check in CHECKS:
+        try:
+            globals()[check]("cpu")
+            results[check] = ""
+        except Exception:
+            results[check] = traceback.format_exc()
+    print(json.dumps(results))
