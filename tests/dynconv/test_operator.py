@@ -3,12 +3,19 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import dynconv
 from dynconv.complexity import count_macs
+from dynconv.operator import pixel_macs
 from models._layers import timm_init
 
-OWN_INIT = {"condconv", "dyconv", "odconv", "dcn", "dk_local", "dk_global", "dk_dcn"}
+H = W = 8
+
+
+def _build(name: str) -> nn.Module:
+    kw = {"input_size": (H, W)} if "input_size" in dynconv.op_options(name) else {}
+    return dynconv.create_op(name, 16, 16, 3, **kw)
 
 
 def test_every_registered_operator_is_an_operator():
@@ -22,8 +29,47 @@ def test_register_op_refuses_a_class_without_the_hooks():
     assert "not_an_operator" not in dynconv.list_ops()
 
 
-def test_has_own_init_marks_the_operators_whose_papers_define_their_init():
-    assert {n for n in dynconv.list_ops() if dynconv.get_op(n).has_own_init} == OWN_INIT
+@pytest.mark.parametrize("name", dynconv.list_ops())
+def test_backbone_init_follows_has_own_init(name):
+    """Each operator's own `has_own_init` decides: True keeps every parameter of its init under the backbone's conv
+    init; False lets the backbone's init reach its convs (no list of operators to keep up to date)."""
+    torch.manual_seed(0)
+    op = _build(name)
+    before = {k: v.clone() for k, v in op.state_dict().items()}
+    timm_init(name, op)
+    changed = [k for k, v in op.state_dict().items() if not torch.equal(v, before[k])]
+    has_conv = any(isinstance(m, nn.Conv2d) for m in op.modules())
+    assert changed == [] if op.has_own_init else (bool(changed) or not has_conv), changed
+
+
+class _Products(TorchDispatchMode):
+    """The largest elementwise product (`mul`, `addcmul`) a forward computes, in elements."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.__name__.split(".")[0] in ("mul", "mul_", "addcmul", "addcmul_"):
+            self.largest = max(self.largest, out.numel())
+        return out
+
+
+@pytest.mark.parametrize("name", dynconv.list_ops())
+def test_an_aggregation_the_flop_counter_cannot_see_is_counted(name):
+    """A per-pixel aggregation (`pixel_filter`, the deformable samplers) is an elementwise product of B·C·K²·H·W
+    elements under the reference backend, which torch's FlopCounterMode does not count: an operator whose forward
+    computes one must count it in `aggregation_macs` (a forgotten one would undercount its MACs silently)."""
+    op, x = _build(name).eval(), torch.randn(1, 16, H, W)
+    products = _Products()
+    with dynconv.use_backend("reference"), torch.no_grad():
+        agg = count_macs(op, x)["agg_macs"]
+        with products:
+            out = op(x)
+    if products.largest >= pixel_macs(out, 3):
+        assert agg >= products.largest, f"{name}: aggregation_macs gives {agg}, the forward multiplies " \
+                                        f"{products.largest} elements"
 
 
 def test_backbone_init_leaves_an_own_init_operator_alone():
