@@ -1,8 +1,10 @@
-"""Checks shared by the operator tests: a float64 gradcheck over the input and every parameter, and a
-per-sample `F.conv2d` loop (the naive oracle for the kernel-mixing operators)."""
+"""Checks shared by the operator tests: a float64 gradcheck over the input and every parameter, a
+per-sample `F.conv2d` loop (the naive oracle for the kernel-mixing operators), and a record of the
+floating tensors a kernel launcher allocates."""
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
 def gradcheck_op(op: torch.nn.Module, x: torch.Tensor) -> bool:
@@ -47,3 +49,24 @@ def assert_channels_last_matches(op: torch.nn.Module, x: torch.Tensor) -> torch.
     (gx,), (gxl,) = (torch.autograd.grad(o, [i], g, retain_graph=True) for o, i in ((out, x), (outl, xl)))
     torch.testing.assert_close(gxl, gx)
     return out
+
+
+class FloatAllocations(TorchDispatchMode):
+    """Records (dtype, numel) of every floating tensor an aten op returns while active: run a kernel
+    launcher's Python body inside it (a custom op is one opaque call) to see the buffers it makes."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor) and t.is_floating_point():
+                self.seen.append((t.dtype, t.numel()))
+        return out
+
+    def upcasts(self, *inputs: torch.Tensor) -> list:
+        """float32 tensors with as many elements as one of the (half-precision) `inputs`: upcast copies."""
+        sizes = {t.numel() for t in inputs}
+        return [n for dt, n in self.seen if dt == torch.float32 and n in sizes]

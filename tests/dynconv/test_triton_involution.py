@@ -15,12 +15,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from dynconv.functional import triton_involution
 from dynconv.functional.geometry import conv_out_hw
 from dynconv.functional.involution import involution
-from tests.dynconv.op_checks import rounding_tolerance
+from tests.dynconv.op_checks import FloatAllocations, rounding_tolerance
 
 ROOT = Path(__file__).resolve().parents[2]
 DEVICES = ["interpreter"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -38,8 +37,8 @@ def _inputs(case, device, dtype=torch.float64, channels_last=False):
     x = torch.randn(B, C, H, W, dtype=dtype, device=device)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    tensors = [x, torch.randn(B, M, ho, wo, dtype=dtype, device=device),
-               torch.randn(G * K * K, M, dtype=dtype, device=device), torch.randn(G * K * K, dtype=dtype, device=device)]
+    kw = dict(dtype=dtype, device=device)
+    tensors = [x, torch.randn(B, M, ho, wo, **kw), torch.randn(G * K * K, M, **kw), torch.randn(G * K * K, **kw)]
     return tensors, dict(kernel_size=K, stride=s, dilation=d, groups=G)
 
 
@@ -61,21 +60,6 @@ def _magnitudes(tensors, geometry, grad_out):
     """Σ|terms| of the output and of every gradient: the float64 decomposition on absolute values."""
     out, grads = _run([t.double().abs() for t in tensors], geometry, grad_out.double().abs(), "reference")
     return out, *grads
-
-
-class _Allocations(TorchDispatchMode):
-    """(dtype, numel) of every tensor an aten op returns while active."""
-
-    def __init__(self):
-        super().__init__()
-        self.seen = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                self.seen.append((t.dtype, t.numel()))
-        return out
 
 
 def check_float64_matches_decomposition(device):
@@ -101,32 +85,33 @@ def check_float64_matches_decomposition(device):
 
 
 def check_low_precision(device):
-    """float32 and bfloat16 inputs: loaded as such, summed in float32, one rounding to the dtype
-    at the store (against the float64 decomposition of the same rounded inputs); no float32 tensor of
-    the size of x or r is made (no upcast copy), and no tensor of the span weights' size
-    (B·G·K²·Ho·Wo) in any dtype, forward or backward."""
+    """float32 and bfloat16 inputs: loaded as such, summed in float32, one rounding to the dtype at the
+    store (against the float64 decomposition of the same rounded inputs). The launchers (the ops'
+    bodies, run directly since an op is one opaque call to a dispatch mode) make no float32 copy of
+    a bfloat16 x, r or grad_out and no tensor of the span weights' size (B·G·K²·Ho·Wo), forward or backward."""
     torch.manual_seed(1)
     case = CASES[0]
-    B, C, H, W, M, G, K = case[:7]
+    B, C, H, W, M, G, K, s, d = case
     tensors, geometry = _inputs(case, device, torch.float32)
     ho, wo = tensors[1].shape[-2:]
     go = torch.randn(B, C, ho, wo, device=device)
-    spans = B * G * K * K * ho * wo
+    spans, p = B * G * K * K * ho * wo, d * (K - 1) // 2
     assert spans not in {t.numel() for t in (*tensors, go)}
     for dtype in (torch.float32, torch.bfloat16):
-        low = [t.to(dtype) for t in tensors]
-        with _Allocations() as allocations:
-            out, grads = _run(low, geometry, go.to(dtype))
-        assert type(out.grad_fn).__name__ == TRITON_NODE
+        low, go_low = [t.to(dtype) for t in tensors], go.to(dtype)
+        with FloatAllocations() as allocations:
+            triton_involution.forward(*low, K, (s, s), (p, p), (d, d), G)
+            triton_involution.backward(go_low, *low, K, (s, s), (p, p), (d, d), G, [True] * 4)
         assert all(n != spans for _, n in allocations.seen), f"{dtype}: a span-weight-sized tensor was made"
         if dtype != torch.float32:
-            big = min(low[0].numel(), low[1].numel())
-            upcasts = [n for dt, n in allocations.seen if dt == torch.float32 and n >= big]
-            assert not upcasts, f"{dtype}: float32 tensors of {upcasts} elements were made"
-        ref, ref_grads = _run([t.double() for t in low], geometry, go.to(dtype).double(), "reference")
-        mags = _magnitudes(low, geometry, go.to(dtype))
+            # W2's and b2's gradients are summed by atomics in float32 buffers of their (small) size
+            activations = (low[0], low[1], go_low)
+            assert not allocations.upcasts(*activations), f"{dtype}: upcasts {allocations.upcasts(*activations)}"
+        out, grads = _run(low, geometry, go_low)
+        assert type(out.grad_fn).__name__ == TRITON_NODE
+        ref, ref_grads = _run([t.double() for t in low], geometry, go_low.double(), "reference")
         for name, got, want, mag, size in zip(("out", "x", "r", "W2", "b2"), (out, *grads), (ref, *ref_grads),
-                                              mags, _reduction_sizes(case)):
+                                              _magnitudes(low, geometry, go_low), _reduction_sizes(case)):
             assert got.dtype == dtype
             # one rounding more than the store's: Triton's interpreter converts to bfloat16 by truncation
             bound = rounding_tolerance(dtype, mag, want, roundings=1, n=size)

@@ -20,7 +20,7 @@ import torch
 from dynconv.functional import triton_pixel_filter
 from dynconv.functional.geometry import conv_out_size
 from dynconv.functional.pixel_filter import pixel_filter
-from tests.dynconv.op_checks import rounding_tolerance
+from tests.dynconv.op_checks import FloatAllocations, rounding_tolerance
 
 ROOT = Path(__file__).resolve().parents[2]
 DEVICES = ["interpreter"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -114,6 +114,23 @@ def check_half_precision(device):
             assert ((o.float() - r).abs() <= rounding_tolerance(dtype, m, r, roundings=5, n=49)).all()
 
 
+def check_half_precision_makes_no_upcast_copy(device):
+    """bfloat16 forward and the three gradient kernels, run by their launchers (the ops' bodies: a custom
+    op is one opaque call to a dispatch mode), with a channel filter and with a filter shared by the
+    batch (several partial sums of its gradient, kept in float32 by design): no float32 tensor of
+    an input's size is made."""
+    torch.manual_seed(4)
+    for combine, shared in [("mul", False), (None, True)]:
+        leaves = [t.bfloat16() for t in _inputs(device, 3, 1, 1, 7, 6, 1, combine, shared, channels=WIDE_C)]
+        x, spatial, channel = (*leaves, None)[:3]
+        go = torch.randn(B, WIDE_C, 7, 6, dtype=torch.bfloat16, device=device)
+        geometry = (3, (1, 1), (1, 1), (1, 1), combine or "mul")
+        with FloatAllocations() as allocations:
+            triton_pixel_filter.forward(x, spatial, channel, *geometry)
+            triton_pixel_filter.backward(go, x, spatial, channel, *geometry, (True, True, channel is not None))
+        assert not allocations.upcasts(*leaves, go), (combine, shared, allocations.upcasts(*leaves, go))
+
+
 def check_layouts_and_pairs(device):
     """channels_last input (kept by the output and grad_x), an expanded grad_out (from .sum()),
     stride/padding/dilation pairs and non-default padding."""
@@ -150,8 +167,8 @@ def check_available(device):
         del os.environ["DYNCONV_TRITON"]
 
 
-CHECKS = ["check_matches_reference", "check_gradcheck", "check_half_precision", "check_layouts_and_pairs",
-          "check_available"]
+CHECKS = ["check_matches_reference", "check_gradcheck", "check_half_precision",
+          "check_half_precision_makes_no_upcast_copy", "check_layouts_and_pairs", "check_available"]
 
 
 @pytest.fixture(scope="module")
