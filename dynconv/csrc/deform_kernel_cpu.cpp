@@ -61,14 +61,14 @@ inline bool sample_at(const Geom& g, T h, T w, Sample<T>& s) {
   return true;
 }
 
-// Scope coordinates of tap t at output (i, j) for group gi: offset is (B, G, K*K, 2, Ho, Wo).
+// Scope coordinates of tap t = fh*K + fw at output (i, j) for group gi: offset is (B, G, K*K, 2, Ho, Wo).
 template <typename T>
-inline void coords(const Geom& g, const T* off, int64_t b, int64_t gi, int64_t t, int64_t i, int64_t j,
-                   T& h, T& w) {
+inline void coords(const Geom& g, const T* off, int64_t b, int64_t gi, int64_t fh, int64_t fw, int64_t i,
+                   int64_t j, T& h, T& w) {
   const int64_t plane = g.Ho * g.Wo;
-  const T* o = off + (((b * g.G + gi) * g.KK() + t) * 2) * plane + i * g.Wo + j;
-  h = o[0] + T(t / g.K) + T(g.Sh - g.K) / 2;
-  w = o[plane] + T(t % g.K) + T(g.Sw - g.K) / 2;
+  const T* o = off + (((b * g.G + gi) * g.KK() + fh * g.K + fw) * 2) * plane + i * g.Wo + j;
+  h = o[0] + (T(fh) + T(g.Sh - g.K) / 2);
+  w = o[plane] + (T(fw) + T(g.Sw - g.K) / 2);
 }
 
 inline int64_t grain_for(int64_t madds_per_item) {
@@ -83,20 +83,23 @@ void forward_kernel(const Geom& g, const T* x, const T* off, const T* wt, T* out
     std::vector<char> valid(g.Wo * KK * g.G);
     for (int64_t u = u0; u < u1; ++u) {
       const int64_t b = u / g.Ho, i = u % g.Ho;
-      for (int64_t j = 0; j < g.Wo; ++j)
-        for (int64_t t = 0; t < KK; ++t)
-          for (int64_t gi = 0; gi < g.G; ++gi) {
+      for (int64_t t = 0; t < KK; ++t) {
+        const int64_t fh = t / g.K, fw = t % g.K;
+        for (int64_t gi = 0; gi < g.G; ++gi)
+          for (int64_t j = 0; j < g.Wo; ++j) {
             T h, w;
-            coords(g, off, b, gi, t, i, j, h, w);
+            coords(g, off, b, gi, fh, fw, i, j, h, w);
             const int64_t q = (j * KK + t) * g.G + gi;
             valid[q] = sample_at(g, h, w, table[q]);
           }
+      }
       T* orow = out + (b * g.Ho + i) * g.Wo * C;
       for (int64_t t = 0; t < KK; ++t) {
-        const int64_t y = i * g.sh - g.ph + (t / g.K) * g.dh;
+        const int64_t fh = t / g.K, fw = t % g.K;
+        const int64_t y = i * g.sh - g.ph + fh * g.dh;
         if (y < 0 || y >= g.H) continue;
         for (int64_t j = 0; j < g.Wo; ++j) {
-          const int64_t xc = j * g.sw - g.pw + (t % g.K) * g.dw;
+          const int64_t xc = j * g.sw - g.pw + fw * g.dw;
           if (xc < 0 || xc >= g.W) continue;
           const T* xp = x + ((b * g.H + y) * g.W + xc) * C;
           T* op = orow + j * C;
@@ -120,7 +123,7 @@ void forward_kernel(const Geom& g, const T* x, const T* off, const T* wt, T* out
 }
 
 // With P = grad_out * x_tap: grad_x_tap += grad_out * W'; grad_W[corner] += P * c_corner;
-// grad_(h,w) = sum_corner dc_corner/d(h,w) * sum_m P * W[corner].
+// grad_(h,w) = sum_m P * sum_corner dc_corner/d(h,w) * W[corner], one reduction over the channels each.
 template <typename T>
 void backward_kernel(const Geom& g, const T* go, const T* x, const T* off, const T* wt, T* gx, T* goff,
                      T* gwt_partials) {
@@ -133,15 +136,16 @@ void backward_kernel(const Geom& g, const T* go, const T* x, const T* off, const
       T* gwg = gwt + gi * P * M;
       for (int64_t i = 0; i < g.Ho; ++i)
         for (int64_t t = 0; t < KK; ++t) {
-          const int64_t y = i * g.sh - g.ph + (t / g.K) * g.dh;
+          const int64_t fh = t / g.K, fw = t % g.K;
+          const int64_t y = i * g.sh - g.ph + fh * g.dh;
           if (y < 0 || y >= g.H) continue;
           T* gh_row = goff + (((b * g.G + gi) * KK + t) * 2) * plane + i * g.Wo;
           for (int64_t j = 0; j < g.Wo; ++j) {
-            const int64_t xc = j * g.sw - g.pw + (t % g.K) * g.dw;
+            const int64_t xc = j * g.sw - g.pw + fw * g.dw;
             if (xc < 0 || xc >= g.W) continue;
             T h, w;
             Sample<T> s;
-            coords(g, off, b, gi, t, i, j, h, w);
+            coords(g, off, b, gi, fh, fw, i, j, h, w);
             if (!sample_at(g, h, w, s)) continue;
             const T c0 = s.c[0], c1 = s.c[1], c2 = s.c[2], c3 = s.c[3];
             const int64_t xo = ((b * g.H + y) * g.W + xc) * C + gi * M;
@@ -152,8 +156,10 @@ void backward_kernel(const Geom& g, const T* go, const T* x, const T* off, const
             const T* w2 = w0 + R * M;
             T* g0 = gwg + s.base * M;
             T* g2 = g0 + R * M;
-            T s0 = 0, s1 = 0, s2 = 0, s3 = 0;
-#pragma omp simd reduction(+ : s0, s1, s2, s3)
+            // d(c0..c3)/dh = (-(1-lw), -lw, 1-lw, lw), d(c0..c3)/dw = (-(1-lh), 1-lh, -lh, lh)
+            const T ah = 1 - s.lh, bh = s.lh, aw = 1 - s.lw, bw = s.lw;
+            T dh = 0, dw = 0;
+#pragma omp simd reduction(+ : dh, dw)
             for (int64_t m = 0; m < M; ++m) {
               const T v0 = w0[m], v1 = w0[M + m], v2 = w2[m], v3 = w2[M + m];
               const T gm = gog[m], pm = gm * xg[m];
@@ -162,14 +168,11 @@ void backward_kernel(const Geom& g, const T* go, const T* x, const T* off, const
               g0[M + m] += c1 * pm;
               g2[m] += c2 * pm;
               g2[M + m] += c3 * pm;
-              s0 += pm * v0;
-              s1 += pm * v1;
-              s2 += pm * v2;
-              s3 += pm * v3;
+              dh += pm * (aw * (v2 - v0) + bw * (v3 - v1));
+              dw += pm * (ah * (v1 - v0) + bh * (v3 - v2));
             }
-            const T lh = s.lh, lw = s.lw;
-            gh_row[j] = (1 - lw) * (s2 - s0) + lw * (s3 - s1);
-            gh_row[plane + j] = (1 - lh) * (s1 - s0) + lh * (s3 - s2);
+            gh_row[j] = dh;
+            gh_row[plane + j] = dw;
           }
         }
     }
