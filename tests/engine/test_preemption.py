@@ -107,6 +107,28 @@ def test_hand_over_runs_the_jobs_own_handler_then_exits(monkeypatch):
         signal.signal(signal.SIGUSR2, previous)
 
 
+CASES = [(None, signal.SIGTERM), (signal.SIGUSR2, signal.SIGTERM), (None, None)]  # each rank's signal
+
+
+def _agree(rank, init_file, out):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    for case, signums in enumerate(CASES):
+        listener = preemption.Listener()
+        listener.signum = signums[rank]
+        out[case, rank] = listener.agreed(preemption.distributed.DistInfo(rank, 2))
+    dist.destroy_process_group()
+
+
+def test_every_rank_stops_when_any_rank_got_a_signal(tmp_path):
+    """One rank's signal stops both at the same step; submitit's USR2 wins over SIGTERM (it requeues)."""
+    out = torch.multiprocessing.Manager().dict()
+    torch.multiprocessing.spawn(_agree, args=(str(tmp_path / "init"), out), nprocs=2)
+    assert [[out[case, rank] for rank in (0, 1)] for case in range(len(CASES))] == \
+        [[signal.SIGTERM] * 2, [signal.SIGUSR2] * 2, [None] * 2]
+
+
 def test_a_submitit_job_resumes_only_its_own_config(tmp_path, monkeypatch):
     ck.atomic_save({"config": "seed: 0\n"}, tmp_path / "checkpoints" / "last.pt")
     assert preemption.requeued_checkpoint(tmp_path, "seed: 0\n") is None  # not a submitit job
