@@ -5,9 +5,11 @@ Each layer holds a scope kernel W_c of S×S taps per channel and resamples it bi
 learnt positions (Eq. 6): the k×k kernel actually applied has taps
 W_c(fh + Δh + (S−k)/2, fw + Δw + (S−k)/2).
 - local (`dk_local`): Δ differs per output pixel (a dense k×k conv predicts it) and per offset
-  group (channel c uses group c mod G), so the result is a per-pixel per-channel filter;
+  group (channel c uses group c mod G), so the result is a per-pixel per-channel filter; on CPU
+  the sampling runs inside the aggregation (`functional.deform_kernel`), so that filter is never stored;
 - global (`dk_global`): Δ differs per sample only (GAP → Linear), giving per-sample kernels that
-  `sample_conv` applies.
+  `sample_conv` applies. The sampled kernel is one conv weight per sample, what `sample_conv`
+  takes anyway, so there is no larger tensor to fuse away.
 Sampling follows the official `planar_bilinear`: 0 unless −1 < h < S_h and −1 < w < S_w, and
 corners outside the scope count as 0.
 """
