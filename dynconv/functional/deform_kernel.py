@@ -203,8 +203,15 @@ def _native_backward(grad_out, x, offset, weight, k, s, p, d, need):
     gx, goff, gwt = native.DEFORM_KERNEL.module.backward(go, xw, off, wt, *geom)
     C, sh, sw = weight.shape
     gw = gwt.view(gwt.shape[0], sh + 2, sw + 2, -1)[:, 1:-1, 1:-1].permute(3, 0, 1, 2).reshape(C, sh, sw)
-    return tuple(torch.empty_like(t).copy_(g) if n else None
-                 for t, g, n in zip((x, offset, weight), (_from_groups(gx), goff, gw), need))
+    grads = (_from_groups(gx), goff, gw)
+    return tuple(_as_input(g, t) if n else None for t, g, n in zip((x, offset, weight), grads, need))
+
+
+def _as_input(grad: Tensor, like: Tensor) -> Tensor:
+    """`grad` in `like`'s dtype and strides, as the fake kernel promises; copied only where they differ."""
+    if (grad.dtype, grad.stride()) == (like.dtype, like.stride()):
+        return grad
+    return torch.empty_like(like).copy_(grad)
 
 
 @torch.library.custom_op("dynconv::deform_kernel_local", mutates_args=())
