@@ -65,10 +65,15 @@ def test_the_readme_has_commands_of_every_kind():
     assert "python train.py debug=fdr" in TRAIN
 
 
+def _tokens(command: str) -> list[str]:
+    """The command's arguments as the shell splits them; a `<placeholder>` is one argument, whatever it holds."""
+    return shlex.split(re.sub(r"<[^<>]*>", "<placeholder>", command))
+
+
 def _overrides(command: str) -> tuple[list[str], bool]:
     """(overrides, multirun) of a train.py command: flags and `<placeholder>` arguments left out, each swept key at
     its first choice (the runs of a sweep differ only there)."""
-    tokens = shlex.split(command.split("train.py", 1)[1])
+    tokens = _tokens(command.split("train.py", 1)[1])
     multirun = any(t in ("-m", "--multirun") for t in tokens)
     parser, out = OverridesParser.create(), []
     skip_next = False
@@ -149,7 +154,7 @@ for script in sys.argv[1:]:
 @pytest.fixture(scope="module")
 def help_exits() -> dict[str, int]:
     """`--help` exit code of every script the README names, all in one interpreter (the imports are shared)."""
-    scripts = sorted({shlex.split(c)[1] for c in SCRIPTS})
+    scripts = sorted({_tokens(c)[1] for c in SCRIPTS})
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     proc = subprocess.run([sys.executable, "-c", HELP_DRIVER, *scripts], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=600)
@@ -159,7 +164,7 @@ def help_exits() -> dict[str, int]:
 
 @pytest.mark.parametrize("command", SCRIPTS)
 def test_script_command(command, help_exits):
-    tokens = shlex.split(command)
+    tokens = _tokens(command)
     script = tokens[1]
     assert (ROOT / script).is_file(), script
     args = tokens[2:]
@@ -187,7 +192,7 @@ def test_script_command(command, help_exits):
 
 @pytest.mark.parametrize("command", OTHER)
 def test_other_command(command):
-    tokens = shlex.split(command)
+    tokens = _tokens(command)
     if tokens[0] == "make":
         targets = set(re.findall(r"^([\w-]+):", (ROOT / "Makefile").read_text(), re.M))
         assert tokens[1] in targets, command
