@@ -22,7 +22,6 @@ from dynconv.functional.involution import involution
 from tests.dynconv.op_checks import FloatAllocations, rounding_tolerance
 
 ROOT = Path(__file__).resolve().parents[2]
-DEVICES = ["interpreter"] + (["cuda"] if torch.cuda.is_available() else [])
 TRITON_NODE = "GeneratedBackwardFor_dynconv_involution_triton_defaultBackward"
 
 # (B, C, H, W, M, G, K, stride, dilation): G > 1 with two channel chunks per group, stride 2 with
@@ -147,7 +146,22 @@ def check_available(device):
         del os.environ["DYNCONV_TRITON"]
 
 
-CHECKS = ["check_float64_matches_decomposition", "check_low_precision", "check_gradcheck", "check_available"]
+def check_opcheck(device):
+    """`torch.library.opcheck` of the Triton op, float64 and bfloat16: schema and autograd registration everywhere;
+    on CUDA also the fake kernel and AOT dispatch (under the interpreter a fake tensor cannot take the kernels'
+    CPU storage)."""
+    torch.manual_seed(3)
+    utils = None if device == "cuda" else ("test_schema", "test_autograd_registration")
+    for dtype in (torch.float64, torch.bfloat16):
+        tensors, _ = _inputs((1, 4, 5, 4, 3, 2, 3, 2, 1), device, dtype)
+        args = (*(t.requires_grad_() for t in tensors), 3, [2, 2], [1, 1], [1, 1], 2)
+        kw = {} if utils is None else dict(test_utils=utils)
+        torch.library.opcheck(torch.ops.dynconv.involution_triton.default, args, **kw)
+
+
+CHECKS = ["check_float64_matches_decomposition", "check_low_precision", "check_gradcheck", "check_opcheck",
+          "check_available"]
+DEVICES = ["interpreter"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 @pytest.fixture(scope="module")
