@@ -3,18 +3,31 @@
 Side by side in one run (float32 on CPU by default; `--device cuda`, `--amp`, `--channels-last`):
 ResNet-50, RedNet-50 and DDF-ResNet-50 at 224 (ratios to ResNet-50), and the face MobileNetV2
 (depthwise) against its TVConv version, trained and frozen for inference, at 96 (ratios to the
-depthwise one). A training step is forward, cross-entropy on
-random labels over the model's outputs, backward and an SGD (momentum) step; inference is eval
-mode under `torch.inference_mode()`. Medians over `--repeat` steps after one warm-up step, whose
-time is reported as "first step" (it includes any one-off cost such as building the compiled
-kernel). Models come from `timm.create_model(name)` after `import models`; names that are not
+depthwise one); with `--models`, also DDF-ResNet-50 (add) and ResNet-18-DCD (ratio to ResNet-18).
+A training step is forward, cross-entropy on random labels over the model's outputs, backward and
+an SGD (momentum) step; inference is eval mode under `torch.inference_mode()`. Medians over
+`--repeat` steps after one warm-up step, whose time is reported as "first step" (it includes any
+one-off cost such as building the compiled kernel). Models come from `timm.create_model(name)` after `import models`; names that are not
 registered are listed as missing.
+
+With `--memory` each model (and each compiled variant) runs in a fresh process, which also reports
+the peak memory of one training step (after the first, so neither compilation nor the optimizer's
+momentum buffers, created in the first step, are counted), side by side with its baseline's. On
+CUDA it is `torch.cuda.max_memory_allocated` above what was allocated before the step. On CPU it
+is the growth of the resident set: the gradients of the previous step are freed, glibc is asked
+to return the pages its freed blocks still hold (`malloc_trim(0)`), the kernel's high-water mark
+is reset to the current resident set (`echo 5 > /proc/self/clear_refs`, Linux), and the step's
+figure is VmHWM minus that baseline (/proc/self/status). It counts what the system had to
+provide: activations kept for backward, gradients, temporaries and any allocator or oneDNN
+scratch, not only PyTorch's own tensors.
 
     python scripts/bench_models.py                 # batch 16, 5 repeats
     python scripts/bench_models.py --quick         # batch 2 at reduced size, 1 repeat: a smoke test
     python scripts/bench_models.py --device cuda --batch 64 --amp --channels-last   # a GPU, as trained there
     python scripts/bench_models.py --compile --size 64 --models RedNet-26 "DDF-ResNet-50 (mul)"   # eager vs compiled
     python scripts/bench_models.py --device cuda --compile default reduce-overhead --models RedNet-26   # + CUDA graphs
+    python scripts/bench_models.py --memory --batch 32 --models ResNet-50 RedNet-50 "DDF-ResNet-50 (mul)"
+    python scripts/bench_models.py --compile --inference-only --batch 1 --models "DDF-ResNet-50 (add)" ResNet-18-DCD
 
 On CUDA every timed step is bracketed by `torch.cuda.synchronize()`, the pixel_filter operators run
 the Triton kernels and the first step includes their compilation (cached by Triton afterwards).
@@ -23,9 +36,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
+import gc
+import json
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +60,7 @@ class Spec:
     baseline: str  # label of the row this one's ratio is taken to
     kwargs: dict = field(default_factory=dict)
     frozen: bool = False  # call freeze() on every operator that has it (TVConv) before inference
+    default: bool = True  # in the run without --models
 
 
 SPECS = [
@@ -49,6 +68,9 @@ SPECS = [
     Spec("RedNet-26", "rednet26", 224, "ResNet-50"),
     Spec("RedNet-50", "rednet50", 224, "ResNet-50"),
     Spec("DDF-ResNet-50 (mul)", "ddf_mul_resnet50", 224, "ResNet-50"),
+    Spec("DDF-ResNet-50 (add)", "ddf_add_resnet50", 224, "ResNet-50", default=False),
+    Spec("ResNet-18", "dynconv_resnet18", 224, "ResNet-18", default=False),
+    Spec("ResNet-18-DCD", "resnet18_dcd", 224, "ResNet-18", default=False),
     Spec("face MobileNetV2 (depthwise)", "face_mobilenetv2_x1_0", 96, "face MobileNetV2 (depthwise)"),
     Spec("face MobileNetV2 + TVConv", "face_mobilenetv2_x1_0", 96, "face MobileNetV2 (depthwise)",
          {"op": "tvconv"}),
@@ -64,17 +86,49 @@ def compiled_label(label: str, mode: str) -> str:
     return f"{label}, compiled" + ("" if mode == "default" else f" ({mode})")
 
 
-def timed(fn, repeat: int) -> tuple[float, float]:
-    """(first call's time, median of the next `repeat` calls), in milliseconds."""
+def first_ms(fn) -> float:
+    """The time of one call of `fn` in milliseconds (the first: it includes any one-off cost)."""
     bench_ops._sync()
     t0 = time.perf_counter()
     fn()
     bench_ops._sync()
-    return 1e3 * (time.perf_counter() - t0), median_ms(fn, repeat, warmup=0)
+    return 1e3 * (time.perf_counter() - t0)
 
 
-def bench(spec: Spec, batch: int, repeat: int, size: int, amp: bool = False,
-          channels_last: bool = False, compile_mode: str | None = None) -> dict:
+def _status_kib(field: str) -> int:
+    """A memory figure of this process from /proc/self/status (VmRSS, VmHWM), in KiB."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def peak_memory_mib(fn) -> float:
+    """Peak memory growth of one call of `fn` in MiB: CUDA, `max_memory_allocated` above what was allocated
+    before; CPU (Linux), the resident set's high-water mark above the resident set before (module docstring)."""
+    if bench_ops.DEVICE.type == "cuda":
+        bench_ops._sync()
+        torch.cuda.reset_peak_memory_stats(bench_ops.DEVICE)
+        base = torch.cuda.memory_allocated(bench_ops.DEVICE)
+        fn()
+        bench_ops._sync()
+        return (torch.cuda.max_memory_allocated(bench_ops.DEVICE) - base) / 2**20
+    if not Path("/proc/self/clear_refs").exists():
+        raise RuntimeError("--memory on CPU reads /proc/self (Linux); run without --memory here")
+    gc.collect()
+    libc = ctypes.CDLL(None)
+    if hasattr(libc, "malloc_trim"):  # glibc: hand the pages that freed blocks keep back to the system
+        libc.malloc_trim(0)
+    with open("/proc/self/clear_refs", "w") as refs:
+        refs.write("5")  # VmHWM := VmRSS (Linux >= 4.0)
+    base = _status_kib("VmHWM")
+    fn()
+    return (_status_kib("VmHWM") - base) / 1024
+
+
+def bench(spec: Spec, batch: int, repeat: int, size: int, amp: bool = False, channels_last: bool = False,
+          compile_mode: str | None = None, memory: bool = False, train: bool = True) -> dict:
     import timm
 
     device = bench_ops.DEVICE
@@ -96,7 +150,7 @@ def bench(spec: Spec, batch: int, repeat: int, size: int, amp: bool = False,
         if compile_mode == "reduce-overhead":  # a new iteration: the previous graph's outputs may be overwritten
             torch.compiler.cudagraph_mark_step_begin()
         return compiled(inputs)
-    if not spec.frozen:
+    if train and not spec.frozen:
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
         model.train()
         with autocast():
@@ -110,7 +164,11 @@ def bench(spec: Spec, batch: int, repeat: int, size: int, amp: bool = False,
             loss.backward()
             opt.step()
 
-        row["first"], row["train"] = timed(step, repeat)
+        row["first"] = first_ms(step)
+        if memory:  # a step after the first, whose one-off costs (compiling, optimizer state) are not counted
+            opt.zero_grad(set_to_none=True)
+            row["memory"] = peak_memory_mib(step)
+        row["train"] = median_ms(step, repeat, warmup=0)
     model.eval()
     if spec.frozen:
         frozen = [m.freeze() for m in model.modules() if hasattr(m, "freeze")]
@@ -121,28 +179,52 @@ def bench(spec: Spec, batch: int, repeat: int, size: int, amp: bool = False,
         with torch.inference_mode(), autocast():
             run(x)
 
-    row["infer"] = timed(infer, repeat)[1]
+    row["infer"] = median_ms(infer, repeat, warmup=1)
     return row
 
 
 def markdown(rows: list[dict], batch: int) -> str:
+    """The table; with --memory two more columns, the training step's peak memory and its ratio."""
     by_label = {r["label"]: r for r in rows if "error" not in r}
+    memory = any("memory" in r for r in rows)
     lines = [f"| model | input | train step ms (batch {batch}) | × baseline | inference ms | × baseline "
-             "| first train step ms |", "|---|---|---:|---:|---:|---:|---:|"]
+             "| first train step ms |" + (" training peak MiB | × baseline |" if memory else ""),
+             "|---|---|---:|---:|---:|---:|---:|" + ("---:|---:|" if memory else "")]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['label']} | | {r['error']} | | | | |")
+            lines.append(f"| {r['label']} | | {r['error']} | | | | |" + (" | |" if memory else ""))
             continue
         base = by_label.get(r["baseline"], {})
 
         def ratio(key):
-            return f"{r[key] / base[key]:.2f}" if key in r and key in base else ""
+            return f"{r[key] / base[key]:.2f}" if key in r and key in base and base[key] > 0 else ""
 
         train = f"{r['train']:.0f}" if "train" in r else "(inference only)"
         first = f"{r['first']:.0f}" if "first" in r else ""
-        lines.append(f"| {r['label']} | {r['size']}² | {train} | {ratio('train')} | {r['infer']:.0f} "
-                     f"| {ratio('infer')} | {first} |")
+        line = (f"| {r['label']} | {r['size']}² | {train} | {ratio('train')} | {r['infer']:.0f} "
+                f"| {ratio('infer')} | {first} |")
+        if memory:
+            line += f" {r['memory']:.0f} | {ratio('memory')} |" if "memory" in r else " | |"
+        lines.append(line)
     return "\n".join(lines)
+
+
+def error_row(spec: Spec, mode: str | None, err: Exception) -> dict:
+    label = compiled_label(spec.label, mode) if mode else spec.label
+    return dict(label=label, error=f"error: {type(err).__name__}: {str(err).splitlines()[0][:120]}")
+
+
+def in_fresh_process(spec: Spec, mode: str | None, args, batch: int, repeat: int, size: int) -> dict:
+    """`bench` of one model (and compile mode) run by this script in a new Python process, so that the
+    memory it measures is not what earlier models left behind."""
+    cmd = [sys.executable, __file__, "--worker", mode or "eager", "--memory", "--models", spec.label,
+           "--batch", str(batch), "--repeat", str(repeat), "--size", str(size), "--device", args.device]
+    cmd += [flag for flag, on in (("--amp", args.amp), ("--channels-last", args.channels_last),
+                                  ("--inference-only", args.inference_only)) if on]
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)  # its stderr (warnings, errors) shows as is
+    if proc.returncode:
+        return error_row(spec, mode, RuntimeError(f"its process ended with exit code {proc.returncode}"))
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def main(argv=None) -> None:
@@ -158,6 +240,10 @@ def main(argv=None) -> None:
     ap.add_argument("--compile", nargs="*", default=None, choices=COMPILE_MODES, metavar="MODE",
                     help="each model also under torch.compile (inductor) in each MODE (default: 'default'; "
                          f"choices: {', '.join(COMPILE_MODES)}), its ratio taken to the eager row")
+    ap.add_argument("--memory", action="store_true",
+                    help="also the peak memory of a training step; each model runs in a fresh process")
+    ap.add_argument("--inference-only", action="store_true", help="no training step (e.g. at batch 1)")
+    ap.add_argument("--worker", choices=("eager", *COMPILE_MODES), help=argparse.SUPPRESS)  # in_fresh_process
     args = ap.parse_args(argv)
     batch, repeat, scale = (2, 1, 1 / 3) if args.quick else (args.batch, args.repeat, 1.0)
     modes = [] if args.compile is None else (args.compile or ["default"])
@@ -168,11 +254,20 @@ def main(argv=None) -> None:
     import timm
     import models  # noqa: F401  (registers the project's backbones with timm)
 
-    specs = [s for s in SPECS if not args.models or s.label in args.models or s.name in args.models]
+    specs = [s for s in SPECS if (s.label in args.models or s.name in args.models if args.models else s.default)]
+    if args.worker:
+        mode = None if args.worker == "eager" else args.worker
+        try:
+            row = bench(specs[0], batch, repeat, args.size, args.amp, args.channels_last, mode, args.memory,
+                        not args.inference_only)
+        except Exception as err:
+            row = error_row(specs[0], mode, err)
+        print(json.dumps(row))
+        return
     known = set(timm.list_models())
     missing = sorted({s.name for s in specs if s.name not in known})
     print(header() + f"; float32{' + bfloat16 autocast' if args.amp else ''}"
-          f"{', channels_last' if args.channels_last else ''}")
+          f"{', channels_last' if args.channels_last else ''}", flush=True)
     if missing:
         print(f"missing models (not registered with timm yet): {', '.join(missing)}")
     rows = []
@@ -180,13 +275,18 @@ def main(argv=None) -> None:
         if spec.name in missing:
             continue
         for mode in [None] + modes:
-            try:
-                size = args.size or max(32, int(spec.size * scale) // 32 * 32)
-                rows.append(bench(spec, batch, repeat, size, args.amp, args.channels_last, mode))
-            except Exception as err:  # report and go on: one broken model must not hide the others
-                label = compiled_label(spec.label, mode) if mode else spec.label
-                rows.append(dict(label=label, error=f"error: {type(err).__name__}: {str(err).splitlines()[0][:120]}"))
-            print(rows[-1], file=sys.stderr)
+            size = args.size or max(32, int(spec.size * scale) // 32 * 32)
+            print(f"{compiled_label(spec.label, mode) if mode else spec.label} at {size}² ...", file=sys.stderr,
+                  flush=True)
+            if args.memory:
+                rows.append(in_fresh_process(spec, mode, args, batch, repeat, size))
+            else:
+                try:
+                    rows.append(bench(spec, batch, repeat, size, args.amp, args.channels_last, mode,
+                                      train=not args.inference_only))
+                except Exception as err:  # report and go on: one broken model must not hide the others
+                    rows.append(error_row(spec, mode, err))
+            print(rows[-1], file=sys.stderr, flush=True)
     print(markdown(rows, batch))
 
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import math
 import os
 import statistics
 import sys
@@ -212,55 +213,77 @@ def pixel_filter_forms(b: int, c: int, h: int, w: int):
     ]
 
 
-def run(shapes, ops, repeat: int, log=print) -> list[dict]:
+def depthwise(c: int, k: int) -> nn.Module:
+    return nn.Conv2d(c, c, k, padding=k // 2, groups=c).to(DEVICE)
+
+
+def plan(shapes, ops, repeat: int, backends=("reference", "fast"), primitives: bool = True) -> list[dict]:
+    """Every row to measure, in order: per shape the conv baselines (a depthwise conv of each kernel size the
+    operators use), each operator module under each backend (and, for one with a `fused` switch, unfused on
+    the fast backend), then the raw pixel_filter forms. Each row's `run` returns the measured figures."""
+    kernels = sorted({3} | {KERNEL_SIZE.get(name, 3) for name in ops})
+    compiled, _, available = COMPILED[DEVICE.type]
     rows = []
-
-    def add(shape, name, backend, fn):
-        try:
-            res = fn()
-        except Exception as err:  # one broken operator must not hide the others' figures
-            res = dict(error=f"{type(err).__name__}: {err}".splitlines()[0][:120])
-        rows.append(dict(shape=shape, name=name, backend=backend, **res))
-        log(format_row(rows[-1]), file=sys.stderr)
-
     for b, c, h, w in shapes:
         shape = f"{b}x{c}x{h}x{w}"
-        torch.manual_seed(0)
-        x = torch.randn(b, c, h, w, device=DEVICE)
-        add(shape, "nn.Conv2d 3x3", "-", lambda: measure_module(nn.Conv2d(c, c, 3, padding=1).to(DEVICE), x, repeat))
-        add(shape, "depthwise 3x3", "-",
-            lambda: measure_module(nn.Conv2d(c, c, 3, padding=1, groups=c).to(DEVICE), x, repeat))
-        if "involution" in ops:
-            add(shape, "depthwise 7x7", "-",
-                lambda: measure_module(nn.Conv2d(c, c, 7, padding=3, groups=c).to(DEVICE), x, repeat))
+
+        def x(b=b, c=c, h=h, w=w):  # the shape's input, made when a row is measured (the same seed for each)
+            torch.manual_seed(0)
+            return torch.randn(b, c, h, w, device=DEVICE)
+
+        def add(name, backend, k, fn):
+            rows.append(dict(shape=shape, name=name, backend=backend, k=k, run=fn))
+
+        add("nn.Conv2d 3x3", "-", 3, lambda c=c, x=x: measure_module(nn.Conv2d(c, c, 3, padding=1).to(DEVICE),
+                                                                       x(), repeat))
+        for k in kernels:
+            add(f"depthwise {k}x{k}", "-", k, lambda c=c, k=k, x=x: measure_module(depthwise(c, k), x(), repeat))
         for name in ops:
             try:
-                same_path = not consults_backend(make_op(name, c, h, w).eval(), x[:1])
+                fused_switch = hasattr(make_op(name, c, h, w), "fused")
             except Exception:  # the timed rows below report the error
-                same_path = False
-            for backend in ("reference", "fast"):
-                def bench(name=name, backend=backend):
-                    op = make_op(name, c, h, w)
+                fused_switch = False
+            variants = [(backend, True) for backend in backends]
+            if fused_switch and "fast" in backends:
+                variants.append(("fast unfused", False))
+            for label, fused in variants:
+                def bench(name=name, backend=label.split()[0], fused=fused, c=c, h=h, w=w, x=x):
+                    op, inputs = make_op(name, c, h, w), x()
+                    if not fused:
+                        op.fused = False
+                    same_path = not consults_backend(op.eval(), inputs[:1])
                     with dynconv.use_backend(backend):
-                        return measure_module(op, x, repeat)
-                add(shape, name, backend, bench)
-                rows[-1]["same_path"] = same_path
-            if name == "involution":
-                def bench_unfused():
-                    op = make_op(name, c, h, w)
-                    op.fused = False
-                    return measure_module(op, x, repeat)
-                add(shape, name, "fast unfused", bench_unfused)
-        compiled, _, available = COMPILED[DEVICE.type]
+                        return dict(measure_module(op, inputs, repeat), same_path=same_path)
+                add(name, label, KERNEL_SIZE.get(name, 3), bench)
+        if not primitives:
+            continue
         for name, fn, inputs in pixel_filter_forms(b, c, h, w):
+            k = math.isqrt(inputs[1].shape[2])  # spatial: (B, G, K*K, Ho, Wo)
             for label, backend, on in ((compiled, "fast", True), ("fast", "fast", False),
                                        ("reference", "reference", False)):
+                if backend not in backends:
+                    continue
+
                 def bench(fn=fn, inputs=inputs, backend=backend, on=on):
                     with compiled_enabled(on), dynconv.use_backend(backend):
                         if on and not available(*inputs):
                             raise RuntimeError(f"{compiled} kernel not available on {DEVICE}")
                         return measure_fn(fn, inputs, repeat)
-                add(shape, name, label, bench)
+                add(name, label, k, bench)
+    return rows
+
+
+def run(shapes, ops, repeat: int, log=print, backends=("reference", "fast"), primitives: bool = True) -> list[dict]:
+    """Measure the rows of `plan`, logging each as it starts (with its index and the elapsed time) and ends."""
+    rows, start = plan(shapes, ops, repeat, backends, primitives), time.perf_counter()
+    for i, row in enumerate(rows, 1):
+        log(f"[{i}/{len(rows)}, {time.perf_counter() - start:.0f} s] {row['shape']} {row['name']} "
+            f"({row['backend']}) ...", file=sys.stderr, flush=True)
+        try:
+            row.update(row.pop("run")())
+        except Exception as err:  # one broken operator must not hide the others' figures
+            row["error"] = f"{type(err).__name__}: {err}".splitlines()[0][:120]
+        log(format_row(row), file=sys.stderr, flush=True)
     return rows
 
 
@@ -271,23 +294,25 @@ def format_row(r: dict) -> str:
 
 
 def markdown(rows: list[dict]) -> str:
-    """The table, with each fwd+bwd time also as a ratio to the depthwise conv and to the reference."""
-    dw = {r["shape"]: r["fb"] for r in rows if r["name"] == "depthwise 3x3" and "fb" in r}
+    """The table, with each fwd+bwd time and peak memory also as a ratio to the depthwise conv of the row's
+    kernel size (K 7 for involution, 3 otherwise) and to the operator's reference backend."""
+    dw = {(r["shape"], r["k"]): r for r in rows if r["name"].startswith("depthwise") and "fb" in r}
     ref = {(r["shape"], r["name"]): r for r in rows if r["backend"] == "reference" and "fb" in r}
-    lines = ["| shape | operator | backend | fwd ms | fwd+bwd ms | peak MB (fwd+bwd) | fwd+bwd / dw 3x3 "
-             "| speed-up vs reference (fwd+bwd) | memory vs reference |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| shape | operator | backend | fwd ms | fwd+bwd ms | peak MB (fwd+bwd) | fwd+bwd / depthwise KxK "
+             "| speed-up vs reference (fwd+bwd) | memory vs reference | peak MB / depthwise KxK |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['shape']} | {r['name']} | {r['backend']} | error: {r['error']} | | | | | |")
+            lines.append(f"| {r['shape']} | {r['name']} | {r['backend']} | error: {r['error']} | | | | | | |")
             continue
-        base = ref.get((r["shape"], r["name"]))
-        ratio = f"{r['fb'] / dw[r['shape']]:.2f}" if r["shape"] in dw else ""
+        base, conv = ref.get((r["shape"], r["name"])), dw.get((r["shape"], r["k"]))
+        ratio = f"{r['fb'] / conv['fb']:.2f}" if conv else ""
         speed = f"{base['fb'] / r['fb']:.1f}x" if base and base is not r else ""
         speed = "same path" if r.get("same_path") and speed else speed
         mem = f"{r['mem'] / base['mem']:.2f}" if base and base is not r and base["mem"] > 0 else ""
+        mem_dw = f"{r['mem'] / conv['mem']:.2f}" if conv and conv["mem"] > 0 else ""
         lines.append(f"| {r['shape']} | {r['name']} | {r['backend']} | {r['fwd']:.1f} | {r['fb']:.1f} "
-                     f"| {r['mem']:.1f} | {ratio} | {speed} | {mem} |")
+                     f"| {r['mem']:.1f} | {ratio} | {speed} | {mem} | {mem_dw} |")
     return "\n".join(lines)
 
 
@@ -323,6 +348,10 @@ def main(argv=None) -> None:
     ap.add_argument("--quick", action="store_true", help="tiny shape, 2 repeats, 1 thread: a smoke test")
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
                     help="cpu: native C++ kernel rows; cuda: Triton kernel rows, cuDNN baselines")
+    ap.add_argument("--backends", nargs="+", default=["reference", "fast"], choices=("reference", "fast"),
+                    help="primitive backends to time (default both; 'fast' alone skips the slow unfold reference)")
+    ap.add_argument("--modules-only", action="store_true",
+                    help="only the operator modules and the conv baselines, not the raw pixel_filter rows")
     args = ap.parse_args(argv)
     global DEVICE
     DEVICE = torch.device(args.device)
@@ -335,8 +364,8 @@ def main(argv=None) -> None:
     ops = args.ops or dynconv.list_ops()
     for name in ops:
         dynconv.get_op(name)  # an unknown name fails here, listing the known ones
-    print(header())
-    print(markdown(run(shapes, ops, repeat)))
+    print(header(), flush=True)
+    print(markdown(run(shapes, ops, repeat, backends=args.backends, primitives=not args.modules_only)))
 
 
 if __name__ == "__main__":

@@ -82,3 +82,63 @@ def test_cuda_report_fails_where_torch_sees_no_gpu(tmp_path):
                           env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHON": sys.executable})
     assert proc.returncode == 1 and "torch sees no CUDA device" in proc.stderr
     assert not list((tmp_path / "report").glob("*.log"))  # no step ran
+
+
+def _load(name, monkeypatch):
+    import importlib.util
+
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, name, module)  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def _cells(line):
+    return [cell.strip() for cell in line.split("|")[1:-1]]
+
+
+def test_peak_memory_counts_a_step_once_and_resets_between_steps(monkeypatch):
+    """The CPU memory figure is the resident growth of one call: a 64 MiB tensor written and freed reads
+    64 MiB, and again on a second call, whose baseline is not the first's peak (the interpreter's own
+    allocations and frees meanwhile move it by well under 4 MiB)."""
+    bench_models = _load("bench_models", monkeypatch)
+    monkeypatch.setattr(bench_models.bench_ops, "DEVICE", torch.device("cpu"))  # main() of another test sets it
+    mib = 64
+    readings = [bench_models.peak_memory_mib(lambda: torch.ones(mib * 2**18)) for _ in range(2)]
+    assert all(abs(peak - mib) < 4 for peak in readings), readings
+
+
+@pytest.mark.slow
+def test_bench_models_memory_column_from_a_fresh_process_per_model():
+    out = _script("bench_models.py", "--quick", "--memory", "--size", "32", "--models", "ResNet-50",
+                  "DDF-ResNet-50 (mul)").stdout
+    table = [_cells(line) for line in out.splitlines() if line.startswith("| ")]
+    assert table[0][-2:] == ["training peak MiB", "× baseline"]
+    rows = {cells[0]: cells for cells in table[1:]}
+    assert set(rows) == {"ResNet-50", "DDF-ResNet-50 (mul)"}
+    for cells in rows.values():
+        assert float(cells[-2]) > 0 and float(cells[-1]) > 0  # a step holds at least its gradients
+    assert rows["ResNet-50"][-1] == "1.00"  # its own baseline
+
+
+def test_bench_ops_module_rows_against_the_depthwise_conv_of_their_kernel_size(monkeypatch, capsys):
+    """--modules-only --backends fast: the involution module (fused and unfused) is compared with a depthwise
+    7x7, dk_local with a depthwise 3x3; each row is announced on stderr before it is measured."""
+    bench_ops = _load("bench_ops", monkeypatch)
+    threads = torch.get_num_threads()
+    try:
+        bench_ops.main(["--quick", "--modules-only", "--backends", "fast", "--ops", "involution", "dk_local"])
+    finally:
+        torch.set_num_threads(threads)
+    out, err = capsys.readouterr()
+    table = [_cells(line) for line in out.splitlines() if line.startswith("| 2x16x8x8")]
+    assert [(c[1], c[2]) for c in table] == [
+        ("nn.Conv2d 3x3", "-"), ("depthwise 3x3", "-"), ("depthwise 7x7", "-"), ("involution", "fast"),
+        ("involution", "fast unfused"), ("dk_local", "fast")]
+    rows = {(c[1], c[2]): c for c in table}
+    for key in (("involution", "fast"), ("involution", "fast unfused"), ("dk_local", "fast")):
+        float(rows[key][6])  # fwd+bwd / depthwise KxK: a number
+    assert rows[("depthwise 7x7", "-")][6] == rows[("depthwise 3x3", "-")][6] == "1.00"
+    assert "[1/6, " in err and "[6/6, " in err
