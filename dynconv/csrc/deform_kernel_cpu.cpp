@@ -94,6 +94,7 @@ void forward_kernel(const Geom& g, const T* x, const T* off, const T* wt, T* out
           }
       }
       T* orow = out + (b * g.Ho + i) * g.Wo * C;
+      std::fill_n(orow, g.Wo * C, T(0));  // zeroed here, where the row is then accumulated in cache
       for (int64_t t = 0; t < KK; ++t) {
         const int64_t fh = t / g.K, fw = t % g.K;
         const int64_t y = i * g.sh - g.ph + fh * g.dh;
@@ -132,6 +133,9 @@ void backward_kernel(const Geom& g, const T* go, const T* x, const T* off, const
     T* gwt = gwt_partials + at::get_thread_num() * g.G * P * M;
     for (int64_t u = u0; u < u1; ++u) {
       const int64_t b = u / g.G, gi = u % g.G;
+      // the item's slices of grad x and grad offset, zeroed by the thread that accumulates them
+      for (int64_t q = 0; q < g.H * g.W; ++q) std::fill_n(gx + (b * g.H * g.W + q) * C + gi * M, M, T(0));
+      std::fill_n(goff + (b * g.G + gi) * KK * 2 * plane, KK * 2 * plane, T(0));
       const T* wg = wt + gi * P * M;
       T* gwg = gwt + gi * P * M;
       for (int64_t i = 0; i < g.Ho; ++i)
@@ -208,7 +212,7 @@ Geom make_geom(const at::Tensor& x, const at::Tensor& off, const at::Tensor& wt,
 at::Tensor forward(const at::Tensor& x, const at::Tensor& off, const at::Tensor& wt, int64_t K, int64_t sh,
                    int64_t sw, int64_t ph, int64_t pw, int64_t dh, int64_t dw, int64_t Sh, int64_t Sw) {
   const Geom g = make_geom(x, off, wt, K, sh, sw, ph, pw, dh, dw, Sh, Sw);
-  at::Tensor out = at::zeros({g.B, g.Ho, g.Wo, g.G, g.M}, x.options());
+  at::Tensor out = at::empty({g.B, g.Ho, g.Wo, g.G, g.M}, x.options());  // each row zeroed by its item
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "deform_kernel_local_forward", [&] {
     forward_kernel<scalar_t>(g, x.data_ptr<scalar_t>(), off.data_ptr<scalar_t>(), wt.data_ptr<scalar_t>(),
                              out.data_ptr<scalar_t>());
@@ -223,8 +227,8 @@ std::vector<at::Tensor> backward(const at::Tensor& go, const at::Tensor& x, cons
   TORCH_CHECK(go.is_contiguous() && go.scalar_type() == x.scalar_type() &&
                   go.sizes() == at::IntArrayRef({g.B, g.Ho, g.Wo, g.G, g.M}),
               "native deform_kernel_local: grad_output must be contiguous (B, Ho, Wo, G, M) of x's dtype");
-  at::Tensor gx = at::zeros_like(x);
-  at::Tensor goff = at::zeros_like(off);
+  at::Tensor gx = at::empty_like(x);  // each (sample, group) slice zeroed by its item
+  at::Tensor goff = at::empty_like(off);
   at::Tensor partials = at::zeros({at::get_num_threads(), g.G, g.P(), g.M}, wt.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "deform_kernel_local_backward", [&] {
     backward_kernel<scalar_t>(g, go.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), off.data_ptr<scalar_t>(),
