@@ -18,8 +18,10 @@
 #
 # Each step's log goes to OUT_DIR/<step>.log; its tail and exit code are printed. BUDGET (s, default 470) bounds
 # the whole run: each step gets min(its own limit, the time left) and a step that would get under 20 s is
-# skipped. STEPS picks steps (default: the list above); opt-in steps kept from earlier reports: "ops"
-# (bench_ops.py), "profile", "compile" (eager vs torch.compile vs CUDA graphs) and "train" (2 epochs of train.py).
+# skipped. STEPS picks steps (default: the list above); opt-in steps kept from earlier reports (raise BUDGET for
+# them): "ops" (bench_ops.py), "profile", "compile" (eager vs torch.compile vs CUDA graphs), "smoke" (a two-run
+# ablation sweep), "suites" (scripts/run_suites.sh into OUT_DIR/suites within SUITES_DEADLINE s) and "train"
+# (2 epochs of train.py).
 # Exit 1 when torch sees no CUDA device (except in a dry run) or when any step failed.
 set -u
 out=${1:-cuda_report}
@@ -65,7 +67,7 @@ step() {
         elif [ "$1" = "$py" ] && [[ "${2:-}" == *.py ]]; then
             set -- "$py" scripts/check_command.py "${@:2}"
         elif [ "$1" != "$py" ] || [ "${2:-}" != "-c" ]; then
-            set -- command -v "$1"
+            set -- bash -c 'command -v "$1"' command "$1"
         fi
         set -- "${vars[@]}" "$@"
         limit=300
@@ -104,6 +106,11 @@ step ops 300 "$py" scripts/bench_ops.py --device cuda --repeat 20
 step profile 120 "$py" scripts/profile_pixel_filter.py --device cuda --rows 6
 step compile 300 "$py" scripts/bench_models.py --device cuda --batch 16 --repeat 10 \
     --models RedNet-26 "face MobileNetV2 + TVConv" --compile default reduce-overhead
+step smoke 300 "$py" train.py -m experiment=ablation_grid seed=0 "++op={name:involution},{name:dk_local}" \
+    policy=deep_only data.train_subset=256 data.workers=0 trainer.epochs=1 trainer.eval_interval=1 \
+    trainer.limit_val_batches=2 trainer.precise_bn_batches=1 hydra.launcher.n_jobs=2 hydra.sweep.dir="$out/smoke"
+step suites "${SUITES_DEADLINE:-1800}" env DEADLINE="${SUITES_DEADLINE:-1800}" PYTHON="$py" \
+    EXTRA="data.workers=0 ${SUITES_EXTRA:-}" bash scripts/run_suites.sh "$out/suites" ${SUITES:-}
 step train 300 "$py" train.py model=rednet26 data=synthetic data.img_size=64 data.batch_size=64 trainer.device=cuda \
     trainer.amp=true trainer.channels_last=true trainer.epochs=2 "hydra.run.dir=$out/train_run"
 exit "$failed"
