@@ -7,7 +7,8 @@ the pass can have: every input read once and every output written once (forward:
 backward: grad_out, x, r, W2, b2 → grad x, r, W2, b2). "× floor" is the measured time over bytes / the
 device's copy bandwidth, itself measured here (a 1 GiB device-to-device `copy_`, read + write).
 
-`--table dk`: the `dk_local` operator module (3×3) fwd+bwd against `nn.Conv2d` depthwise 3×3 fwd+bwd.
+`--table dk`: the `dk_local` operator module (3×3) fwd+bwd against `nn.Conv2d` depthwise 3×3 fwd+bwd (bf16:
+float32 modules under bfloat16 autocast).
 
     python scripts/bench_floor.py --device cuda --table floor dk --batch 64
     python scripts/bench_floor.py --device cpu --batch 1 --repeat 1 --table dk     # a smoke run
@@ -64,18 +65,22 @@ def floor_rows(batch: int, dtype: torch.dtype, repeat: int, bandwidth: float):
 
 
 def dk_rows(batch: int, dtype: torch.dtype, repeat: int):
+    """fwd+bwd of float32 modules, under bfloat16 autocast for bf16 (as the models train)."""
+    dev = bench_ops.DEVICE
     for C, size in STAGES:
-        x = torch.randn(batch, C, size, size, device=bench_ops.DEVICE, dtype=dtype).requires_grad_()
+        x = torch.randn(batch, C, size, size, device=dev).requires_grad_()
         modules = {"dk_local": bench_ops.make_op("dk_local", C, size, size),
-                   "depthwise 3×3": nn.Conv2d(C, C, 3, padding=1, groups=C, bias=False)}
+                   "depthwise 3×3": nn.Conv2d(C, C, 3, padding=1, groups=C, bias=False).to(dev)}
         times = {}
         for name, module in modules.items():
-            module = module.to(bench_ops.DEVICE, dtype).train()
+            module.train()
 
             def step(module=module):
                 x.grad = None
                 module.zero_grad(set_to_none=True)
-                module(x).sum().backward()
+                with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+                    out = module(x)
+                out.float().sum().backward()
 
             times[name] = median_ms(step, repeat)
         yield (f"| {batch}×{C}×{size}² | {times['dk_local']:.3f} | {times['depthwise 3×3']:.3f} "
