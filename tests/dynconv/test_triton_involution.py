@@ -127,7 +127,8 @@ def check_gradcheck(device):
         return involution(*t, **geometry)
 
     assert type(f(*leaves).grad_fn).__name__ == TRITON_NODE
-    assert torch.autograd.gradcheck(f, leaves, fast_mode=True)
+    # grad W2 and b2 are sums by atomics: on a GPU their order, and so the last bits, vary between runs
+    assert torch.autograd.gradcheck(f, leaves, fast_mode=True, nondet_tol=1e-12)
 
 
 def check_available(device):
