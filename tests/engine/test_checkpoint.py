@@ -108,3 +108,23 @@ def test_run_state_round_trips_every_part_and_the_progress(tmp_path):
     assert torch.equal(opt2.state_dict()["state"][0]["momentum_buffer"], opt.state_dict()["state"][0]["momentum_buffer"])
     assert [getattr(restored, k) for k in RunState.PROGRESS] == [getattr(saved, k) for k in RunState.PROGRESS]
     assert state["config"] == "model: {name: x}\n" and state["scheduler"] is None and "rng" in state
+
+
+def test_non_finite_weights_at_a_save_name_last_pt_only_if_it_exists(tmp_path):
+    """The stop before a save of NaN weights says which checkpoint keeps the last finite state, or that none was
+    written yet (it named a last.pt that did not exist)."""
+    from types import SimpleNamespace
+
+    from engine.trainer import NonFiniteLossError, Run
+
+    net = torch.nn.Linear(2, 2)
+    with torch.no_grad():
+        net.weight[0, 0] = float("nan")
+    run = SimpleNamespace(main=True, model=net, ckpt_dir=tmp_path / "checkpoints", lr=lambda: 0.1,
+                          state=SimpleNamespace(num_updates=7))
+    with pytest.raises(NonFiniteLossError, match=r"weight holds NaN/inf at step 7 \(lr 0.1\); no checkpoint was "
+                                                 r"written before"):
+        Run.save(run)
+    ck.atomic_save({"a": 1}, run.ckpt_dir / "last.pt")
+    with pytest.raises(NonFiniteLossError, match=f"{run.ckpt_dir / 'last.pt'} keeps the last finite state"):
+        Run.save(run)
