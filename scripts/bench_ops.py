@@ -22,8 +22,13 @@ CUDA `max_memory_allocated` above what was allocated before the pass. On CUDA ev
 bracketed by `torch.cuda.synchronize()`, the warm-up call pays the Triton compile, and the
 baselines are cuDNN's.
 
-    python scripts/bench_ops.py                      # full tables (minutes: the unfold reference is slow)
+Each row is announced on stderr as it starts ("[i/N, elapsed s] shape operator (backend) ...") and
+printed when measured; the table follows on stdout. "/ depthwise KxK" compares a row with the
+depthwise conv of its own kernel size (7 for involution, 3 otherwise).
+
+    python scripts/bench_ops.py                      # full tables (long: every operator, 4 shapes, the unfold reference)
     python scripts/bench_ops.py --ops involution ddf --shapes 32x64x56x56 --repeat 7
+    python scripts/bench_ops.py --ops involution dk_local --shapes 32x64x56x56 --backends fast --modules-only
     python scripts/bench_ops.py --quick              # tiny smoke run
     python scripts/bench_ops.py --device cuda        # on a GPU: Triton kernels vs cuDNN and the reference
 """
