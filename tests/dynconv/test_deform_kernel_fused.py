@@ -12,9 +12,10 @@ from dynconv.ops.deformable_kernel import DeformKernelLocal
 from tests.dynconv.test_compile import assert_compiled_equals_eager
 
 
-# (B, C, H, W, G, k, stride, dilation, scope): odd and non-square sizes, offset groups 1 and > 1, k 3 and 5
+# (B, C, H, W, G, k, stride, dilation, scope): odd and non-square sizes, offset groups 1, > 1 and one per
+# channel, k 3 and 5
 CASES = [(2, 6, 7, 6, 3, 3, 1, 1, (4, 5)), (2, 4, 9, 8, 1, 3, 2, 2, (4, 4)), (1, 8, 5, 5, 2, 3, 1, 1, (3, 3)),
-         (3, 6, 8, 7, 2, 5, 2, 1, (6, 5)), (2, 3, 6, 5, 1, 3, 1, 2, (5, 5))]
+         (3, 6, 8, 7, 2, 5, 2, 1, (6, 5)), (2, 3, 6, 5, 1, 3, 1, 2, (5, 5)), (2, 4, 5, 6, 4, 3, 2, 1, (4, 4))]
 
 
 def _inputs(B, C, H, W, G, k, s, d, scope, dtype=torch.float64, seed=0):
