@@ -36,6 +36,14 @@ def watched_signals() -> list[signal.Signals]:
     return list(dict.fromkeys(s for s in (signal.SIGTERM, usr) if s is not None))
 
 
+def ignore_in_worker(worker_id: int) -> None:
+    """DataLoader `worker_init_fn`: workers leave the watched signals to the main process. A cluster signals every
+    process of a job, and torch's own SIGTERM handler in a worker ends it, which fails the loader mid-save; the
+    loader still stops its workers through its done event, and a worker exits when the main process does."""
+    for s in watched_signals():
+        signal.signal(s, signal.SIG_IGN)
+
+
 class Preempted(SystemExit):
     """Raised after the preemption checkpoint is written; exits with the usual status of a signal, 128 + signum."""
 

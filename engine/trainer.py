@@ -111,7 +111,7 @@ def data_loader(dataset, cfg: DictConfig, dist, device: torch.device, *, shuffle
     return DataLoader(SeededItems(dataset), batch_sampler=batches, num_workers=d.workers,
                       pin_memory=d.pin_memory and device.type == "cuda",
                       persistent_workers=d.persistent_workers and d.workers > 0,
-                      generator=torch.Generator().manual_seed(seed))
+                      generator=torch.Generator().manual_seed(seed), worker_init_fn=preemption.ignore_in_worker)
 
 
 def eval_batches(cfg: DictConfig) -> int | None:

@@ -40,16 +40,18 @@ def _stop_line(text, name):
 
 
 def test_sigterm_mid_epoch_saves_that_step_and_the_resumed_run_matches(tmp_path, reference):
+    """SIGTERM to the whole process group, DataLoader workers included, as a cluster sends it."""
     run = tmp_path / "run"
-    cmd = [sys.executable, str(ROOT / "train.py"), *TINY_MODEL, *TINY, *ARGS, f"hydra.run.dir={run}"]
+    tiny = [a for a in TINY if not a.startswith("data.workers=")]
+    cmd = [sys.executable, str(ROOT / "train.py"), *TINY_MODEL, *tiny, "data.workers=2", *ARGS, f"hydra.run.dir={run}"]
     proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
     log = run / "train.log"
     deadline = time.monotonic() + 300
     while not (log.exists() and "epoch 0:" in log.read_text()):  # the marker: epoch 1 is under way
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
         time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
+    os.killpg(proc.pid, signal.SIGTERM)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
     state = ck.load(run / "checkpoints" / "last.pt")
