@@ -5,9 +5,9 @@ k×k kernel at pixel p is W_c(fh + Δh + (S_h−k)/2, fw + Δw + (S_w−k)/2), c
 c mod G. Sampling follows the official `planar_bilinear`: 0 unless −1 < h < S_h and −1 < w < S_w, and
 corners outside the scope count as 0.
 
-Backends: "reference" resamples the whole (B, C, k², Ho, Wo) kernel with one gather per bilinear
-corner (all taps at once) and filters with `pixel_filter`'s reference: plain PyTorch ops, the tests'
-oracle and what `torch.export`/ONNX see. "fast" is the custom op `torch.ops.dynconv.deform_kernel_local`
+Backends: "reference" resamples the whole (B, C, k², Ho, Wo) kernel with one gather (every corner of
+every tap) and filters with `pixel_filter`'s reference: plain PyTorch ops, the tests' oracle and what
+`torch.export`/ONNX see. "fast" is the custom op `torch.ops.dynconv.deform_kernel_local`
 (fake kernel and registered autograd): for CPU tensors the compiled kernel
 (`dynconv/csrc/deform_kernel_cpu.cpp`) samples each tap's kernel value where it multiplies the input,
 forward and backward; elsewhere a PyTorch tap loop that holds one tap's (B, C, Ho, Wo) kernel at a time.
