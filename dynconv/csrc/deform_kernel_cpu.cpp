@@ -19,6 +19,7 @@
 // - Backward: one work item per (b, g), all rows: grad x accumulated in place (the item owns its
 //   input planes), grad offset written once per (pixel, tap, group), grad weight summed into
 //   per-thread partials that are added at the end.
+// Types: float and double (the caller computes bfloat16/float16 inputs in float).
 // Threads: ATen's intra-op pool (at::parallel_for), so torch.set_num_threads applies.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
