@@ -10,8 +10,10 @@ every tap) and filters with `pixel_filter`'s reference: plain PyTorch ops, the t
 `torch.export`/ONNX see. "fast" is the custom op `torch.ops.dynconv.deform_kernel_local`
 (fake kernel and registered autograd): for CPU tensors the compiled kernel
 (`dynconv/csrc/deform_kernel_cpu.cpp`) samples each tap's kernel value where it multiplies the input,
-forward and backward; elsewhere a PyTorch tap loop that holds one tap's (B, C, Ho, Wo) kernel at a time.
-Neither keeps the per-pixel kernel. The compiled kernel computes float32 and float64 natively and
+forward and backward; CUDA tensors take the Triton kernels (`triton_deform_kernel`, op
+`dynconv::deform_kernel_local_triton`, equally unmaterialised) where triton is installed; elsewhere a
+PyTorch tap loop that holds one tap's (B, C, Ho, Wo) kernel at a time.
+None keeps the per-pixel kernel. The compiled kernel computes float32 and float64 natively and
 bfloat16/float16 in float32.
 """
 from __future__ import annotations
@@ -21,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.modules.utils import _pair
 
+from . import triton_deform_kernel
 from .backend import resolve
 from .geometry import conv_out_hw, resolve_padding
 from .library import absent, register_autograd
@@ -282,5 +285,8 @@ def deform_kernel_local(x: Tensor, offset: Tensor, weight: Tensor, *, kernel_siz
     if resolve(backend) == "reference":
         kernel = resampled_kernel(weight, offset, k)
         return pixel_filter(x, kernel, kernel_size=k, stride=s, padding=p, dilation=d, backend="reference")
+    op = torch.ops.dynconv.deform_kernel_local
+    if triton_deform_kernel.available(x, offset, weight):
+        op = torch.ops.dynconv.deform_kernel_local_triton  # CUDA (or the opted-in interpreter)
     with torch.autocast(x.device.type, enabled=False):
-        return torch.ops.dynconv.deform_kernel_local(x, offset, weight, k, list(s), list(p), list(d))
+        return op(x, offset, weight, k, list(s), list(p), list(d))
