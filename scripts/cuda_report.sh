@@ -87,7 +87,8 @@ step env 30 "$py" -c 'import torch, triton
 print("torch", torch.__version__, "triton", triton.__version__,
       torch.cuda.get_device_name() if torch.cuda.is_available() else "(no CUDA device)")'
 step tests 150 "$py" -m pytest -q -p no:cacheprovider -n "${TEST_WORKERS:-12}" -k cuda \
-    tests/dynconv/test_triton_pixel_filter.py tests/dynconv/test_triton_involution.py tests/dynconv/test_devices.py \
+    tests/dynconv/test_triton_pixel_filter.py tests/dynconv/test_triton_involution.py \
+    tests/dynconv/test_triton_deform_kernel.py tests/dynconv/test_devices.py \
     tests/dynconv/test_sample_conv.py tests/dynconv/test_native.py tests/dynconv/test_compile.py \
     tests/dynconv/test_custom_ops.py
 models=(--models ResNet-50 RedNet-50 "DDF-ResNet-50 (mul)" "face MobileNetV2 (depthwise)" "face MobileNetV2 + TVConv")

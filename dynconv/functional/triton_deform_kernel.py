@@ -242,6 +242,7 @@ def backward(grad_out: Tensor, x: Tensor, offset: Tensor, weight: Tensor, K: int
                 *offset.stride(), *weight.stride(), *gx.stride(), **meta)
         if need[1] or need[2]:
             meta = _meta(x, weight, K, s, d, G, Ho * Wo)
+            meta["BLOCK"] = max(16, meta["BLOCK"] // 2)  # two tiles live (P and W at a corner): spills at full size
             goff = torch.empty_like(offset)
             gw = torch.zeros(weight.shape, dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
             wrap_triton(_grad_offset_weight_kernel)[(B * G * triton.cdiv(Ho * Wo, meta["BLOCK"]),)](
