@@ -4,10 +4,11 @@ before device time is spent.
 
 Each kernel is compiled by `triton.compile` from its source (`ASTSource`) for
 `GPUTarget("cuda", 90, 32)` with the tile the launcher picks at the shapes below (RedNet-50's four
-involution stages at batch 64, K 7, a DDF stage, K 3, and two `dk_local` stages, K 3); `ptxas -v`
-(bundled with triton) reports registers and spill bytes, Triton's metadata the shared memory. Pointers are declared 16-byte
-aligned (as torch allocations are); integer arguments stay unspecialised (a launch specialises
-those equal to 1 or divisible by 16, which can only lower the counts).
+involution stages at batch 64, K 7, a DDF stage, K 3, and a `dk_local` stage, K 3); `ptxas -v`
+(bundled with triton) reports registers and spill bytes, Triton's metadata the shared memory.
+Pointers are declared 16-byte aligned (as torch allocations are); integer arguments stay
+unspecialised (a launch specialises those equal to 1 or divisible by 16, which can only lower the
+counts).
 
     python scripts/triton_sm90_report.py            # no GPU needed; about a minute on 2 cores
 """
@@ -32,8 +33,9 @@ BATCH = 64
 # RedNet-50 stages: (channels, size); span generator M = C/4, G = C/16 (involution's official defaults)
 REDNET_STAGES = [(64, 56), (128, 28), (256, 14), (512, 7)]
 DDF_STAGE = (256, 56)
-# local Deformable Kernels (`dk_local`, K 3, scope 4, one offset group) at RedNet-50's first and third stage sizes
-DK_STAGES = [(64, 56), (256, 14)]
+# local Deformable Kernels (`dk_local`, K 3, scope 4, one offset group) at RedNet-50's first stage size (the
+# tile, and so the compiled kernel, is the same at every stage: 16 channels × 128 pixels)
+DK_STAGE = (64, 56)
 _TL = {torch.float32: "fp32", torch.bfloat16: "bf16"}
 
 
@@ -77,16 +79,16 @@ def configs(dtype: torch.dtype):
         out += [(f"involution fwd, {label}", tinv._forward_kernel, meta, warps, {}),
                 (f"involution grad x, {label}", tinv._grad_x_kernel, meta, warps, {}),
                 (f"involution grad r/W2/b2, {label}", tinv._grad_span_kernel, span, warps, acc)]
-    for C, size in DK_STAGES:
-        x, weight = _meta(BATCH, C, size, size, dtype=dtype), _meta(C, 4, 4, dtype=dtype)
-        meta = tdk._meta(x, weight, 3, (1, 1), (1, 1), 1, size * size)
-        warps = meta.pop("num_warps")
-        label = f"dk_local {C}×{size}², K 3, scope 4"
-        out += [(f"deform kernel fwd, {label}", tdk._forward_kernel, meta, warps, {}),
-                (f"deform kernel grad x, {label}", tdk._grad_x_kernel, meta, warps, {}),
-                (f"deform kernel grad offset/W, {label}", tdk._grad_offset_weight_kernel,
-                 dict(meta, BLOCK=max(16, meta["BLOCK"] // 2), NEED_OFF=True, NEED_W=True), warps,  # as the launcher
-                 {"gw_ptr": torch.float32})]
+    C, size = DK_STAGE
+    x, weight = _meta(BATCH, C, size, size, dtype=dtype), _meta(C, 4, 4, dtype=dtype)
+    meta = tdk._meta(x, weight, 3, (1, 1), (1, 1), 1, size * size)
+    warps = meta.pop("num_warps")
+    label = f"dk_local {C}×{size}², K 3, scope 4"
+    grad_ow = dict(meta, BLOCK=max(16, meta["BLOCK"] // 2), NEED_OFF=True, NEED_W=True)  # as the launcher
+    out += [(f"deform kernel fwd, {label}", tdk._forward_kernel, meta, warps, {}),
+            (f"deform kernel grad x, {label}", tdk._grad_x_kernel, meta, warps, {}),
+            (f"deform kernel grad offset/W, {label}", tdk._grad_offset_weight_kernel, grad_ow, warps,
+             {"gw_ptr": torch.float32})]
     return out
 
 
