@@ -19,7 +19,7 @@ Backward, with P = grad_out · x_tap:
                     not bitwise reproducible run to run).
 Loads are in the tensors' dtype (bf16/fp16 read as such), sums in float32 (float64 for float64), stores in
 the tensors' dtype; tensors are addressed through their strides (channels_last and expanded gradients need
-no copy).
+no copy). Only the small scope weight is made contiguous.
 
 `available(...)` follows `triton_pixel_filter.available`: CUDA tensors, or CPU tensors under Triton's
 interpreter with `DYNCONV_TRITON_INTERPRET=1`; `DYNCONV_TRITON=0` switches it off.
@@ -70,7 +70,8 @@ if triton is not None:
         inside = pm & (h > -1) & (h < SCH) & (w > -1) & (w < SCW)
         h0 = tl.floor(tl.where(inside, h, 0.0))
         w0 = tl.floor(tl.where(inside, w, 0.0))
-        return h0.to(tl.int32), w0.to(tl.int32), tl.where(inside, h - h0, 0.0), tl.where(inside, w - w0, 0.0), inside
+        lh, lw = tl.where(inside, h - h0, 0.0), tl.where(inside, w - w0, 0.0)
+        return h0.to(tl.int32), w0.to(tl.int32), lh, lw, inside
 
     @triton.jit
     def _corner(h0, w0, lh, lw, inside, DY: tl.constexpr, DX: tl.constexpr, SCH: tl.constexpr,
@@ -105,7 +106,7 @@ if triton is not None:
 
     @triton.jit
     def _forward_kernel(x_ptr, off_ptr, w_ptr, o_ptr, G, M, NCB, H, W, Ho, Wo, ph, pw,
-                        sxb, sxc, sxh, sxw, sfb, sfg, sft, sf2, sfh, sfw, swc, swh, sww, sob, soc, soh, sow,
+                        sxb, sxc, sxh, sxw, sfb, sfg, sft, sf2, sfh, sfw, sob, soc, soh, sow,
                         K: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, DH: tl.constexpr,
                         DW: tl.constexpr, SCH: tl.constexpr, SCW: tl.constexpr, BLOCK: tl.constexpr,
                         CPB: tl.constexpr, ACC: tl.constexpr):
@@ -115,7 +116,7 @@ if triton is not None:
         c, rv = _channels(cb, g, G, M, CPB)
         pm = offs < Ho * Wo
         i, j = offs // Wo, offs % Wo
-        xrow, wrow = (b * sxb + c * sxc)[:, None], c * swc
+        xrow, wrow = (b * sxb + c * sxc)[:, None], c * (SCH * SCW)
         acc = tl.zeros((CPB, BLOCK), dtype=ACC)
         for t in range(K * K):
             h0, w0, lh, lw, inside = _coords(off_ptr, b, g, t, i, j, pm, sfb, sfg, sft, sf2, sfh, sfw,
@@ -129,7 +130,7 @@ if triton is not None:
 
     @triton.jit
     def _grad_x_kernel(go_ptr, off_ptr, w_ptr, gx_ptr, G, M, NCB, H, W, Ho, Wo, ph, pw,
-                       sgb, sgc, sgh, sgw, sfb, sfg, sft, sf2, sfh, sfw, swc, swh, sww, sxb, sxc, sxh, sxw,
+                       sgb, sgc, sgh, sgw, sfb, sfg, sft, sf2, sfh, sfw, sxb, sxc, sxh, sxw,
                        K: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, DH: tl.constexpr,
                        DW: tl.constexpr, SCH: tl.constexpr, SCW: tl.constexpr, BLOCK: tl.constexpr,
                        CPB: tl.constexpr, ACC: tl.constexpr):
@@ -139,7 +140,7 @@ if triton is not None:
         c, rv = _channels(cb, g, G, M, CPB)
         pm = offs < H * W
         y, z = offs // W, offs % W
-        gorow, wrow = (b * sgb + c * sgc)[:, None], c * swc
+        gorow, wrow = (b * sgb + c * sgc)[:, None], c * (SCH * SCW)
         acc = tl.zeros((CPB, BLOCK), dtype=ACC)
         for t in range(K * K):
             th = y + ph - (t // K) * DH
@@ -158,14 +159,14 @@ if triton is not None:
     @triton.jit
     def _grad_offset_weight_kernel(x_ptr, go_ptr, off_ptr, w_ptr, goff_ptr, gw_ptr, G, M, H, W, Ho, Wo,
                                    ph, pw, sxb, sxc, sxh, sxw, sgb, sgc, sgh, sgw, sfb, sfg, sft, sf2, sfh, sfw,
-                                   swc, swh, sww, sqb, sqg, sqt, sq2, sqh, sqw,
+                                   sqb, sqg, sqt, sq2, sqh, sqw,
                                    K: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, DH: tl.constexpr,
                                    DW: tl.constexpr, SCH: tl.constexpr, SCW: tl.constexpr,
                                    BLOCK: tl.constexpr, CPB: tl.constexpr, ACC: tl.constexpr,
                                    NEED_OFF: tl.constexpr, NEED_W: tl.constexpr):
         """One (sample, group, pixel block) per program, over the taps and the group's channel chunks:
         P = grad_out · x_tap per chunk, then per corner Σ_c P · W_c[corner] into grad Δ (registers,
-        stored once per tap) and a · P into grad W (atomics; gw is contiguous (C, S_h·S_w))."""
+        stored once per tap) and a · P into grad W (atomics; weight and gw are contiguous (C, S_h·S_w))."""
         b, g, _, offs = _program(Ho * Wo, G, 1, BLOCK)
         pm = offs < Ho * Wo
         i, j = offs // Wo, offs % Wo
@@ -181,19 +182,18 @@ if triton is not None:
                              mask=rv[:, None] & pm[None, :], other=0.0).to(ACC)
                 xv = tl.load(x_ptr + (b * sxb + c * sxc)[:, None] + xoff[None, :],
                              mask=rv[:, None] & xm[None, :], other=0.0).to(ACC)
-                prod = go * xv
+                prod, wrow = go * xv, (c * (SCH * SCW))[:, None]
                 for dy in tl.static_range(2):
                     for dx in tl.static_range(2):
                         idx, ok, a, dah, daw = _corner(h0, w0, lh, lw, inside, dy, dx, SCH, SCW)
                         cm = rv[:, None] & ok[None, :]
                         if NEED_OFF:
-                            wv = tl.load(w_ptr + (c * swc)[:, None] + idx[None, :], mask=cm, other=0.0).to(ACC)
+                            wv = tl.load(w_ptr + wrow + idx[None, :], mask=cm, other=0.0).to(ACC)
                             pv = tl.sum(prod * wv, axis=0)
                             gh += dah * pv
                             gwd += daw * pv
                         if NEED_W:
-                            tl.atomic_add(gw_ptr + (c * SCH * SCW)[:, None] + idx[None, :], prod * a[None, :],
-                                          mask=cm)
+                            tl.atomic_add(gw_ptr + wrow + idx[None, :], prod * a[None, :], mask=cm)
             if NEED_OFF:
                 q = goff_ptr + b * sqb + g * sqg + t * sqt + i * sqh + j * sqw
                 tl.store(q, gh.to(goff_ptr.dtype.element_ty), mask=pm)
@@ -216,13 +216,14 @@ def forward(x: Tensor, offset: Tensor, weight: Tensor, K: int, s, p, d) -> Tenso
     """The forward kernel: x (B, C, H, W), offset (B, G, K², 2, Ho, Wo), weight (C, S_h, S_w); geometry as pairs."""
     B, C, H, W = x.shape
     G, Ho, Wo = offset.shape[1], *offset.shape[-2:]
+    weight = weight.contiguous()
     out = _empty(x, (B, C, Ho, Wo), x.dtype)
     meta = _meta(x, weight, K, s, d, G, Ho * Wo)
     ncb = triton.cdiv(C // G, meta["CPB"])
     with _device(x):
         wrap_triton(_forward_kernel)[(B * G * ncb * triton.cdiv(Ho * Wo, meta["BLOCK"]),)](
             x, offset, weight, out, G, C // G, ncb, H, W, Ho, Wo, *p, *x.stride(), *offset.stride(),
-            *weight.stride(), *out.stride(), **meta)
+            *out.stride(), **meta)
     return out
 
 
@@ -231,6 +232,7 @@ def backward(grad_out: Tensor, x: Tensor, offset: Tensor, weight: Tensor, K: int
     two by one kernel, run when either is needed."""
     B, C, H, W = x.shape
     G, Ho, Wo = offset.shape[1], *offset.shape[-2:]
+    weight = weight.contiguous()
     grads = [None] * 3
     with _device(x):
         if need[0]:
@@ -239,7 +241,7 @@ def backward(grad_out: Tensor, x: Tensor, offset: Tensor, weight: Tensor, K: int
             gx = grads[0] = _empty(x, x.shape, x.dtype)
             wrap_triton(_grad_x_kernel)[(B * G * ncb * triton.cdiv(H * W, meta["BLOCK"]),)](
                 grad_out, offset, weight, gx, G, C // G, ncb, H, W, Ho, Wo, *p, *grad_out.stride(),
-                *offset.stride(), *weight.stride(), *gx.stride(), **meta)
+                *offset.stride(), *gx.stride(), **meta)
         if need[1] or need[2]:
             meta = _meta(x, weight, K, s, d, G, Ho * Wo)
             meta["BLOCK"] = max(16, meta["BLOCK"] // 2)  # two tiles live (P and W at a corner): spills at full size
@@ -247,7 +249,7 @@ def backward(grad_out: Tensor, x: Tensor, offset: Tensor, weight: Tensor, K: int
             gw = torch.zeros(weight.shape, dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
             wrap_triton(_grad_offset_weight_kernel)[(B * G * triton.cdiv(Ho * Wo, meta["BLOCK"]),)](
                 x, grad_out, offset, weight, goff, gw, G, C // G, H, W, Ho, Wo, *p, *x.stride(),
-                *grad_out.stride(), *offset.stride(), *weight.stride(), *goff.stride(),
+                *grad_out.stride(), *offset.stride(), *goff.stride(),
                 NEED_OFF=bool(need[1]), NEED_W=bool(need[2]), **meta)
             grads[1:] = [goff, gw.to(weight.dtype)]
     return [g if n else None for g, n in zip(grads, need)]
