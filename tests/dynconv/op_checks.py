@@ -1,6 +1,13 @@
 """Checks shared by the operator tests: a float64 gradcheck over the input and every parameter, a
 per-sample `F.conv2d` loop (the naive oracle for the kernel-mixing operators), and a record of the
 floating tensors a kernel launcher allocates."""
+import json
+import os
+import subprocess
+import sys
+import traceback
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call
@@ -70,3 +77,38 @@ class FloatAllocations(TorchDispatchMode):
         """float32 tensors with as many elements as one of the (half-precision) `inputs`: upcast copies."""
         sizes = {t.numel() for t in inputs}
         return [n for dt, n in self.seen if dt == torch.float32 and n in sizes]
+
+
+def interpreter_check_results(test_file: str, channels_per_block: int) -> dict:
+    """{check: "" or its traceback}: `test_file` run as a child process under Triton's CPU interpreter (one
+    torch/triton start-up for all its checks), with `channels_per_block` planes per program so that small tests
+    span several blocks."""
+    root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, TRITON_INTERPRET="1", DYNCONV_TRITON_INTERPRET="1", DYNCONV_NATIVE="0",
+               DYNCONV_TRITON_CPB=str(channels_per_block),
+               PYTHONPATH=os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])))
+    run = subprocess.run([sys.executable, test_file], env=env, cwd=root, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0 and run.stdout.strip(), f"the interpreter child process failed:\n{run.stderr[-6000:]}"
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def run_check(namespace: dict, name: str, device: str, request) -> None:
+    """One check of a Triton test file: on CUDA directly, under the interpreter from the child process's results."""
+    if device == "cuda":
+        namespace[name]("cuda")
+    else:
+        error = request.getfixturevalue("interpreter_results")[name]
+        assert not error, f"{name} under the Triton interpreter failed:\n{error}"
+
+
+def print_check_results(checks: list[str], namespace: dict) -> None:
+    """The child process's side of `interpreter_check_results`: every check on CPU tensors, as JSON."""
+    results = {}
+    for check in checks:
+        try:
+            namespace[check]("cpu")
+            results[check] = ""
+        except Exception:
+            results[check] = traceback.format_exc()
+    print(json.dumps(results))

@@ -7,12 +7,7 @@ file run as a script), with small tiles (2 channels; 16-pixel blocks) so that th
 pixel-block loops are exercised on tiny shapes. Where CUDA exists the same checks also run on the GPU,
 with the default tiles.
 """
-import json
 import os
-import subprocess
-import sys
-import traceback
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,9 +16,9 @@ import torch.nn.functional as F
 from dynconv.functional import triton_deform_kernel
 from dynconv.functional.deform_kernel import deform_kernel_local
 from dynconv.functional.geometry import conv_out_hw
-from tests.dynconv.op_checks import FloatAllocations, rounding_tolerance
+from tests.dynconv.op_checks import (FloatAllocations, interpreter_check_results, print_check_results,
+                                     rounding_tolerance, run_check)
 
-ROOT = Path(__file__).resolve().parents[2]
 TRITON_NODE = "GeneratedBackwardFor_dynconv_deform_kernel_local_triton_defaultBackward"
 
 # (B, C, H, W, G, K, S_h, S_w, stride, dilation): two samples, two offset groups of 3 channels (a full and a
@@ -194,24 +189,13 @@ DEVICES = ["interpreter"] + (["cuda"] if torch.cuda.is_available() else [])
 
 @pytest.fixture(scope="module")
 def interpreter_results():
-    """{check: "" or its traceback}: all checks in one child process (one torch/triton start-up)."""
-    env = dict(os.environ, TRITON_INTERPRET="1", DYNCONV_TRITON_INTERPRET="1", DYNCONV_NATIVE="0",
-               DYNCONV_TRITON_CPB="2",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-    run = subprocess.run([sys.executable, __file__], env=env, cwd=ROOT, capture_output=True, text=True,
-                         timeout=300)
-    assert run.returncode == 0 and run.stdout.strip(), f"the interpreter child process failed:\n{run.stderr[-6000:]}"
-    return json.loads(run.stdout.strip().splitlines()[-1])
+    return interpreter_check_results(__file__, channels_per_block=2)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", CHECKS)
 def test_triton_deform_kernel(name, device, request):
-    if device == "cuda":
-        globals()[name]("cuda")
-    else:
-        error = request.getfixturevalue("interpreter_results")[name]
-        assert not error, f"{name} under the Triton interpreter failed:\n{error}"
+    run_check(globals(), name, device, request)
 
 
 def test_cpu_without_opt_in_stays_off_triton(monkeypatch):
@@ -225,11 +209,4 @@ def test_cpu_without_opt_in_stays_off_triton(monkeypatch):
 
 if __name__ == "__main__":  # the child process of `interpreter_results`: every check on CPU tensors
     triton_deform_kernel._PLANE_TILE = 32  # 16-pixel blocks, so every case spans several blocks
-    results = {}
-    for check in CHECKS:
-        try:
-            globals()[check]("cpu")
-            results[check] = ""
-        except Exception:
-            results[check] = traceback.format_exc()
-    print(json.dumps(results))
+    print_check_results(CHECKS, globals())

@@ -7,12 +7,7 @@ process: this file run as a script, which runs every check and prints their outc
 the same checks also run on the GPU in this process (the "cuda" parameter exists only there).
 """
 import itertools
-import json
 import os
-import subprocess
-import sys
-import traceback
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,9 +15,9 @@ import torch
 from dynconv.functional import triton_pixel_filter
 from dynconv.functional.geometry import conv_out_size
 from dynconv.functional.pixel_filter import pixel_filter
-from tests.dynconv.op_checks import FloatAllocations, rounding_tolerance
+from tests.dynconv.op_checks import (FloatAllocations, interpreter_check_results, print_check_results,
+                                     rounding_tolerance, run_check)
 
-ROOT = Path(__file__).resolve().parents[2]
 DEVICES = ["interpreter"] + (["cuda"] if torch.cuda.is_available() else [])
 B, C = 2, 4
 TRITON_NODE = "GeneratedBackwardFor_dynconv_pixel_filter_triton_defaultBackward"  # the Triton custom op
@@ -173,24 +168,13 @@ CHECKS = ["check_matches_reference", "check_gradcheck", "check_half_precision",
 
 @pytest.fixture(scope="module")
 def interpreter_results():
-    """{check: "" or its traceback}: all checks in one child process (one torch/triton start-up)."""
-    env = dict(os.environ, TRITON_INTERPRET="1", DYNCONV_TRITON_INTERPRET="1", DYNCONV_NATIVE="0",
-               DYNCONV_TRITON_CPB="8",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-    run = subprocess.run([sys.executable, __file__], env=env, cwd=ROOT, capture_output=True, text=True,
-                         timeout=300)
-    assert run.returncode == 0 and run.stdout.strip(), f"the interpreter child process failed:\n{run.stderr[-6000:]}"
-    return json.loads(run.stdout.strip().splitlines()[-1])
+    return interpreter_check_results(__file__, channels_per_block=8)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", CHECKS)
 def test_triton_path(name, device, request):
-    if device == "cuda":
-        globals()[name]("cuda")
-    else:
-        error = request.getfixturevalue("interpreter_results")[name]
-        assert not error, f"{name} under the Triton interpreter failed:\n{error}"
+    run_check(globals(), name, device, request)
 
 
 def test_cpu_without_opt_in_stays_off_triton(monkeypatch):
@@ -203,11 +187,4 @@ def test_cpu_without_opt_in_stays_off_triton(monkeypatch):
 
 
 if __name__ == "__main__":  # the child process of `interpreter_results`: every check on CPU tensors
-    results = {}
-    for check in CHECKS:
-        try:
-            globals()[check]("cpu")
-            results[check] = ""
-        except Exception:
-            results[check] = traceback.format_exc()
-    print(json.dumps(results))
+    print_check_results(CHECKS, globals())
