@@ -144,3 +144,15 @@ def test_face_checkpoint_reports_accuracy_and_threshold_per_set(tmp_path, script
     orl = res["sets"]["orl"]
     assert list(res["sets"]) == ["orl"] and res["mean_acc"] == orl["acc"] == 100 * expected.acc
     assert orl["acc_std"] == 100 * expected.acc_std and orl["threshold"] == float(np.mean(expected.thresholds))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script, args, missing, usage", [
+    ("validate", [], "checkpoint", "checkpoint=<best.pt, last.pt or official state_dict>"),
+    ("predict", [], "checkpoint", "checkpoint=<best.pt or last.pt> inputs=<image, folder or glob>"),
+])
+def test_a_missing_required_key_is_one_line_with_the_usage(tmp_path, script, args, missing, usage):
+    proc = run_script(script, args, tmp_path)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        f"{script}.py: error: {missing}= is required: python scripts/{script}.py {usage}"]
