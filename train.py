@@ -22,14 +22,10 @@ from omegaconf import DictConfig
 
 from dynconv.errors import UserError
 from engine.checkpoint import check_resumable, resolve_resume
-from engine.config import CONFIG_DIR, register_configs, replayable_overrides, validate
+from engine.config import CONFIG_DIR, override_key, register_configs, replayable_overrides, validate
 from engine.distributed import env_rank
 
 RANK_DIR_PREFIX = "dynconv-rank"
-
-
-def _key(override: str) -> str:
-    return override.lstrip("+~").split("=", 1)[0]
 
 
 def compose(overrides: list[str]) -> DictConfig:
@@ -37,16 +33,16 @@ def compose(overrides: list[str]) -> DictConfig:
     from hydra import compose as hydra_compose, initialize_config_dir
 
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return hydra_compose("train", overrides=[o for o in overrides if not _key(o).startswith("hydra")])
+        return hydra_compose("train", overrides=[o for o in overrides if not override_key(o).startswith("hydra")])
 
 
 def resume_args(args: list[str], run_dir: Path, ckpt: Path) -> list[str]:
     """Replay the run's checked overrides under the new command line (which wins where both set a key), then
     refuse a config that cannot continue this checkpoint before Hydra rewrites anything in the folder."""
-    new_keys = {_key(a) for a in args if not a.startswith("-")}
+    new_keys = {override_key(a) for a in args if not a.startswith("-")}
     replay = [o for o in replayable_overrides(run_dir / ".hydra" / "overrides.yaml")
-              if _key(o) not in new_keys | {"trainer.resume", "hydra.run.dir"}]
-    args = replay + [a for a in args if _key(a) != "trainer.resume"]
+              if override_key(o) not in new_keys | {"trainer.resume", "hydra.run.dir"}]
+    args = replay + [a for a in args if override_key(a) != "trainer.resume"]
     cfg = compose([a for a in args if not a.startswith("-")])
     validate(cfg)
     check_resumable(ckpt, cfg)
@@ -67,7 +63,7 @@ def prepare_argv(argv: list[str]) -> list[str]:
     multirun = any(a in ("-m", "--multirun") for a in args)
     if multirun:
         args = ["--multirun"] + [a for a in args if a not in ("-m", "--multirun")]
-    resume = next((a.split("=", 1)[1] for a in args if _key(a) == "trainer.resume"), None)
+    resume = next((a.split("=", 1)[1] for a in args if override_key(a) == "trainer.resume"), None)
     target = resolve_resume(resume) if resume is not None and not multirun else None
     if target is not None:
         args = resume_args(args, *target)

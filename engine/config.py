@@ -138,6 +138,11 @@ CLOSED_GROUPS = {"optim": OptimConfig, "sched": SchedConfig, "trainer": TrainerC
 INSTANTIATE_KEYS = ("_target_", "_args_", "_partial_", "_recursive_", "_convert_")
 
 
+def override_key(override: str) -> str:
+    """The key (or group) a command-line override sets: `+optim.lr=0.1` → `optim.lr`."""
+    return override.lstrip("+~").split("=", 1)[0]
+
+
 def _fields(cls) -> list[str]:
     return [f.name for f in dataclasses.fields(cls)]
 

@@ -29,7 +29,7 @@ from data.mnist import FASHION_MNIST_CLASSES
 from models.official import OfficialKeysError, load_official
 from . import checkpoint as ckpt_lib
 from . import face  # noqa: F401  (registers task=face)
-from .config import Config, ConfigError
+from .config import Config, ConfigError, override_key
 from .distributed import DistInfo
 from .tasks import build_task
 from .trainer import autocast, build_network, data_loader, eval_batches, pick_device
@@ -87,12 +87,12 @@ class Checkpoint:
         cfg = _without_script_keys(cfg)
         if not self.trained:
             return cfg
-        script = [o for o in overrides if _key(o) in _script_keys()]
-        groups = [o for o in overrides if _key(o) in NODE_GROUPS]
+        script = [o for o in overrides if override_key(o) in _script_keys()]
+        groups = [o for o in overrides if override_key(o) in NODE_GROUPS]
         base = _without_script_keys(compose(script + groups))
         run = OmegaConf.create(self.state["config"])
         for o in groups:
-            path = NODE_GROUPS[_key(o)]
+            path = NODE_GROUPS[override_key(o)]
             OmegaConf.update(run, path, OmegaConf.select(base, path), merge=False, force_add=True)
         before = _leaves(base)
         for key, value in _leaves(cfg).items():
@@ -135,10 +135,6 @@ class Checkpoint:
             raise ConfigError(f"checkpoint={self.path} does not fit the network built from its config "
                               f"({problem[:300]}); keep the run's data classes (data.num_classes) and model code") \
                 from None
-
-
-def _key(override: str) -> str:
-    return override.lstrip("+~").split("=", 1)[0]
 
 
 def _script_keys() -> set[str]:

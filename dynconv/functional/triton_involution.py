@@ -32,7 +32,7 @@ from torch import Tensor
 from torch.library import wrap_triton
 
 from .library import absent, register_autograd
-from .triton_pixel_filter import DTYPES, _acc_tl, _device, _empty, enabled, interpreter_opted_in, triton
+from .triton_pixel_filter import _acc_tl, _device, _empty, launchable, triton
 
 if triton is not None:
     import triton.language as tl
@@ -48,14 +48,7 @@ _CHANNELS_PER_PROGRAM = int(os.environ.get("DYNCONV_TRITON_CPB", "16"))
 def available(x: Tensor, reduced: Tensor, weight: Tensor, bias: Tensor) -> bool:
     """True when these kernels can serve the inputs: triton present and enabled, one floating dtype
     and one device, CUDA (or CPU under the interpreter opt-in), per-sample offsets within 32 bits."""
-    if triton is None or not enabled():
-        return False
-    tensors = (x, reduced, weight, bias)
-    if any(t.dtype != x.dtype or t.device != x.device for t in tensors) or x.dtype not in DTYPES:
-        return False
-    if x.numel() == 0 or reduced.numel() == 0 or max(x[0].numel(), reduced[0].numel()) >= 2**31:
-        return False
-    return x.device.type == "cuda" or (x.device.type == "cpu" and interpreter_opted_in())
+    return launchable((x, reduced, weight, bias), (x, reduced))
 
 
 if triton is not None:

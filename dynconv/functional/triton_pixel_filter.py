@@ -65,20 +65,26 @@ def interpreter_opted_in() -> bool:
     return _INTERPRETED and os.environ.get("DYNCONV_TRITON_INTERPRET", "0").strip() == "1"
 
 
-def available(x: Tensor, spatial: Tensor, channel: Tensor | None = None) -> bool:
-    """True when these kernels can serve the inputs: triton present, one floating dtype and one
-    device, and that device CUDA (or CPU under the interpreter opt-in). Any stride/padding/dilation
-    pairs are supported."""
+def launchable(tensors, sampled) -> bool:
+    """True when a Triton kernel here can take `tensors` (None skipped): triton present and enabled, one floating
+    dtype and one device, that device CUDA (or CPU under the interpreter opt-in), and each of the `sampled` tensors
+    (those addressed per sample) non-empty with one sample's offsets within 32 bits."""
     if triton is None or not enabled():
         return False
-    tensors = [t for t in (x, spatial, channel) if t is not None]
-    if any(t.dtype != x.dtype or t.device != x.device for t in tensors) or x.dtype not in DTYPES:
+    x = tensors[0]
+    if any(t is not None and (t.dtype != x.dtype or t.device != x.device) for t in tensors) or x.dtype not in DTYPES:
         return False
-    if x.numel() == 0:  # nothing to launch; the PyTorch path handles empty batches
+    if any(t.numel() == 0 for t in sampled):  # nothing to launch; the PyTorch path handles empty batches
         return False
-    if max(x[0].numel(), spatial[0].numel()) >= 2**31:  # offsets within one sample are 32-bit
+    if max(t[0].numel() for t in sampled) >= 2**31:  # offsets within one sample are 32-bit
         return False
     return x.device.type == "cuda" or (x.device.type == "cpu" and interpreter_opted_in())
+
+
+def available(x: Tensor, spatial: Tensor, channel: Tensor | None = None) -> bool:
+    """True when these kernels can serve the inputs (`launchable`). Any stride/padding/dilation pairs are
+    supported."""
+    return launchable((x, spatial, channel), (x, spatial))
 
 
 if triton is not None:
