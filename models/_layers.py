@@ -1,9 +1,12 @@
 """Small shared pieces of the backbones: channel rounding, conv-norm-act, weight init."""
 from __future__ import annotations
 
+import contextlib
 from collections import OrderedDict
 
+import torch
 import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
 
 
 def make_divisible(v: float, divisor: int = 8, min_value: int | None = None) -> int:
@@ -23,6 +26,38 @@ class ConvNormAct(nn.Sequential):
         if act is not None:
             layers["act"] = act(inplace=True)
         super().__init__(layers)
+
+
+@contextlib.contextmanager
+def _stats_kept(modules):
+    """Restore the BatchNorm running statistics (and batch counts) of `modules` on exit."""
+    buffers = [b for m in modules for sub in m.modules() if isinstance(sub, nn.modules.batchnorm._NormBase)
+               for b in sub.buffers()]
+    saved = [b.clone() for b in buffers]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, v in zip(buffers, saved):
+                b.copy_(v)
+
+
+def recomputed(modules, x: torch.Tensor) -> torch.Tensor:
+    """`modules` applied in turn to x; in training, their activations are not kept but recomputed in
+    backward (`torch.utils.checkpoint`, non-reentrant), the recomputation leaving BatchNorm running
+    statistics as the forward set them, so each step updates them once. Eager training only: under
+    torch.compile the compiler plans recomputation itself."""
+
+    def run(t):
+        for m in modules:
+            t = m(t)
+        return t
+
+    if not (torch.is_grad_enabled() and any(m.training for m in modules)) or torch.compiler.is_compiling() \
+            or torch.jit.is_tracing():
+        return run(x)
+    return checkpoint(run, x, use_reentrant=False,
+                      context_fn=lambda: (contextlib.nullcontext(), _stats_kept(modules)))
 
 
 def kaiming_conv_init(module: nn.Module, zero_bias: bool = False, linear_std: float | None = None) -> None:
@@ -57,4 +92,4 @@ def op_init(zero_bias: bool = False, linear_std: float | None = None):
 timm_init = op_init()
 mmcv_init = op_init(zero_bias=True)
 mobilenet_init = op_init(zero_bias=True, linear_std=0.01)
-__all__ = ["make_divisible", "ConvNormAct", "kaiming_conv_init", "op_init", "timm_init", "mmcv_init", "mobilenet_init"]
+__all__ = ["make_divisible", "ConvNormAct", "recomputed", "kaiming_conv_init", "op_init", "timm_init", "mmcv_init", "mobilenet_init"]

@@ -27,6 +27,7 @@ scratch, not only PyTorch's own tensors.
     python scripts/bench_models.py --compile --size 64 --models RedNet-26 "DDF-ResNet-50 (mul)"   # eager vs compiled
     python scripts/bench_models.py --device cuda --compile default reduce-overhead --models RedNet-26   # + CUDA graphs
     python scripts/bench_models.py --memory --batch 32 --models ResNet-50 RedNet-50 "DDF-ResNet-50 (mul)"
+    python scripts/bench_models.py --memory --batch 32 --repeat 3 --rounds 3 --models ResNet-50 RedNet-50
     python scripts/bench_models.py --compile --inference-only --batch 1 --models "DDF-ResNet-50 (add)" ResNet-18-DCD
 
 On CUDA every timed step is bracketed by `torch.cuda.synchronize()`, the pixel_filter operators run
@@ -39,6 +40,7 @@ import contextlib
 import ctypes
 import gc
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -243,6 +245,10 @@ def main(argv=None) -> None:
     ap.add_argument("--memory", action="store_true",
                     help="also the peak memory of a training step; each model runs in a fresh process")
     ap.add_argument("--inference-only", action="store_true", help="no training step (e.g. at batch 1)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run the whole set of models this many times in turn; each figure is the median over "
+                         "rounds and each ratio's per-round values are listed (a slow drift of the machine then "
+                         "hits every model alike)")
     ap.add_argument("--worker", choices=("eager", *COMPILE_MODES), help=argparse.SUPPRESS)  # in_fresh_process
     args = ap.parse_args(argv)
     batch, repeat, scale = (2, 1, 1 / 3) if args.quick else (args.batch, args.repeat, 1.0)
@@ -270,24 +276,73 @@ def main(argv=None) -> None:
           f"{', channels_last' if args.channels_last else ''}", flush=True)
     if missing:
         print(f"missing models (not registered with timm yet): {', '.join(missing)}")
-    rows = []
-    for spec in specs:
-        if spec.name in missing:
-            continue
-        for mode in [None] + modes:
-            size = args.size or max(32, int(spec.size * scale) // 32 * 32)
-            print(f"{compiled_label(spec.label, mode) if mode else spec.label} at {size}² ...", file=sys.stderr,
-                  flush=True)
-            if args.memory:
-                rows.append(in_fresh_process(spec, mode, args, batch, repeat, size))
-            else:
-                try:
-                    rows.append(bench(spec, batch, repeat, size, args.amp, args.channels_last, mode,
-                                      train=not args.inference_only))
-                except Exception as err:  # report and go on: one broken model must not hide the others
-                    rows.append(error_row(spec, mode, err))
-            print(rows[-1], file=sys.stderr, flush=True)
+    if args.rounds < 1:
+        ap.error(f"--rounds must be at least 1, got {args.rounds}")
+    rounds = []
+    for r in range(args.rounds):
+        rows = []
+        for spec in specs:
+            if spec.name in missing:
+                continue
+            for mode in [None] + modes:
+                size = args.size or max(32, int(spec.size * scale) // 32 * 32)
+                print(f"{compiled_label(spec.label, mode) if mode else spec.label} at {size}² "
+                      f"(round {r + 1} of {args.rounds}) ...", file=sys.stderr, flush=True)
+                if args.memory:
+                    rows.append(in_fresh_process(spec, mode, args, batch, repeat, size))
+                else:
+                    try:
+                        rows.append(bench(spec, batch, repeat, size, args.amp, args.channels_last, mode,
+                                          train=not args.inference_only))
+                    except Exception as err:  # report and go on: one broken model must not hide the others
+                        rows.append(error_row(spec, mode, err))
+                print(rows[-1], file=sys.stderr, flush=True)
+        rounds.append(rows)
+    rows = merge_rounds(rounds)
     print(markdown(rows, batch))
+    if args.rounds > 1:
+        print(spread(rounds))
+
+
+FIGURES = ("first", "memory", "train", "infer")
+
+
+def merge_rounds(rounds: list[list[dict]]) -> list[dict]:
+    """One row per model: each figure the median over the rounds (rows in the first round's order;
+    a model that failed in any round keeps its error)."""
+    merged = []
+    for i, first in enumerate(rounds[0]):
+        rows = [r[i] for r in rounds]
+        failed = next((r for r in rows if "error" in r), None)
+        if failed is not None:
+            merged.append(failed)
+            continue
+        row = dict(first)
+        for key in FIGURES:
+            if key in first:
+                row[key] = statistics.median(r[key] for r in rows)
+        merged.append(row)
+    return merged
+
+
+def spread(rounds: list[list[dict]]) -> str:
+    """Each model's ratio to its baseline in every round (train, inference, memory), min and max."""
+    lines = [f"Ratios to the baseline in each of the {len(rounds)} rounds (min–max):"]
+    for i, first in enumerate(rounds[0]):
+        if "error" in first or first["baseline"] == first["label"]:
+            continue
+        parts = []
+        for key, name in (("train", "train"), ("infer", "inference"), ("memory", "memory")):
+            ratios = []
+            for rows in rounds:
+                by_label = {r["label"]: r for r in rows if "error" not in r}
+                row, base = rows[i], by_label.get(first["baseline"], {})
+                if key in row and key in base and base[key] > 0:
+                    ratios.append(row[key] / base[key])
+            if ratios:
+                parts.append(f"{name} {', '.join(f'{v:.2f}' for v in ratios)} ({min(ratios):.2f}–{max(ratios):.2f})")
+        lines.append(f"- {first['label']}: " + "; ".join(parts))
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

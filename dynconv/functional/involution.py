@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 from torch.nn.modules.utils import _pair
 from torch.utils.flop_counter import register_flop_formula
 
@@ -37,7 +38,7 @@ try:
 except ImportError:
     native = None
 
-__all__ = ["involution"]
+__all__ = ["involution", "involution_recomputed"]
 
 
 def _check(x, reduced, weight, bias, K, s, p, d, groups) -> Tensor:
@@ -152,6 +153,28 @@ def _flops(x_shape, reduced_shape, weight_shape, *args, out_shape=None, **kwargs
     return 2 * B * weight_shape[0] * M * Ho * Wo
 
 
+def _prepare(x, reduced, weight, bias, kernel_size, stride, padding, dilation, groups):
+    """Checked inputs in one dtype, the weight as (G·K², M), and the ops' geometry arguments
+    [K, stride, padding, dilation, G]."""
+    K = int(kernel_size)
+    s, d = _pair(stride), _pair(dilation)
+    p = resolve_padding(K, padding, d)
+    weight = _check(x, reduced, weight, bias, K, s, p, d, int(groups))
+    return common_dtype(x, reduced, weight, bias), [K, list(s), list(p), list(d), int(groups)]
+
+
+def _fused_ops(tensors, backend):
+    """(op, backward op) of the unmaterialised path for these prepared inputs, or None where the
+    decomposition runs (the reference backend, or a device without a fused kernel)."""
+    if resolve(backend) == "reference":
+        return None
+    if triton_involution.available(*tensors):  # CUDA (or the opted-in interpreter)
+        return torch.ops.dynconv.involution_triton, torch.ops.dynconv.involution_triton_backward
+    if tensors[0].device.type == "cpu":
+        return torch.ops.dynconv.involution, torch.ops.dynconv.involution_backward
+    return None
+
+
 def involution(x: Tensor, reduced: Tensor, weight: Tensor, bias: Tensor, *, kernel_size: int, stride=1,
                padding=None, dilation=1, groups: int = 1, backend: str | None = None, fused: bool = True) -> Tensor:
     """Involution's span projection and aggregation (module docstring).
@@ -162,15 +185,57 @@ def involution(x: Tensor, reduced: Tensor, weight: Tensor, bias: Tensor, *, kern
     any strides and memory formats are taken (the compiled kernel copies to contiguous once).
     fused=False runs the decomposition on `backend` everywhere (the unfused operator, for comparisons).
     """
-    K = int(kernel_size)
-    s, d = _pair(stride), _pair(dilation)
-    p = resolve_padding(K, padding, d)
-    weight = _check(x, reduced, weight, bias, K, s, p, d, int(groups))
-    x, reduced, weight, bias = common_dtype(x, reduced, weight, bias)
+    tensors, geometry = _prepare(x, reduced, weight, bias, kernel_size, stride, padding, dilation, groups)
     with torch.autocast(x.device.type, enabled=False):
-        if fused and resolve(backend) != "reference" and triton_involution.available(x, reduced, weight, bias):
-            op = torch.ops.dynconv.involution_triton  # CUDA (or the opted-in interpreter)
-            return op(x, reduced, weight, bias, K, list(s), list(p), list(d), int(groups))
-        if not fused or resolve(backend) == "reference" or x.device.type != "cpu":
-            return _decomposed(x, reduced, weight, bias, K, s, p, d, int(groups), backend)
-        return torch.ops.dynconv.involution(x, reduced, weight, bias, K, list(s), list(p), list(d), int(groups))
+        ops = _fused_ops(tensors, backend) if fused else None
+        if ops is None:
+            return _decomposed(*tensors, geometry[0], *map(tuple, geometry[1:4]), geometry[4], backend)
+        return ops[0](*tensors, *geometry)
+
+
+class _Recomputed(torch.autograd.Function):
+    """`involution` whose reduced features autograd does not keep: the backward recomputes them."""
+
+    @staticmethod
+    def forward(ctx, reduce, options, x, weight, bias, *params):
+        dev = x.device.type
+        ctx.autocast = torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev)
+        ctx.reduce, ctx.options = reduce, options
+        ctx.save_for_backward(x, weight, bias, *params)
+        return involution(x, reduce(x, *params, update_stats=True), weight, bias, **options)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        leaves = [t.detach().requires_grad_(n) for t, n in zip(ctx.saved_tensors, ctx.needs_input_grad[2:])]
+        x, weight, bias, *params = leaves
+        options = dict(ctx.options)
+        backend = options.pop("backend")
+        enabled, dtype = ctx.autocast
+        with torch.enable_grad():
+            with torch.autocast(x.device.type, dtype=dtype, enabled=enabled):
+                reduced = ctx.reduce(x, *params, update_stats=False)
+                tensors, geometry = _prepare(x, reduced, weight, bias, **options)
+            ops = _fused_ops([t.detach() for t in tensors], backend)
+            if ops is None:  # the decomposition: its forward runs again, with the graph
+                outputs = [_decomposed(*tensors, geometry[0], *map(tuple, geometry[1:4]), geometry[4], backend)]
+                grads = [grad_out]
+            else:
+                need = [t.requires_grad for t in tensors]
+                grads = ops[1](grad_out, *(t.detach() for t in tensors), *geometry, need)
+                outputs, grads = zip(*[(t, g) for t, g, n in zip(tensors, grads, need) if n]) if any(need) else ((), ())
+        wanted = [t for t in leaves if t.requires_grad]
+        found = iter(torch.autograd.grad(outputs, wanted, grads, allow_unused=True) if wanted and outputs else ())
+        return (None, None, *(next(found, None) if t.requires_grad else None for t in leaves))
+
+
+def involution_recomputed(x: Tensor, reduce, params, weight: Tensor, bias: Tensor, *, kernel_size: int, stride=1,
+                          padding=None, dilation=1, groups: int = 1, backend: str | None = None) -> Tensor:
+    """`involution(x, reduce(x, *params, update_stats=True), weight, bias, ...)` for training, where
+    autograd keeps x, `params`, weight and bias but not the reduced features nor anything `reduce`
+    would save (its BatchNorm input): the backward recomputes them with
+    `reduce(x, *params, update_stats=False)`, which must give the same values without touching
+    running statistics, then takes the fused op's backward. The gradients are the plain path's."""
+    options = dict(kernel_size=kernel_size, stride=stride, padding=padding, dilation=dilation, groups=groups,
+                   backend=resolve(backend))  # the backward runs the backend of this call
+    return _Recomputed.apply(reduce, options, x, weight, bias, *params)

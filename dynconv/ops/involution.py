@@ -11,10 +11,12 @@ from collections import OrderedDict
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch import Tensor
 
+from ..functional.backend import resolve
 from ..functional.geometry import centre_aligned, check_channelwise, conv_out_size, resolve_padding
-from ..functional.involution import involution
+from ..functional.involution import involution, involution_recomputed
 from ..operator import Operator, pixel_macs
 from ..registry import register_op
 
@@ -31,9 +33,15 @@ class Involution(Operator):
     `groups` is checked as in Conv2d; the operator is channel-wise whatever its value. Its G kernel
     groups (C / group_channels) are `kernel_groups`. `fused = False` (an attribute, not saved) runs
     `conv2` and the aggregation as two steps, as before the fused op, for comparisons.
+
+    In training (eager, BatchNorm2d generator) autograd keeps only the input and the parameters: the
+    backward recomputes the pooled input, `conv1` and its BatchNorm (batch statistics, running ones
+    untouched) and ReLU, a 1×1 conv to C/r channels, instead of keeping the reduced features and the
+    BatchNorm input. `recompute = False` (an attribute) keeps them, for comparisons.
     """
 
     fused = True
+    recompute = True
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, padding=None,
                  dilation: int = 1, groups: int = 1, bias: bool = False, *, group_channels: int = 16,
@@ -56,14 +64,38 @@ class Involution(Operator):
         self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
 
     def forward(self, x: Tensor) -> Tensor:
-        H, W = x.shape[-2:]
-        K = self.kernel_size
-        out_size = [conv_out_size(n, K, self.stride, p, self.dilation) for n, p in zip((H, W), self.padding)]
-        ctx = self.avgpool(centre_aligned(x, K, self.padding, self.dilation))[..., :out_size[0], :out_size[1]]
         span = self.conv2.conv
-        out = involution(x, self.conv1(ctx), span.weight, span.bias, kernel_size=K, stride=self.stride,
-                         padding=self.padding, dilation=self.dilation, groups=self.kernel_groups, fused=self.fused)
+        geometry = dict(kernel_size=self.kernel_size, stride=self.stride, padding=self.padding,
+                        dilation=self.dilation, groups=self.kernel_groups)
+        if self._recomputable():
+            conv, bn = self.conv1.conv, self.conv1.bn
+            out = involution_recomputed(x, self._reduce, (conv.weight, bn.weight, bn.bias), span.weight, span.bias,
+                                        **geometry)
+        else:
+            out = involution(x, self.conv1(self._pooled(x)), span.weight, span.bias, fused=self.fused, **geometry)
         return out if self.bias is None else out + self.bias.view(1, -1, 1, 1)
+
+    def _pooled(self, x: Tensor) -> Tensor:
+        """The generator's input: x at each output's centre tap, average-pooled by the stride."""
+        K = self.kernel_size
+        out_size = [conv_out_size(n, K, self.stride, p, self.dilation) for n, p in zip(x.shape[-2:], self.padding)]
+        return self.avgpool(centre_aligned(x, K, self.padding, self.dilation))[..., :out_size[0], :out_size[1]]
+
+    def _recomputable(self) -> bool:
+        conv, bn, act = self.conv1.conv, self.conv1.bn, self.conv1.act
+        return (self.fused and self.recompute and self.training and torch.is_grad_enabled()
+                and resolve(None) == "fast" and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
+                and type(conv) is nn.Conv2d and conv.bias is None and type(bn) is nn.BatchNorm2d and bn.affine
+                and type(act) is nn.ReLU)
+
+    def _reduce(self, x: Tensor, conv_weight: Tensor, bn_weight: Tensor, bn_bias: Tensor, *,
+                update_stats: bool) -> Tensor:
+        """The reduced features conv1(pooled x): through the modules (running statistics updated) or,
+        for the backward's recomputation, functionally with the given parameters and batch statistics."""
+        if update_stats:
+            return self.conv1(self._pooled(x))
+        y = F.conv2d(self._pooled(x), conv_weight)
+        return F.relu(F.batch_norm(y, None, None, bn_weight, bn_bias, True, 0.0, self.conv1.bn.eps))
 
     def aggregation_macs(self, out: Tensor) -> int:
         return pixel_macs(out, self.kernel_size)

@@ -234,3 +234,90 @@ def test_bad_inputs_name_the_argument(change, match):
 def test_groups_must_divide_channels():
     with pytest.raises(ValueError, match="groups=3 must divide"):
         involution(*_inputs(CASES[0])[0], kernel_size=3, groups=3)
+
+
+def _train_step(op, x, grad_out=None):
+    """Output, the gradients of x and of every parameter, and the buffers after one training step."""
+    xi = x.detach().clone().requires_grad_(x.requires_grad)
+    out = op(xi)
+    grad_out = torch.randn_like(out) if grad_out is None else grad_out
+    wanted = [t for t in (xi, *op.parameters()) if t.requires_grad]
+    grads = torch.autograd.grad(out, wanted, grad_out)
+    return out, grad_out, [*grads, *(b.clone() for b in op.buffers())]
+
+
+@pytest.mark.parametrize("stride,dtype,channels_last,frozen", [
+    (1, torch.float64, False, False), (2, torch.float64, False, False), (1, torch.float32, True, False),
+    (2, torch.float32, False, True)], ids=str)
+def test_recomputed_reduction_equals_kept(stride, dtype, channels_last, frozen):
+    """In training the module keeps only its input and recomputes the generator in backward: the output,
+    the gradients of x and of every parameter, and BatchNorm's running statistics and batch count (one
+    update per step) are bit-identical to keeping the reduced features (`recompute = False`); also with
+    the generator frozen and x not requiring grad."""
+    op = _module(stride).to(dtype)
+    if frozen:
+        op.conv1.requires_grad_(False)
+    x = torch.randn(2, 16, 9, 8, dtype=dtype).requires_grad_(not frozen)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    state = {k: v.clone() for k, v in op.state_dict().items()}
+    results = []
+    for recompute in (True, False):
+        op.load_state_dict(state)
+        op.recompute = recompute
+        results.append(_train_step(op, x, results[0][1] if results else None))
+    (out, _, got), (ref, _, want) = results
+    assert op.conv1.bn.num_batches_tracked.item() == 1
+    assert torch.equal(out, ref)
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_recomputed_reduction_is_not_kept(stride):
+    """What autograd saves: with the recomputation, no tensor the size of the reduced features (B, M, Ho, Wo)
+    nor of the pooled input; without it, the reduced features and the BatchNorm input."""
+    op, x = _module(stride).float(), torch.randn(2, 16, 12, 10, requires_grad=True)
+    reduced = op.conv1(op._pooled(x)).shape
+
+    def saved_shapes():
+        shapes = []
+
+        def pack(t):
+            shapes.append(tuple(t.shape))
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            op(x)
+        return shapes
+
+    assert tuple(reduced) not in saved_shapes()
+    assert set(saved_shapes()) == {tuple(x.shape), *(tuple(p.shape) for p in op.parameters())}
+    op.recompute = False
+    assert saved_shapes().count(tuple(reduced)) >= 2
+
+
+def test_recomputed_reduction_under_autocast():
+    """bfloat16 autocast: the backward recomputes the generator under the forward's autocast state, so the
+    gradients equal the kept path's."""
+    op, x = _module(2).float(), torch.randn(2, 16, 9, 8)
+    state = {k: v.clone() for k, v in op.state_dict().items()}
+    results = []
+    for recompute in (True, False):
+        op.load_state_dict(state)
+        op.recompute = recompute
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            results.append(_train_step(op, x.requires_grad_(), results[0][1] if results else None))
+    (out, _, got), (ref, _, want) = results
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+
+
+def test_recomputed_reduction_has_no_double_backward():
+    op, x = _module(1), torch.randn(1, 16, 6, 6, dtype=torch.float64, requires_grad=True)
+    (gx,) = torch.autograd.grad(op(x).square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|twice"):
+        gx.sum().backward()

@@ -1,4 +1,6 @@
 """Backbones: exact parameter counts of the paper models, forward shapes, the build/timm paths."""
+import copy
+
 import pytest
 import timm
 import torch
@@ -143,3 +145,46 @@ def test_build_lists_the_operator_options_for_a_misspelt_op_key():
                                         r".*temperature"):
         models.build({"name": "resnet18"}, {"name": "dyconv", "tempp": 3.0}, {"name": "all_3x3"}, num_classes=10,
                      input_size=(32, 32))
+
+
+def _rednet_step(model, x):
+    out = model(x)
+    torch.manual_seed(1)
+    grads = torch.autograd.grad(out, list(model.parameters()), torch.randn_like(out))
+    return out, grads, [b.clone() for b in model.buffers()]
+
+
+@pytest.mark.parametrize("small_input", [False, True])
+def test_rednet_stem_recompute_equals_kept(small_input):
+    """The recomputed stem (the default) gives the plain stem's output, every gradient and BatchNorm buffers
+    updated once (batch counts 1), bit for bit, and keeps none of its activations: only the image."""
+    torch.manual_seed(0)
+    model = timm.create_model("rednet26", num_classes=10, width=0.25, small_input=small_input).double().train()
+    state = copy.deepcopy(model.state_dict())
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    in_stem, stem_kept = [False], []
+
+    def pack(t):
+        if in_stem[0]:
+            stem_kept.append(tuple(t.shape))
+        return t
+
+    model.stem.register_forward_pre_hook(lambda *args: in_stem.__setitem__(0, True))
+    model.stem.register_forward_hook(lambda *args: in_stem.__setitem__(0, False))
+    results = []
+    for recompute in (True, False):
+        model.load_state_dict(state)
+        model.stem.recompute = recompute
+        stem_kept.clear()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            results.append(_rednet_step(model, x))
+        activations = [s for s in stem_kept if len(s) == 4 and s[0] == x.shape[0]]
+        if recompute:
+            assert activations == [tuple(x.shape)]
+        else:
+            assert len(activations) >= 7
+    assert all(int(b) == 1 for name, b in model.named_buffers() if name.endswith("num_batches_tracked"))
+    (out, grads, bufs), (ref, ref_grads, ref_bufs) = results
+    assert torch.equal(out, ref)
+    for got, want in zip((*grads, *bufs), (*ref_grads, *ref_bufs)):
+        assert torch.equal(got, want)
