@@ -66,6 +66,20 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def compile_warning(model: nn.Module, device: torch.device) -> str | None:
+    """What `trainer.compile` should tell the user about inductor on this model and device, or None."""
+    from dynconv.ops.condconv import ExpertConv
+    from dynconv.ops.odconv import ODConv
+
+    experts = sorted({type(m).__name__ for m in model.modules() if isinstance(m, ExpertConv)
+                      and not isinstance(m, ODConv)})
+    if device.type != "cpu" or not experts:
+        return None
+    return (f"trainer.compile on CPU with {'/'.join(experts)} layers: inductor runs every convolution channels_last, "
+            "which at batch 1 leaves these models 1.06-1.08x slower than eager (faster from batch 16 on; "
+            "docs/BENCHMARKS.md); keep eager (trainer.compile=false) for batch-1 inference")
+
+
 def schedule_warning(sched_cfg, epochs: int) -> str | None:
     """Why the schedule leaves little of the run at a useful lr, or None: warmup (rising from `warmup_lr`) and
     cooldown (timm appends it after `trainer.epochs`, at `min_lr`) together longer than the decay they frame."""
@@ -266,6 +280,8 @@ class Run:
     def _wrap_model(self) -> None:
         """torch.compile, then DDP (after the weights are final: DDP broadcasts rank 0's)."""
         if self.cfg.trainer.compile:
+            if (warning := compile_warning(self.model, self.device)) is not None:
+                log.warning(warning)
             self.model = torch.compile(self.model)
         if self.dist.enabled:
             self.model = nn.parallel.DistributedDataParallel(

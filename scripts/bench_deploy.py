@@ -7,25 +7,31 @@ be (TVConv): eager under `torch.inference_mode()` with the default (fast) backen
 batch, like the ONNX file, done before timing; a model that cannot be captured in one graph reads
 "n/a (graph break)"); ONNX Runtime's CPU provider on the model
 exported by `dynconv.export.export_onnx` (batch dimension symbolic), with as many intra-op threads as
-torch. Medians over `--repeat` runs after one warm-up. Weights are random, the BatchNorm statistics
+torch. Medians over `--repeat` runs after one warm-up; eager and compiled run in turns, and "compile /
+eager" is the median of the paired ratios with its distribution-free 95% interval. Weights are random, the BatchNorm statistics
 those of one random batch; "ORT rel. diff" is max |ORT − eager| / max |eager| over that row's input.
 
     python scripts/bench_deploy.py                    # the table in docs/BENCHMARKS.md
     python scripts/bench_deploy.py --models RedNet-26 "ResNet-50 + ODConv" --batches 1 --repeat 3
     python scripts/bench_deploy.py --quick            # 32 px, batch 1 and 2, one repeat: a smoke test
+    python scripts/bench_deploy.py --engines compile --img-size 112 --repeat 41   # eager vs compiled only
 """
 from __future__ import annotations
 
 import argparse
+import statistics
 import tempfile
 from pathlib import Path
 
 import torch
 
 import bench_ops  # also puts the repository on sys.path
-from bench_ops import header, median_ms
+from bench_ops import header, median_ci, median_ms, paired_ms
 from dynconv.export import deploy_copy, export_onnx
 from models.export import PAPER_MODELS, PaperModel, batch_statistics, build
+
+
+ENGINES = ("eager", "compile", "ort")
 
 
 def _compiled(model: torch.nn.Module, x: torch.Tensor):
@@ -44,43 +50,57 @@ def _compiled(model: torch.nn.Module, x: torch.Tensor):
     return compiled
 
 
-def bench(spec: PaperModel, batches, repeat: int, size: int, workdir: Path) -> list[dict]:
-    import onnxruntime as ort
-
+def bench(spec: PaperModel, batches, repeat: int, size: int, workdir: Path, engines=ENGINES) -> list[dict]:
     torch.manual_seed(0)
     model = batch_statistics(build(spec, size), torch.randn(8, 3, size, size))
-    path = workdir / f"{spec.name}.onnx"
-    export_onnx(model, torch.randn(2, 3, size, size), path)
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = torch.get_num_threads()
-    session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
+    session = _ort_session(model, size, workdir / f"{spec.name}.onnx") if "ort" in engines else None
     model = deploy_copy(model)
-    compiled = _compiled(model, torch.randn(2, 3, size, size))
+    compiled = _compiled(model, torch.randn(2, 3, size, size)) if "compile" in engines else None
     rows = []
     for b in batches:
         x = torch.randn(b, 3, size, size)
+        row = dict(label=spec.label, size=size, batch=b, compiled=compiled, ort=None)
         with torch.inference_mode():
             ref = model(x)
-            eager = median_ms(lambda: model(x), repeat)
-            compiled_ms = compiled if isinstance(compiled, str) else median_ms(lambda: compiled(x), repeat)
-        feed = {name: x.numpy()}
-        diff = (torch.from_numpy(session.run(None, feed)[0]) - ref).abs().max() / ref.abs().max()
-        onnx_ms = median_ms(lambda: session.run(None, feed), repeat)
-        rows.append(dict(label=spec.label, size=size, batch=b, eager=eager, compiled=compiled_ms, ort=onnx_ms,
-                         diff=diff.item()))
+            if compiled is None or isinstance(compiled, str):
+                row["eager"] = median_ms(lambda: model(x), repeat)
+            else:  # in turns, so that the ratio's interval is not a drift of the machine
+                eager, comp = paired_ms([lambda: model(x), lambda: compiled(x)], repeat)
+                ratios = [c / e for c, e in zip(comp, eager)]
+                row.update(eager=statistics.median(eager), compiled=statistics.median(comp),
+                           ratio=statistics.median(ratios), ci=median_ci(ratios))
+        if session is not None:
+            feed = {session.get_inputs()[0].name: x.numpy()}
+            diff = (torch.from_numpy(session.run(None, feed)[0]) - ref).abs().max() / ref.abs().max()
+            row.update(ort=median_ms(lambda: session.run(None, feed), repeat), diff=diff.item())
+        rows.append(row)
     return rows
 
 
-HEADER = ("| model | input | batch | eager (ms) | torch.compile (ms) | ONNX Runtime (ms) | compile / eager "
+def _ort_session(model, size: int, path: Path):
+    import onnxruntime as ort
+
+    export_onnx(model, torch.randn(2, 3, size, size), path)
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = torch.get_num_threads()
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+HEADER = ("| model | input | batch | eager (ms) | torch.compile (ms) | ONNX Runtime (ms) | compile / eager [95% CI] "
           "| ORT / eager | ORT rel. diff |\n|---|---|---:|---:|---:|---:|---:|---:|---:|")
 
 
 def markdown_row(r: dict) -> str:
-    comp = r["compiled"] if isinstance(r["compiled"], str) else f"{r['compiled']:.1f}"
-    speed = "–" if isinstance(r["compiled"], str) else f"{r['compiled'] / r['eager']:.2f}"
-    return (f"| {r['label']} | {r['size']} | {r['batch']} | {r['eager']:.1f} | {comp} | {r['ort']:.1f} "
-            f"| {speed} | {r['ort'] / r['eager']:.2f} | {r['diff']:.1e} |")
+    comp = r["compiled"]
+    if comp is None or isinstance(comp, str):
+        comp, speed = comp or "–", "–"
+    else:
+        lo, hi = r["ci"]
+        comp, speed = f"{comp:.1f}", f"{r['ratio']:.2f} [{lo:.2f}, {hi:.2f}]"
+    ort = ("–", "–", "–") if r["ort"] is None else (f"{r['ort']:.1f}", f"{r['ort'] / r['eager']:.2f}",
+                                                     f"{r['diff']:.1e}")
+    return f"| {r['label']} | {r['size']} | {r['batch']} | {r['eager']:.1f} | {comp} | {ort[0]} | {speed} | " \
+           f"{ort[1]} | {ort[2]} |"
 
 
 def main(argv=None) -> None:
@@ -91,6 +111,8 @@ def main(argv=None) -> None:
     p.add_argument("--img-size", type=int, help="one resolution for every model (default: the paper's)")
     p.add_argument("--threads", type=int, help="intra-op threads for torch and ONNX Runtime (default: torch's)")
     p.add_argument("--quick", action="store_true", help="32 px, batch 1 and 2, one repeat")
+    p.add_argument("--engines", nargs="+", choices=ENGINES, default=list(ENGINES),
+                   help="what runs beside eager (default: all): 'compile', 'ort'")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -104,7 +126,8 @@ def main(argv=None) -> None:
     print(header() + f"; float32, median of {args.repeat}\n\n{HEADER}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:  # rows print as they come: a long run shows progress
         for spec in specs:
-            for row in bench(spec, args.batches, args.repeat, args.img_size or spec.img_size, Path(tmp)):
+            for row in bench(spec, args.batches, args.repeat, args.img_size or spec.img_size, Path(tmp),
+                             args.engines):
                 print(markdown_row(row), flush=True)
 
 

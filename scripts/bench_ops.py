@@ -83,6 +83,43 @@ def median_ms(fn, repeat: int, warmup: int = 1) -> float:
     return 1e3 * statistics.median(times)
 
 
+def paired_ms(fns, repeat: int, warmup: int = 1) -> list[list[float]]:
+    """Wall times in milliseconds of `repeat` rounds in which every fn in `fns` runs once, in turn (after
+    `warmup` such rounds): a drift of the machine then hits each alike, and round i's times pair up."""
+    for _ in range(warmup):
+        for fn in fns:
+            fn()
+    gc.collect()
+    gc.disable()
+    try:
+        times = [[] for _ in fns]
+        for _ in range(repeat):
+            for fn, out in zip(fns, times):
+                _sync()
+                t0 = time.perf_counter()
+                fn()
+                _sync()
+                out.append(1e3 * (time.perf_counter() - t0))
+    finally:
+        gc.enable()
+    return times
+
+
+def median_ci(values, level: float = 0.95) -> tuple[float, float]:
+    """A distribution-free confidence interval for the median of `values` (order statistics: the
+    largest k with P(Binomial(n, ½) < k) ≤ (1 − level)/2 gives (v_(k), v_(n+1−k))); with too few
+    values for `level`, the whole range."""
+    v, n = sorted(values), len(values)
+    tail, k, cdf = (1 - level) / 2, 0, 0.0
+    while k < n // 2:
+        cdf += math.comb(n, k) / 2**n  # P(Binomial < k + 1)
+        if cdf > tail:
+            break
+        k += 1
+    k = max(k, 1)
+    return v[k - 1], v[n - k]
+
+
 def peak_extra_mb(fn, clear=None) -> float:
     """Peak extra memory of `fn()` in MB (CPU: allocator events recorded by torch.profiler; CUDA: the
     caching allocator's peak above what was allocated before, after `clear()` dropped the gradients

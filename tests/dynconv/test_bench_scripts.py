@@ -142,3 +142,42 @@ def test_bench_ops_module_rows_against_the_depthwise_conv_of_their_kernel_size(m
         float(rows[key][6])  # fwd+bwd / depthwise KxK: a number
     assert rows[("depthwise 7x7", "-")][6] == rows[("depthwise 3x3", "-")][6] == "1.00"
     assert "[1/6, " in err and "[6/6, " in err
+
+
+def test_median_interval_is_the_order_statistics_of_the_binomial(monkeypatch):
+    """The distribution-free 95% interval of a median: (v_(k), v_(n+1-k)) with the largest k such that
+    P(Binomial(n, 1/2) < k) <= 2.5% (textbook values: n=10 → 2nd and 9th, n=21 → 6th and 16th, n=41 →
+    14th and 28th); too few values give the whole range."""
+    bench_ops = _load("bench_ops", monkeypatch)
+    for n, (lo, hi) in {10: (2, 9), 21: (6, 16), 41: (14, 28), 5: (1, 5), 1: (1, 1)}.items():
+        values = [float(v) for v in range(n, 0, -1)]  # unsorted on purpose
+        assert bench_ops.median_ci(values) == (lo, hi), n
+
+
+def test_paired_times_alternate_the_functions(monkeypatch):
+    bench_ops = _load("bench_ops", monkeypatch)
+    calls = []
+    times = bench_ops.paired_ms([lambda: calls.append("a"), lambda: calls.append("b")], repeat=3, warmup=1)
+    assert calls == ["a", "b"] * 4
+    assert [len(t) for t in times] == [3, 3] and all(v >= 0 for t in times for v in t)
+
+
+def test_bench_models_rounds_take_medians_and_list_each_rounds_ratio(monkeypatch):
+    bench_models = _load("bench_models", monkeypatch)
+    rounds = [[dict(label="A", baseline="A", size=32, train=10.0, infer=4.0, memory=100.0),
+               dict(label="B", baseline="A", size=32, train=t, infer=2.0, memory=m)]
+              for t, m in ((5.0, 50.0), (9.0, 80.0), (6.0, 60.0))]
+    rows = bench_models.merge_rounds(rounds)
+    assert [(r["label"], r["train"], r["memory"]) for r in rows] == [("A", 10.0, 100.0), ("B", 6.0, 60.0)]
+    text = bench_models.spread(rounds)
+    assert "- B: train 0.50, 0.90, 0.60 (0.50–0.90)" in text and "memory 0.50, 0.80, 0.60 (0.50–0.80)" in text
+    assert "- A:" not in text
+
+
+def test_bench_deploy_rows_show_the_paired_ratio_and_its_interval(monkeypatch):
+    bench_deploy = _load("bench_deploy", monkeypatch)
+    row = dict(label="M", size=112, batch=1, eager=20.0, compiled=18.0, ratio=0.91, ci=(0.88, 0.95), ort=None)
+    assert _cells(bench_deploy.markdown_row(row)) == ["M", "112", "1", "20.0", "18.0", "–", "0.91 [0.88, 0.95]",
+                                                      "–", "–"]
+    row.update(compiled="n/a (graph break)", ort=10.0, diff=1e-6)
+    assert _cells(bench_deploy.markdown_row(row))[4:] == ["n/a (graph break)", "10.0", "–", "0.50", "1.0e-06"]

@@ -17,3 +17,24 @@ def test_compiled_involution_net_trains_and_logs(tmp_path):
         assert tag in s, f"missing TensorBoard scalar {tag}; have {sorted(s)}"
     assert s["train/loss"] and all(math.isfinite(v) for _, v in s["train/loss"])
     assert math.isfinite(s["val/loss"][-1][1])
+
+
+def test_compile_warning_names_the_expert_convs_on_cpu_only():
+    """trainer.compile says where inductor itself makes a paper model slower than eager: CondConv and DY-Conv
+    layers on CPU at batch 1 (docs/BENCHMARKS.md); not ODConv (faster compiled), not other operators, not CUDA."""
+    import torch
+
+    import models
+    from engine.trainer import compile_warning
+
+    def net(op):
+        return models.build({"name": "dynconv_resnet18", "width": 0.125}, {"name": op}, {"name": "all_3x3"},
+                            num_classes=10)[0]
+
+    cpu = torch.device("cpu")
+    for op, name in (("condconv", "CondConv"), ("dyconv", "DYConv")):
+        text = compile_warning(net(op), cpu)
+        assert text is not None and name in text and "trainer.compile=false" in text
+        assert compile_warning(net(op), torch.device("cuda")) is None
+    for op in ("odconv", "involution", "conv"):
+        assert compile_warning(net(op), cpu) is None
