@@ -8,8 +8,8 @@ batch, like the ONNX file, done before timing; a model that cannot be captured i
 "n/a (graph break)"); ONNX Runtime's CPU provider on the model
 exported by `dynconv.export.export_onnx` (batch dimension symbolic), with as many intra-op threads as
 torch. Medians over `--repeat` runs after one warm-up; eager and compiled run in turns, and "compile /
-eager" is the median of the paired ratios with its distribution-free 95% interval. Weights are random, the BatchNorm statistics
-those of one random batch; "ORT rel. diff" is max |ORT − eager| / max |eager| over that row's input.
+eager" is the median of the paired ratios with its distribution-free 95% interval. Weights are random,
+the BatchNorm statistics those of one random batch; "ORT rel. diff" is max |ORT − eager| / max |eager| over that row's input.
 
     python scripts/bench_deploy.py                    # the table in docs/BENCHMARKS.md
     python scripts/bench_deploy.py --models RedNet-26 "ResNet-50 + ODConv" --batches 1 --repeat 3

@@ -28,6 +28,7 @@ scratch, not only PyTorch's own tensors.
     python scripts/bench_models.py --device cuda --compile default reduce-overhead --models RedNet-26   # + CUDA graphs
     python scripts/bench_models.py --memory --batch 32 --models ResNet-50 RedNet-50 "DDF-ResNet-50 (mul)"
     python scripts/bench_models.py --memory --batch 32 --repeat 3 --rounds 3 --models ResNet-50 RedNet-50
+    python scripts/bench_models.py --paired --batch 32 --repeat 15 --models ResNet-50 RedNet-50   # time, in turns
     python scripts/bench_models.py --compile --inference-only --batch 1 --models "DDF-ResNet-50 (add)" ResNet-18-DCD
 
 On CUDA every timed step is bracketed by `torch.cuda.synchronize()`, the pixel_filter operators run
@@ -185,6 +186,41 @@ def bench(spec: Spec, batch: int, repeat: int, size: int, amp: bool = False, cha
     return row
 
 
+def paired_train(specs: list[Spec], batch: int, repeat: int, size: int) -> str:
+    """Training steps of all `specs` built in this one process and run in turns, `repeat` rounds after a
+    warm-up round: each model's median step, and the median of its per-round ratio to its baseline
+    (same round) with a distribution-free 95% interval; a drift of the machine then cancels in the ratio."""
+    from bench_ops import median_ci, paired_ms
+    import timm
+
+    steps, labels = [], [s.label for s in specs]
+    for spec in specs:
+        torch.manual_seed(0)
+        kwargs = dict(spec.kwargs, **({"input_size": (size, size)} if size != spec.size else {}))
+        model = timm.create_model(spec.name, **kwargs).to(bench_ops.DEVICE).train()
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        x = torch.randn(batch, 3, size, size, device=bench_ops.DEVICE)
+        y = torch.randint(0, model(x[:2]).shape[1], (batch,), device=bench_ops.DEVICE)
+
+        def step(model=model, opt=opt, x=x, y=y):
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+
+        steps.append(step)
+    times = dict(zip(labels, paired_ms(steps, repeat)))
+    lines = [f"| model | input | train step ms (batch {batch}), median of {repeat} | × baseline, median of the "
+             "paired ratios [95% CI] |", "|---|---|---:|---:|"]
+    for spec in specs:
+        ratio = ""
+        if spec.baseline != spec.label and spec.baseline in times:
+            ratios = [a / b for a, b in zip(times[spec.label], times[spec.baseline])]
+            lo, hi = median_ci(ratios)
+            ratio = f"{statistics.median(ratios):.2f} [{lo:.2f}, {hi:.2f}]"
+        lines.append(f"| {spec.label} | {size}² | {statistics.median(times[spec.label]):.0f} | {ratio} |")
+    return "\n".join(lines)
+
+
 def markdown(rows: list[dict], batch: int) -> str:
     """The table; with --memory two more columns, the training step's peak memory and its ratio."""
     by_label = {r["label"]: r for r in rows if "error" not in r}
@@ -249,6 +285,9 @@ def main(argv=None) -> None:
                     help="run the whole set of models this many times in turn; each figure is the median over "
                          "rounds and each ratio's per-round values are listed (a slow drift of the machine then "
                          "hits every model alike)")
+    ap.add_argument("--paired", action="store_true",
+                    help="only the training step: every model built in this process and stepped in turns for "
+                         "--repeat rounds; ratios are medians of per-round ratios with a 95%% interval")
     ap.add_argument("--worker", choices=("eager", *COMPILE_MODES), help=argparse.SUPPRESS)  # in_fresh_process
     args = ap.parse_args(argv)
     batch, repeat, scale = (2, 1, 1 / 3) if args.quick else (args.batch, args.repeat, 1.0)
@@ -276,6 +315,12 @@ def main(argv=None) -> None:
           f"{', channels_last' if args.channels_last else ''}", flush=True)
     if missing:
         print(f"missing models (not registered with timm yet): {', '.join(missing)}")
+    if args.paired:
+        sizes = {args.size or max(32, int(s.size * scale) // 32 * 32) for s in specs}
+        if len(sizes) != 1:
+            ap.error("--paired needs one input size for all models: pass --size or models of one resolution")
+        print(paired_train([s for s in specs if s.name not in missing], batch, repeat, sizes.pop()))
+        return
     if args.rounds < 1:
         ap.error(f"--rounds must be at least 1, got {args.rounds}")
     rounds = []

@@ -63,11 +63,12 @@ class ExpertConv(Operator):
     def mix(self, coeff: Tensor) -> tuple[Tensor, Tensor | None]:
         """Per-sample kernel and bias `Σ_e coeff[b, e]·(W_e, b_e)` for coeff (B, E)."""
         w = self.weight.permute(0, 1, 3, 4, 2)  # (E, C_out, kh, kw, C_in/g)
-        if torch.compiler.is_compiling() and self.weight.shape[-2:] != (1, 1) and (
-                w.is_contiguous() or coeff.shape[0] >= self.num_experts):
+        if torch.compiler.is_compiling() and self.weight.shape[-2:] != (1, 1) and (w.is_contiguous() or (
+                not torch.compiler.is_exporting() and coeff.shape[0] >= self.num_experts)):
             # inductor runs the per-sample conv on channels_last kernels, so it would transpose the mixed
             # (B·C_out, C_in/g, kh, kw) kernels each call: mix in that order instead, where reading the
-            # experts in it costs no more (they are channels_last already, or B >= E)
+            # experts in it costs no more (they are channels_last already, or B >= E; torch.export keeps
+            # its batch symbolic, so there the batch is not compared)
             return (coeff @ w.flatten(1)).view(-1, *w.shape[1:]).permute(0, 1, 4, 2, 3), \
                 None if self.bias is None else coeff @ self.bias
         weight = (coeff @ self.weight.flatten(1)).view(-1, *self.weight.shape[1:])

@@ -181,3 +181,24 @@ def test_bench_deploy_rows_show_the_paired_ratio_and_its_interval(monkeypatch):
                                                       "–", "–"]
     row.update(compiled="n/a (graph break)", ort=10.0, diff=1e-6)
     assert _cells(bench_deploy.markdown_row(row))[4:] == ["n/a (graph break)", "10.0", "–", "0.50", "1.0e-06"]
+
+
+def test_bench_models_paired_steps_models_in_turns(monkeypatch, capsys):
+    """--paired: one process, the models stepped in turns; the baseline has no ratio, the other a median
+    ratio with its interval; models of two resolutions without --size are refused."""
+    bench_models = _load("bench_models", monkeypatch)
+    threads = torch.get_num_threads()
+    try:
+        bench_models.main(["--quick", "--paired", "--models", "ResNet-50", "RedNet-26"])
+        with pytest.raises(SystemExit):
+            bench_models.main(["--quick", "--paired", "--models", "ResNet-50", "face MobileNetV2 + TVConv"])
+    finally:
+        torch.set_num_threads(threads)
+    out, err = capsys.readouterr()
+    rows = {cells[0]: cells for cells in map(_cells, out.splitlines()) if cells and cells[0] in ("ResNet-50",
+                                                                                               "RedNet-26")}
+    assert rows["ResNet-50"][3] == "" and float(rows["ResNet-50"][2]) > 0
+    ratio, interval = rows["RedNet-26"][3].split(" ", 1)
+    lo, hi = map(float, interval.strip("[]").split(", "))
+    assert lo <= float(ratio) <= hi
+    assert "needs one input size" in err
