@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 
 import bench_ops  # also puts the repository on sys.path
-from bench_ops import header, median_ms
+from bench_ops import header, median_ci, median_ms, paired_ms
 
 
 @dataclass
@@ -130,17 +130,40 @@ def peak_memory_mib(fn) -> float:
     return (_status_kib("VmHWM") - base) / 1024
 
 
-def bench(spec: Spec, batch: int, repeat: int, size: int, amp: bool = False, channels_last: bool = False,
-          compile_mode: str | None = None, memory: bool = False, train: bool = True) -> dict:
+def build_model(spec: Spec, size: int, fmt=torch.contiguous_format) -> torch.nn.Module:
+    """`spec`'s model for `size`² inputs on the benchmark's device (seed 0)."""
     import timm
 
-    device = bench_ops.DEVICE
-    kwargs = dict(spec.kwargs)
-    if size != spec.size:
-        kwargs["input_size"] = (size, size)
+    kwargs = dict(spec.kwargs, **({"input_size": (size, size)} if size != spec.size else {}))
     torch.manual_seed(0)
+    return timm.create_model(spec.name, **kwargs).to(bench_ops.DEVICE, memory_format=fmt)
+
+
+def training_step(model, x, run=None, autocast=contextlib.nullcontext):
+    """(step, optimizer): `step()` is forward (through `run`, default the model), cross-entropy on random labels,
+    backward and an SGD (momentum) step; the model is put in training mode."""
+    run = run or model
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    model.train()
+    with autocast():
+        n_out = model(x[:2]).shape[1]
+    y = torch.randint(0, n_out, (x.shape[0],), device=x.device)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with autocast():
+            loss = F.cross_entropy(run(x), y)
+        loss.backward()
+        opt.step()
+
+    return step, opt
+
+
+def bench(spec: Spec, batch: int, repeat: int, size: int, amp: bool = False, channels_last: bool = False,
+          compile_mode: str | None = None, memory: bool = False, train: bool = True) -> dict:
+    device = bench_ops.DEVICE
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    model = timm.create_model(spec.name, **kwargs).to(device, memory_format=fmt)
+    model = build_model(spec, size, fmt)
     x = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=fmt)
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if amp else contextlib.nullcontext
     row = dict(label=spec.label, name=spec.name, size=size, baseline=spec.baseline)
@@ -154,19 +177,7 @@ def bench(spec: Spec, batch: int, repeat: int, size: int, amp: bool = False, cha
             torch.compiler.cudagraph_mark_step_begin()
         return compiled(inputs)
     if train and not spec.frozen:
-        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-        model.train()
-        with autocast():
-            n_out = model(x[:2]).shape[1]
-        y = torch.randint(0, n_out, (batch,), device=device)
-
-        def step():
-            opt.zero_grad(set_to_none=True)
-            with autocast():
-                loss = F.cross_entropy(run(x), y)
-            loss.backward()
-            opt.step()
-
+        step, opt = training_step(model, x, run, autocast)
         row["first"] = first_ms(step)
         if memory:  # a step after the first, whose one-off costs (compiling, optimizer state) are not counted
             opt.zero_grad(set_to_none=True)
@@ -190,24 +201,9 @@ def paired_train(specs: list[Spec], batch: int, repeat: int, size: int) -> str:
     """Training steps of all `specs` built in this one process and run in turns, `repeat` rounds after a
     warm-up round: each model's median step, and the median of its per-round ratio to its baseline
     (same round) with a distribution-free 95% interval; a drift of the machine then cancels in the ratio."""
-    from bench_ops import median_ci, paired_ms
-    import timm
-
-    steps, labels = [], [s.label for s in specs]
-    for spec in specs:
-        torch.manual_seed(0)
-        kwargs = dict(spec.kwargs, **({"input_size": (size, size)} if size != spec.size else {}))
-        model = timm.create_model(spec.name, **kwargs).to(bench_ops.DEVICE).train()
-        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-        x = torch.randn(batch, 3, size, size, device=bench_ops.DEVICE)
-        y = torch.randint(0, model(x[:2]).shape[1], (batch,), device=bench_ops.DEVICE)
-
-        def step(model=model, opt=opt, x=x, y=y):
-            opt.zero_grad(set_to_none=True)
-            F.cross_entropy(model(x), y).backward()
-            opt.step()
-
-        steps.append(step)
+    labels = [s.label for s in specs]
+    steps = [training_step(build_model(spec, size), torch.randn(batch, 3, size, size, device=bench_ops.DEVICE))[0]
+             for spec in specs]
     times = dict(zip(labels, paired_ms(steps, repeat)))
     lines = [f"| model | input | train step ms (batch {batch}), median of {repeat} | × baseline, median of the "
              "paired ratios [95% CI] |", "|---|---|---:|---:|"]
