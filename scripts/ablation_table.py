@@ -8,7 +8,7 @@ per-epoch metrics). The table and the plots are then made from those two files a
 
 The table has one row per cell in sweep order: accuracy as mean ± std over the seeds, its difference to the
 reference cell (the first, or `--ref key=value`) with the 95 % confidence interval, and the Welch t-test's p-value
-Holm-corrected over the table's comparisons (scripts/ablation_stats.py). A `findings.csv` beside the data (cell keys,
+Holm-corrected over the table's comparisons (engine/ablation.py). A `findings.csv` beside the data (cell keys,
 `expected` as + / - / 0, `finding`) adds the paper's finding and the verdict: "consistent with", "contradicts" or
 "inconclusive". With a `vs` column (`key=value[,key=value]`, the cell the paper compares it with), each finding's cell
 is compared with its own reference, only the cells with a finding are compared, and the table names each reference
@@ -26,18 +26,16 @@ import csv
 import io
 import json
 import math
-import statistics
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from scripts.ablation_stats import Comparison, holm, verdict, welch  # noqa: E402
+from engine.ablation import (FIXED, Cell, Comparison, Finding, cell_label, compare, read_table,  # noqa: E402
+                             short_names, verdict)
 
 IGNORED = {"seed"}  # varies across the runs of one cell by design
 MISSING = "–"
-FIXED = ["steps", "params", "macs", "img_per_s", "wall_time_s", "commit"]  # runs.csv columns after the metric
 
 
 # ------------------------------------------------------------------------------------------- sweep folder → CSV
@@ -155,170 +153,7 @@ def export(sweep: Path, out: Path, metric: str | None) -> None:
     (out / "epochs.csv").write_text(_csv_text(["run", *cols], epoch_rows))
 
 
-# ------------------------------------------------------------------------------------------- CSV → cells
-@dataclass
-class Run:
-    values: tuple  # the cell keys' values, as written
-    acc: float
-    fixed: dict    # FIXED columns (floats; commit as text)
-    history: list[dict] = field(default_factory=list)
-
-
-@dataclass
-class Cell:
-    values: tuple
-    runs: list[Run]
-
-    @property
-    def accs(self) -> list[float]:
-        return [r.acc for r in self.runs]
-
-    @property
-    def acc(self) -> tuple[float, float | None]:
-        return statistics.fmean(self.accs), statistics.stdev(self.accs) if len(self.runs) > 1 else None
-
-    def mean(self, column: str) -> float | None:
-        vals = [r.fixed[column] for r in self.runs if r.fixed.get(column) is not None]
-        return statistics.fmean(vals) if vals else None
-
-    def ci95(self) -> float:
-        """Half-width of the 95 % confidence interval of the mean accuracy (0 with one seed)."""
-        from scipy import stats
-
-        n, (_, sd) = len(self.runs), self.acc
-        return 0.0 if sd is None else float(stats.t.ppf(0.975, n - 1) * sd / math.sqrt(n))
-
-    def curve(self, column: str) -> list[tuple[float, float]]:
-        """(epoch, value averaged over the seeds that logged it)."""
-        by_epoch: dict[float, list[float]] = {}
-        for r in self.runs:
-            for row in r.history:
-                if column in row:
-                    by_epoch.setdefault(row.get("epoch", len(by_epoch)), []).append(row[column])
-        return [(e, statistics.fmean(v)) for e, v in sorted(by_epoch.items())]
-
-
-def read_results(folder: Path) -> tuple[list[str], str, list[Cell]]:
-    """(cell keys, metric name, cells in first-appearance order) from `runs.csv` and `epochs.csv`."""
-    if not (folder / "runs.csv").exists():
-        raise SystemExit(f"{folder} has neither summary.json files nor runs.csv")
-    with open(folder / "runs.csv", newline="") as f:
-        reader = csv.reader(f)
-        header = next(reader)
-        rows = list(reader)
-    seed = header.index("seed")
-    keys, metric = header[1:seed], header[seed + 1].removeprefix("val_")
-    history: dict[str, list[dict]] = {}
-    if (folder / "epochs.csv").exists():
-        with open(folder / "epochs.csv", newline="") as f:
-            for row in csv.DictReader(f):
-                history.setdefault(row.pop("run"), []).append({k: float(v) for k, v in row.items() if v != ""})
-    cells: dict[tuple, Cell] = {}
-    for row in rows:
-        fixed = {k: (v if k == "commit" else float(v) if v else None)
-                 for k, v in zip(FIXED, row[seed + 2:seed + 2 + len(FIXED)])}
-        values = tuple(row[1:seed])
-        run = Run(values, float(row[seed + 1]), fixed, history.get(row[0], []))
-        cells.setdefault(values, Cell(values, [])).runs.append(run)
-    return keys, metric, list(cells.values())
-
-
-# ------------------------------------------------------------------------------------------- statistics and tables
-def short_names(keys: list[str]) -> list[str]:
-    """The last part of each dotted key, or the whole key where the last part alone is ambiguous."""
-    last = [k.rsplit(".", 1)[-1] for k in keys]
-    return [s if last.count(s) == 1 else k for s, k in zip(last, keys)]
-
-
-def cell_label(cell: Cell, keys: list[str], skip: str | None = None) -> str:
-    return ", ".join(f"{n}={v}" for k, n, v in zip(keys, short_names(keys), cell.values) if k != skip) or "all runs"
-
-
-def _match(cell: Cell, keys: list[str], spec: dict[str, str]) -> bool:
-    return all(cell.values[keys.index(k)] == v for k, v in spec.items())
-
-
-def references(cells: list[Cell], keys: list[str], ref: str | None, budget: str | None) -> dict[int, Cell]:
-    """Each cell's reference (by index): the first cell, or the cell matching `--ref key=value[,key=value]`; with a
-    budget key, the matching cell at the same budget."""
-    spec = dict(part.split("=", 1) for part in ref.split(",")) if ref else {}
-    for k in [*spec, *([budget] if budget else [])]:
-        if k not in keys:
-            raise SystemExit(f"--ref/--budget key {k!r} is not a swept key; the swept keys are {keys}")
-    out = {}
-    for i, c in enumerate(cells):
-        same = {budget: c.values[keys.index(budget)]} if budget else {}
-        found = [r for r in cells if _match(r, keys, {**spec, **same})] if spec or same else cells[:1]
-        if not found:
-            raise SystemExit(f"no reference cell matches {ref!r} for {cell_label(c, keys)}")
-        out[i] = found[0]
-    return out
-
-
-def compare(cells: list[Cell], refs: dict[int, Cell]) -> dict[int, tuple[Comparison, float]]:
-    """Welch comparison of every non-reference cell with its reference, with Holm-adjusted p over all of them."""
-    raw = {}
-    for i, c in enumerate(cells):
-        ref = refs[i]
-        if ref is not c:
-            (m, s), (m0, s0) = c.acc, ref.acc
-            raw[i] = welch(m, s or 0.0, len(c.runs), m0, s0 or 0.0, len(ref.runs))
-    adjusted = holm([cmp.p for cmp in raw.values()])
-    return {i: (cmp, p) for (i, cmp), p in zip(raw.items(), adjusted)}
-
-
-@dataclass(frozen=True)
-class Finding:
-    expected: str  # + / - / 0: the cell above / below / level with its reference
-    text: str      # the paper's finding
-    vs: str = ""   # the reference cell as key=value[,key=value]; empty: the table's reference
-    cell: str = ""  # the cell's name in the published tables (scripts/verdict_summary.py matches on it)
-
-
-def read_findings(folder: Path, keys: list[str]) -> dict[tuple, Finding]:
-    """`findings.csv`: cell values (columns named by the cell keys) → the paper's finding (and its reference)."""
-    path = folder / "findings.csv"
-    if not path.exists():
-        return {}
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    missing = [k for k in keys if rows and k not in rows[0]]
-    if missing:
-        raise SystemExit(f"{path} lacks the cell key columns {missing}")
-    return {tuple(r[k] for k in keys): Finding(r["expected"], r["finding"], r.get("vs") or "", r.get("cell") or "")
-            for r in rows}
-
-
-def finding_references(cells: list[Cell], keys: list[str], findings: dict[tuple, Finding]) -> dict[int, Cell] | None:
-    """With findings against their own reference (`vs`): each finding's cell → that reference, every other cell →
-    itself (not compared). None when no finding names a reference."""
-    if not any(f.vs for f in findings.values()):
-        return None
-    known = {c.values for c in cells}
-    for values in findings:
-        if values not in known:
-            raise SystemExit(f"findings.csv names a cell the data lack: {dict(zip(keys, values))}")
-    out = {}
-    for i, c in enumerate(cells):
-        f = findings.get(c.values)
-        if f is None or not f.vs:
-            out[i] = c
-            continue
-        out[i] = _find(cells, keys, f.vs)
-    return out
-
-
-def _find(cells: list[Cell], keys: list[str], spec_text: str) -> Cell:
-    spec = dict(part.split("=", 1) for part in spec_text.split(","))
-    for k in spec:
-        if k not in keys:
-            raise SystemExit(f"findings.csv vs={spec_text!r}: {k!r} is not a swept key; the swept keys are {keys}")
-    found = [c for c in cells if _match(c, keys, spec)]
-    if len(found) != 1:
-        raise SystemExit(f"findings.csv vs={spec_text!r} matches {len(found)} cells; name one cell")
-    return found[0]
-
-
+# ------------------------------------------------------------------------------------------- tables
 def _p_text(p: float) -> str:
     return MISSING if math.isnan(p) else "<0.001" if p < 0.001 else f"{p:.3f}"
 
@@ -471,33 +306,6 @@ def budget_png(cells: list[Cell], keys: list[str], refs: dict[int, Cell], budget
 
 
 # ------------------------------------------------------------------------------------------- command line
-def _budget_order(value: str) -> tuple:
-    try:
-        return (0, float(value), "")
-    except ValueError:  # a non-numeric budget sorts after the numbers, by name
-        return (1, 0.0, value)
-
-
-@dataclass
-class Table:
-    keys: list[str]
-    metric: str
-    cells: list[Cell]
-    refs: dict[int, Cell]          # each cell's reference (itself: not compared)
-    findings: dict[tuple, Finding]
-    own_refs: bool                 # the references come from findings.csv's vs column
-
-
-def read_table(data: Path, ref: str | None = None, budget: str | None = None) -> Table:
-    """The cells of `data`'s runs.csv / epochs.csv, their references and findings, in table order."""
-    keys, metric, cells = read_results(data)
-    if budget in keys:  # a curve reads by budget: rows and plot points in increasing budget, stable within one
-        cells.sort(key=lambda c: _budget_order(c.values[keys.index(budget)]))
-    findings = read_findings(data, keys)
-    own = finding_references(cells, keys, findings)
-    return Table(keys, metric, cells, own or references(cells, keys, ref, budget), findings, own is not None)
-
-
 def render(data: Path, out: Path, ref: str | None, budget: str | None) -> str:
     """Table and plots from `data`'s runs.csv / epochs.csv (and findings.csv) into `out`; returns the table."""
     t = read_table(data, ref, budget)

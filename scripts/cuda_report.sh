@@ -6,7 +6,7 @@
 #   models     bench_models.py --device cuda --batch 64 --memory, float32;
 #   models_amp the same in bf16 autocast + channels_last;
 #   models_csv both tables appended to OUT_DIR/cuda_models.csv (a copy of docs/benchmarks/cuda_models.csv, columns
-#              in scripts/models_csv.py) and the run's Markdown table printed from it;
+#              in scripts/dev/models_csv.py) and the run's Markdown table printed from it;
 #   floor      the fused involution forward/backward against its memory floor at the RedNet-50 stage shapes;
 #   dk         dk_local fwd+bwd against a depthwise 3x3 at the same shapes;
 #   tiles_8, tiles_32  if time is left: the floor table again with 8 and 32 planes per program
@@ -24,6 +24,7 @@
 # (2 epochs of train.py).
 # Exit 1 when torch sees no CUDA device (except in a dry run) or when any step failed.
 set -u
+case ${1:-} in -h | --help) sed -n '2,/^[^#]/s/^# \{0,1\}//p' "$0"; exit 0 ;; esac  # the comment above
 out=${1:-cuda_report}
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
@@ -43,7 +44,7 @@ fi
 failed=0
 
 # step NAME LIMIT CMD...: run CMD (log in OUT_DIR/NAME.log) within min(LIMIT, time left). In a dry run,
-# `$py script.py args` is checked by scripts/check_command.py, `$py -m pytest ...` collects only (exit 5,
+# `$py script.py args` is checked by scripts/dev/check_command.py, `$py -m pytest ...` collects only (exit 5,
 # nothing selected on a machine without CUDA, counts as a pass), `$py -c CODE` runs (it must not need a GPU)
 # and any other command must be on PATH.
 step() {
@@ -65,7 +66,7 @@ step() {
         if [ "$1" = "$py" ] && [ "${2:-}" = "-m" ] && [ "${3:-}" = pytest ]; then
             set -- "$@" --collect-only
         elif [ "$1" = "$py" ] && [[ "${2:-}" == *.py ]]; then
-            set -- "$py" scripts/check_command.py "${@:2}"
+            set -- "$py" scripts/dev/check_command.py "${@:2}"
         elif [ "$1" != "$py" ] || [ "${2:-}" != "-c" ]; then
             set -- bash -c 'command -v "$1"' command "$1"
         fi
@@ -96,15 +97,15 @@ step models 110 "$py" scripts/bench_models.py --device cuda --batch 64 --repeat 
 step models_amp 110 "$py" scripts/bench_models.py --device cuda --batch 64 --repeat 5 --memory --amp --channels-last \
     "${models[@]}"
 [ -f "$out/cuda_models.csv" ] || [ ! -f docs/benchmarks/cuda_models.csv ] || cp docs/benchmarks/cuda_models.csv "$out/"
-step models_csv 30 "$py" scripts/models_csv.py "$out/cuda_models.csv" "fp32=$out/models.log" "bf16=$out/models_amp.log"
-step floor 50 "$py" scripts/bench_floor.py --device cuda --table floor --batch 64 --repeat 20
-step dk 50 "$py" scripts/bench_floor.py --device cuda --table dk --batch 64 --repeat 10
+step models_csv 30 "$py" scripts/dev/models_csv.py "$out/cuda_models.csv" "fp32=$out/models.log" "bf16=$out/models_amp.log"
+step floor 50 "$py" scripts/dev/bench_floor.py --device cuda --table floor --batch 64 --repeat 20
+step dk 50 "$py" scripts/dev/bench_floor.py --device cuda --table dk --batch 64 --repeat 10
 for cpb in 8 32; do
-    step "tiles_$cpb" 60 env "DYNCONV_TRITON_CPB=$cpb" "$py" scripts/bench_floor.py --device cuda --table floor \
+    step "tiles_$cpb" 60 env "DYNCONV_TRITON_CPB=$cpb" "$py" scripts/dev/bench_floor.py --device cuda --table floor \
         --dtypes bf16 --repeat 20
 done
 step ops 300 "$py" scripts/bench_ops.py --device cuda --repeat 20
-step profile 120 "$py" scripts/profile_pixel_filter.py --device cuda --rows 6
+step profile 120 "$py" scripts/dev/profile_pixel_filter.py --device cuda --rows 6
 step compile 300 "$py" scripts/bench_models.py --device cuda --batch 16 --repeat 10 \
     --models RedNet-26 "face MobileNetV2 + TVConv" --compile default reduce-overhead
 step smoke 300 "$py" train.py -m experiment=ablation_grid seed=0 "++op={name:involution},{name:dk_local}" \

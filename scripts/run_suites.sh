@@ -12,6 +12,7 @@
 # reads the finished runs and names the ones it skips (stopped by the deadline, or failed). Each suite's log is
 # OUT/<suite>.log; the exit code is 1 if any sweep did not end cleanly.
 set -u
+case ${1:-} in -h | --help) sed -n '2,/^[^#]/s/^# \{0,1\}//p' "$0"; exit 0 ;; esac  # the comment above
 out=${1:?usage: run_suites.sh OUT [SUITE ...]}
 shift
 suites=${*:-ablation_involution ablation_ddf ablation_dcd ablation_dk ablation_tvconv ablation_grid budget_curve budget_curve_dk_local}

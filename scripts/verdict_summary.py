@@ -23,8 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from scripts.ablation_stats import benjamini_hochberg, holm, old_rule, verdict, welch  # noqa: E402
-from scripts.ablation_table import compare, read_table  # noqa: E402
+from engine.ablation import benjamini_hochberg, compare, holm, old_rule, read_table, verdict, welch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = ("consistent with", "contradicts", "inconclusive")

@@ -1,4 +1,4 @@
-"""scripts/cuda_report.sh's dry run and the CSV of its model table (scripts/models_csv.py), on CPU."""
+"""scripts/cuda_report.sh's dry run and the CSV of its model table (scripts/dev/models_csv.py), on CPU."""
 import csv
 import os
 import subprocess
@@ -7,6 +7,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
+sys.path.insert(0, str(ROOT / "scripts" / "dev"))
 
 import bench_models  # noqa: E402
 import models_csv  # noqa: E402
@@ -27,7 +28,7 @@ def test_dry_run_checks_steps_without_a_gpu(tmp_path):
 
 
 def test_check_command_rejects_bad_arguments():
-    check = [sys.executable, str(ROOT / "scripts" / "check_command.py"), str(ROOT / "scripts" / "models_csv.py")]
+    check = [sys.executable, str(ROOT / "scripts/dev/check_command.py"), str(ROOT / "scripts/dev/models_csv.py")]
     assert subprocess.run(check + ["x.csv", "fp32=a.log"], capture_output=True).returncode == 0
     bad = subprocess.run(check + ["x.csv", "--no-such-flag"], capture_output=True, text=True)
     assert bad.returncode == 2 and "--no-such-flag" in bad.stderr

@@ -15,7 +15,6 @@ Sweeps, clusters, several processes and GPUs are composed only: nothing here nee
 """
 from __future__ import annotations
 
-import ast
 import os
 import re
 import shlex
@@ -27,6 +26,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
 from tests.engine.conftest import ROOT, compose_cfg
+from tests.scripts.conftest import help_exits as script_help_exits
 
 README = (ROOT / "README.md").read_text()
 FENCED = re.compile(r"```(\w*)\n(.*?)```", re.S)
@@ -132,34 +132,12 @@ def test_train_command(command, tmp_path, monkeypatch):
 
 
 ROOT_SCRIPTS = ROOT / "scripts"
-HELP_DRIVER = """
-import os, runpy, sys
-from hydra.core.global_hydra import GlobalHydra
-for script in sys.argv[1:]:
-    sys.argv = [script, "--help"]
-    sys.path.insert(0, os.path.dirname(os.path.abspath(script)))  # as `python <script>` does
-    try:
-        runpy.run_path(script, run_name="__main__")
-        code = 0
-    except SystemExit as e:
-        code = e.code or 0
-    except Exception as e:
-        code = f"{type(e).__name__}: {e}"
-    sys.path.pop(0)
-    GlobalHydra.instance().clear()
-    print(f"help-exit {script} {code!r}", flush=True)
-"""
 
 
 @pytest.fixture(scope="module")
-def help_exits() -> dict[str, int]:
-    """`--help` exit code of every script the README names, all in one interpreter (the imports are shared)."""
-    scripts = sorted({_tokens(c)[1] for c in SCRIPTS})
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-c", HELP_DRIVER, *scripts], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=600)
-    exits = dict(line.split(" ", 2)[1:] for line in proc.stdout.splitlines() if line.startswith("help-exit "))
-    return {script: ast.literal_eval(exits[script]) if script in exits else proc.stderr[-3000:] for script in scripts}
+def help_exits() -> dict[str, int | str]:
+    """`--help` of every script the README names."""
+    return script_help_exits(sorted({_tokens(c)[1] for c in SCRIPTS}))
 
 
 @pytest.mark.parametrize("command", SCRIPTS)

@@ -49,7 +49,7 @@ def test_bench_models_cuda_flag_needs_a_gpu(monkeypatch, capsys):
 
 @pytest.mark.slow
 def test_profile_pixel_filter_lists_the_kernels_of_each_form():
-    out = _script("profile_pixel_filter.py", "--shapes", "2x16x8x8", "--steps", "1", "--rows", "5").stdout
+    out = _script("dev/profile_pixel_filter.py", "--shapes", "2x16x8x8", "--steps", "1", "--rows", "5").stdout
     for form in ("involution", "DDF", "TVConv"):
         assert f"## 2x16x8x8 pixel_filter {form}" in out
     assert out.count("Self CPU time total") == 3

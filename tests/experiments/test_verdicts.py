@@ -1,4 +1,4 @@
-"""The statistics of the ablation tables (scripts/ablation_stats.py) and the verdicts of the first published tables
+"""The statistics of the ablation tables (engine/ablation.py) and the verdicts of the first published tables
 recomputed from their committed summaries (scripts/verdict_summary.py)."""
 import math
 
@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from engine.ablation import benjamini_hochberg, holm, old_rule, verdict, welch
 from scripts import verdict_summary
-from scripts.ablation_stats import benjamini_hochberg, holm, old_rule, verdict, welch
 
 ROOT = verdict_summary.ROOT
 PUBLISHED = ROOT / "docs" / "results" / "published"

@@ -1,5 +1,7 @@
-"""Helpers of the validate/predict tests: their configs composed in-process, and train.py-format checkpoints
-written without training (a freshly built network and the run's config, as `RunState.state_dict` saves them)."""
+"""Helpers of the script tests: every script's `--help`; the validate/predict configs composed in-process, and
+train.py-format checkpoints written without training (a freshly built network and the run's config, as
+`RunState.state_dict` saves them)."""
+import ast
 import os
 import subprocess
 import sys
@@ -18,6 +20,40 @@ from engine.trainer import build_network
 from tests.engine.conftest import ROOT, TINY, TINY_MODEL, compose_cfg
 
 SCHEMAS = {"validate": ValidateConfig, "predict": PredictConfig}
+HELP_DRIVER = """
+import contextlib, io, os, runpy, sys
+from hydra.core.global_hydra import GlobalHydra
+for script in sys.argv[1:]:
+    sys.argv = [script, "--help"]
+    sys.path.insert(0, os.path.dirname(os.path.abspath(script)))  # as `python <script>` does
+    out = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out):
+            runpy.run_path(script, run_name="__main__")
+        code = 0
+    except SystemExit as e:
+        code = e.code or 0
+    except Exception as e:
+        code = f"{type(e).__name__}: {e}"
+    sys.path.pop(0)
+    GlobalHydra.instance().clear()
+    print(f"help-exit {script} {code if code or out.getvalue().strip() else 'printed nothing'!r}", flush=True)
+"""
+
+
+def help_exits(scripts: list[str]) -> dict[str, int | str]:
+    """`<script> --help` of each repository-relative path: 0 where it exits 0 having printed its help, otherwise the
+    exit code or what went wrong. The Python scripts run in one interpreter (the imports are shared), `bash` the rest."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    python = [s for s in scripts if s.endswith(".py")]
+    proc = subprocess.run([sys.executable, "-c", HELP_DRIVER, *python], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+    exits = dict(line.split(" ", 2)[1:] for line in proc.stdout.splitlines() if line.startswith("help-exit "))
+    out = {s: ast.literal_eval(exits[s]) if s in exits else proc.stderr[-3000:] for s in python}
+    for script in set(scripts) - set(python):
+        shell = subprocess.run(["bash", script, "--help"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+        out[script] = shell.returncode if shell.returncode or shell.stdout.strip() else "printed nothing"
+    return out
 
 
 @pytest.fixture

@@ -10,19 +10,22 @@ device's copy bandwidth, itself measured here (a 1 GiB device-to-device `copy_`,
 `--table dk`: the `dk_local` operator module (3×3) fwd+bwd against `nn.Conv2d` depthwise 3×3 fwd+bwd (bf16:
 float32 modules under bfloat16 autocast).
 
-    python scripts/bench_floor.py --device cuda --table floor dk --batch 64
-    python scripts/bench_floor.py --device cpu --batch 1 --repeat 1 --table dk     # a smoke run
+    python scripts/dev/bench_floor.py --device cuda --table floor dk --batch 64
+    python scripts/dev/bench_floor.py --device cpu --batch 1 --repeat 1 --table dk     # a smoke run
 """
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-import bench_ops  # also puts the repository on sys.path
-from bench_ops import header, median_ms
-from dynconv.functional.involution import involution
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from scripts import bench_ops  # noqa: E402  (bench_ops puts the repository on sys.path)
+from scripts.bench_ops import header, median_ms  # noqa: E402
+from dynconv.functional.involution import involution  # noqa: E402
 
 STAGES = [(64, 56), (128, 28), (256, 14), (512, 7)]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}

@@ -3,7 +3,7 @@
 tree's, at several (plane tile, warps) settings, timings interleaved, outputs and gradients compared.
 
     git show 074294b:dynconv/functional/triton_pixel_filter.py > /tmp/old_tpf.py
-    python scripts/ab_triton.py --old /tmp/old_tpf.py            # needs a CUDA GPU
+    python scripts/dev/ab_triton.py --old /tmp/old_tpf.py            # needs a CUDA GPU
 """
 from __future__ import annotations
 
@@ -11,12 +11,15 @@ import argparse
 import importlib.util
 import math
 import statistics
+import sys
+from pathlib import Path
 
 import torch
 
-import bench_ops  # also puts the repository on sys.path
-from bench_ops import DEFAULT_SHAPES, parse_shape, pixel_filter_forms
-from dynconv.functional import triton_pixel_filter as new
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from scripts import bench_ops  # noqa: E402  (bench_ops puts the repository on sys.path)
+from scripts.bench_ops import DEFAULT_SHAPES, parse_shape, pixel_filter_forms  # noqa: E402
+from dynconv.functional import triton_pixel_filter as new  # noqa: E402
 
 CONFIGS = [(1024, 4), (2048, 4), (4096, 8), (4096, 4)]  # (_PLANE_TILE, _PLANE_WARPS)
 

@@ -7,8 +7,8 @@ row's baseline, as bench_models prints them).
 
     python scripts/bench_models.py --device cuda --batch 64 --memory > fp32.log
     python scripts/bench_models.py --device cuda --batch 64 --memory --amp --channels-last > bf16.log
-    python scripts/models_csv.py docs/benchmarks/cuda_models.csv fp32=fp32.log bf16=bf16.log
-    python scripts/models_csv.py docs/benchmarks/cuda_models.csv          # the newest run's table only
+    python scripts/dev/models_csv.py docs/benchmarks/cuda_models.csv fp32=fp32.log bf16=bf16.log
+    python scripts/dev/models_csv.py docs/benchmarks/cuda_models.csv          # the newest run's table only
 """
 from __future__ import annotations
 

@@ -1,18 +1,21 @@
 """Where a `pixel_filter` training pass spends its time: torch.profiler over forward + backward of the
 involution, DDF and TVConv forms (the shapes of `bench_ops.py`), one table of the busiest kernels each.
 
-    python scripts/profile_pixel_filter.py --device cuda            # Triton kernels, by kernel name
-    python scripts/profile_pixel_filter.py --shapes 32x256x14x14    # CPU: the native kernel's ops
+    python scripts/dev/profile_pixel_filter.py --device cuda            # Triton kernels, by kernel name
+    python scripts/dev/profile_pixel_filter.py --shapes 32x256x14x14    # CPU: the native kernel's ops
 """
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-import bench_ops  # also puts the repository on sys.path
-from bench_ops import DEFAULT_SHAPES, parse_shape, pixel_filter_forms
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from scripts import bench_ops  # noqa: E402  (bench_ops puts the repository on sys.path)
+from scripts.bench_ops import DEFAULT_SHAPES, parse_shape, pixel_filter_forms  # noqa: E402
 
 
 def profile_form(fn, inputs, steps: int, row_limit: int) -> str:

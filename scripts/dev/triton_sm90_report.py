@@ -10,7 +10,7 @@ Pointers are declared 16-byte aligned (as torch allocations are); integer argume
 unspecialised (a launch specialises those equal to 1 or divisible by 16, which can only lower the
 counts).
 
-    python scripts/triton_sm90_report.py            # no GPU needed; about a minute on 2 cores
+    python scripts/dev/triton_sm90_report.py            # no GPU needed; about a minute on 2 cores
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from dynconv.functional import triton_deform_kernel as tdk  # noqa: E402
 from dynconv.functional import triton_involution as tinv  # noqa: E402

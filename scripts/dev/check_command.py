@@ -2,7 +2,7 @@
 parser parses the arguments (an error exits 2, as the script itself would), then it stops before any
 work. `scripts/cuda_report.sh` uses it for its dry run on a machine without a GPU.
 
-    python scripts/check_command.py scripts/bench_models.py --device cuda --batch 64 --memory
+    python scripts/dev/check_command.py scripts/bench_models.py --device cuda --batch 64 --memory
 """
 from __future__ import annotations
 
@@ -17,6 +17,9 @@ class _Parsed(Exception):
 
 
 def main() -> None:
+    if sys.argv[1:] in (["-h"], ["--help"]):
+        print(__doc__.strip())
+        return
     if len(sys.argv) < 2 or not sys.argv[1].endswith(".py"):
         sys.exit("usage: check_command.py SCRIPT.py [ARGS...]")
     script = Path(sys.argv[1])
