@@ -15,8 +15,14 @@ Backward, with P = grad_out · x_tap:
                     kernel value resampled at the output pixel p_t(y) that read y);
   grad_Δ[b, g, t, p] = Σ_corners ∂a/∂Δ · Σ_{c∈g} P · W_c[corner]   (one program per (b, g, pixel block)
                     owns all the group's channels, so it writes each element once);
-  grad_W_c[corner] = Σ_{b,p,t} a · P   (atomic adds into a float32 (float64) buffer of the weight's size:
-                    not bitwise reproducible run to run).
+  grad_W_c[q] = Σ_{b,p,t} P · Σ_{corners at q} a   (a two-pass reduction: one program per (group, channel
+                    chunk, split of the (sample, pixel block) pairs) splats P onto the S_h·S_w scope positions
+                    by a dot with the (pixels × scope) matrix of bilinear weights, sums over its split in
+                    registers and stores one partial into a float32 (float64) buffer of splits × the weight's
+                    size (`triton_pixel_filter.reduction_splits`: about 512 programs); the caller adds the
+                    partials. No atomics: runs are bitwise reproducible).
+P is formed twice, once per kernel: grad Δ sums over a group's channels per pixel, grad W over pixels per
+channel, and one program holding both would need the whole group's (channels × S_h·S_w) sums in registers.
 Loads are in the tensors' dtype (bf16/fp16 read as such), sums in float32 (float64 for float64), stores in
 the tensors' dtype; tensors are addressed through their strides (channels_last and expanded gradients need
 no copy). Only the small scope weight is made contiguous.
@@ -33,7 +39,7 @@ from torch import Tensor
 from torch.library import wrap_triton
 
 from .library import absent, register_autograd
-from .triton_pixel_filter import _acc_tl, _device, _empty, launchable, triton
+from .triton_pixel_filter import _acc_tl, _device, _empty, launchable, reduction_splits, triton
 
 if triton is not None:
     import triton.language as tl
@@ -151,16 +157,15 @@ if triton is not None:
                  acc.to(gx_ptr.dtype.element_ty), mask=rv[:, None] & pm[None, :])
 
     @triton.jit
-    def _grad_offset_weight_kernel(x_ptr, go_ptr, off_ptr, w_ptr, goff_ptr, gw_ptr, G, M, H, W, Ho, Wo,
-                                   ph, pw, sxb, sxc, sxh, sxw, sgb, sgc, sgh, sgw, sfb, sfg, sft, sf2, sfh, sfw,
-                                   sqb, sqg, sqt, sq2, sqh, sqw,
-                                   K: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, DH: tl.constexpr,
-                                   DW: tl.constexpr, SCH: tl.constexpr, SCW: tl.constexpr,
-                                   BLOCK: tl.constexpr, CPB: tl.constexpr, ACC: tl.constexpr,
-                                   NEED_OFF: tl.constexpr, NEED_W: tl.constexpr):
+    def _grad_offset_kernel(x_ptr, go_ptr, off_ptr, w_ptr, goff_ptr, G, M, H, W, Ho, Wo, ph, pw,
+                            sxb, sxc, sxh, sxw, sgb, sgc, sgh, sgw, sfb, sfg, sft, sf2, sfh, sfw,
+                            sqb, sqg, sqt, sq2, sqh, sqw,
+                            K: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, DH: tl.constexpr,
+                            DW: tl.constexpr, SCH: tl.constexpr, SCW: tl.constexpr,
+                            BLOCK: tl.constexpr, CPB: tl.constexpr, ACC: tl.constexpr):
         """One (sample, group, pixel block) per program, over the taps and the group's channel chunks:
-        P = grad_out · x_tap per chunk, then per corner Σ_c P · W_c[corner] into grad Δ (registers,
-        stored once per tap) and a · P into grad W (atomics; weight and gw are contiguous (C, S_h·S_w))."""
+        P = grad_out · x_tap per chunk, then per corner Σ_c P · W_c[corner] into grad Δ (registers, stored
+        once per tap; the weight is contiguous (C, S_h·S_w))."""
         b, g, _, offs = _program(Ho * Wo, G, 1, BLOCK)
         pm = offs < Ho * Wo
         i, j = offs // Wo, offs % Wo
@@ -179,19 +184,53 @@ if triton is not None:
                 prod, wrow = go * xv, (c * (SCH * SCW))[:, None]
                 for dy in tl.static_range(2):
                     for dx in tl.static_range(2):
-                        idx, ok, a, dah, daw = _corner(h0, w0, lh, lw, inside, dy, dx, SCH, SCW)
-                        cm = rv[:, None] & ok[None, :]
-                        if NEED_OFF:
-                            wv = tl.load(w_ptr + wrow + idx[None, :], mask=cm, other=0.0).to(ACC)
-                            pv = tl.sum(prod * wv, axis=0)
-                            gh += dah * pv
-                            gwd += daw * pv
-                        if NEED_W:
-                            tl.atomic_add(gw_ptr + wrow + idx[None, :], prod * a[None, :], mask=cm)
-            if NEED_OFF:
-                q = goff_ptr + b * sqb + g * sqg + t * sqt + i * sqh + j * sqw
-                tl.store(q, gh.to(goff_ptr.dtype.element_ty), mask=pm)
-                tl.store(q + sq2, gwd.to(goff_ptr.dtype.element_ty), mask=pm)
+                        idx, ok, _a, dah, daw = _corner(h0, w0, lh, lw, inside, dy, dx, SCH, SCW)
+                        wv = tl.load(w_ptr + wrow + idx[None, :], mask=rv[:, None] & ok[None, :],
+                                     other=0.0).to(ACC)
+                        pv = tl.sum(prod * wv, axis=0)
+                        gh += dah * pv
+                        gwd += daw * pv
+            q = goff_ptr + b * sqb + g * sqg + t * sqt + i * sqh + j * sqw
+            tl.store(q, gh.to(goff_ptr.dtype.element_ty), mask=pm)
+            tl.store(q + sq2, gwd.to(goff_ptr.dtype.element_ty), mask=pm)
+
+    @triton.jit
+    def _grad_weight_kernel(x_ptr, go_ptr, off_ptr, gw_ptr, G, M, NCB, H, W, Ho, Wo, ph, pw, UPS, NU,
+                            sxb, sxc, sxh, sxw, sgb, sgc, sgh, sgw, sfb, sfg, sft, sf2, sfh, sfw,
+                            K: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, DH: tl.constexpr,
+                            DW: tl.constexpr, SCH: tl.constexpr, SCW: tl.constexpr, SP: tl.constexpr,
+                            BLOCK: tl.constexpr, CPB: tl.constexpr, ACC: tl.constexpr):
+        """Program (split s, group g, channel chunk), over split s's UPS (sample, pixel block) units and the
+        taps: P = grad_out · x_tap, splatted onto the scope by the bilinear weights, grad W_c[q] += Σ_p
+        P[c, p] · A[p, q] with A[p, q] = Σ_corners a · [corner index = q] (a dot), in registers; the (channels
+        × S_h·S_w) partial is stored once, at row s of the buffer."""
+        pid = tl.program_id(0)
+        cb, g, s = pid % NCB, (pid // NCB) % G, pid // (NCB * G)
+        c, rv = _channels(cb, g, G, M, CPB)
+        q = tl.arange(0, SP)
+        nblk = tl.cdiv(Ho * Wo, BLOCK)
+        acc = tl.zeros((CPB, SP), dtype=ACC)
+        for u in range(s * UPS, tl.minimum(s * UPS + UPS, NU)):
+            b = (u // nblk).to(tl.int64)
+            offs = (u % nblk) * BLOCK + tl.arange(0, BLOCK)
+            pm = offs < Ho * Wo
+            i, j = offs // Wo, offs % Wo
+            go = tl.load(go_ptr + (b * sgb + c * sgc)[:, None] + (i * sgh + j * sgw)[None, :],
+                         mask=rv[:, None] & pm[None, :], other=0.0).to(ACC)
+            xrow = (b * sxb + c * sxc)[:, None]
+            for t in range(K * K):
+                h0, w0, lh, lw, inside = _coords(off_ptr, b, g, t, i, j, pm, sfb, sfg, sft, sf2, sfh, sfw,
+                                                 K, SCH, SCW, ACC)
+                xoff, xm = _tap_offsets(i, j, pm, t, H, W, ph, pw, sxh, sxw, K, SH, SW, DH, DW)
+                xv = tl.load(x_ptr + xrow + xoff[None, :], mask=rv[:, None] & xm[None, :], other=0.0).to(ACC)
+                splat = tl.zeros((BLOCK, SP), dtype=ACC)
+                for dy in tl.static_range(2):
+                    for dx in tl.static_range(2):
+                        idx, ok, a, _, _ = _corner(h0, w0, lh, lw, inside, dy, dx, SCH, SCW)
+                        splat += tl.where(ok[:, None] & (idx[:, None] == q[None, :]), a[:, None], 0.0)
+                acc = tl.dot(go * xv, splat, acc, input_precision="ieee")
+        tl.store(gw_ptr + (s.to(tl.int64) * G * M + c)[:, None] * (SCH * SCW) + q[None, :], acc,
+                 mask=rv[:, None] & (q < SCH * SCW)[None, :])
 
 
 def tiles(C: int, groups: int, pixels: int) -> dict:
@@ -204,6 +243,14 @@ def tiles(C: int, groups: int, pixels: int) -> dict:
 def _meta(x: Tensor, weight: Tensor, K: int, s, d, groups: int, pixels: int) -> dict:
     return dict(K=K, SH=s[0], SW=s[1], DH=d[0], DW=d[1], SCH=weight.shape[1], SCW=weight.shape[2],
                 ACC=_acc_tl(x.dtype), num_warps=_WARPS, **tiles(x.shape[1], groups, pixels))
+
+
+def _weight_meta(x: Tensor, weight: Tensor, K: int, s, d, groups: int, pixels: int) -> dict:
+    """The grad weight kernel's parameters: SP scope positions (a power of two), and a quarter of the pixel
+    block, as P and the (pixels × scope) splat operand are live at once (at half the block it spills, ptxas
+    sm_90)."""
+    meta = _meta(x, weight, K, s, d, groups, pixels)
+    return dict(meta, BLOCK=max(16, meta["BLOCK"] // 4), SP=triton.next_power_of_2(weight.shape[1] * weight.shape[2]))
 
 
 def forward(x: Tensor, offset: Tensor, weight: Tensor, K: int, s, p, d) -> Tensor:
@@ -222,8 +269,8 @@ def forward(x: Tensor, offset: Tensor, weight: Tensor, K: int, s, p, d) -> Tenso
 
 
 def backward(grad_out: Tensor, x: Tensor, offset: Tensor, weight: Tensor, K: int, s, p, d, need) -> list:
-    """Gradients of x, offset and weight (None where `need` says so): grad x by a gather kernel, the other
-    two by one kernel, run when either is needed."""
+    """Gradients of x, offset and weight (None where `need` says so): grad x by a gather kernel, grad offset
+    by one kernel, grad weight by one kernel and a sum over its (splits, C, S_h, S_w) partial buffer."""
     B, C, H, W = x.shape
     G, Ho, Wo = offset.shape[1], *offset.shape[-2:]
     weight = weight.contiguous()
@@ -236,16 +283,23 @@ def backward(grad_out: Tensor, x: Tensor, offset: Tensor, weight: Tensor, K: int
             wrap_triton(_grad_x_kernel)[(B * G * ncb * triton.cdiv(H * W, meta["BLOCK"]),)](
                 grad_out, offset, weight, gx, G, C // G, ncb, H, W, Ho, Wo, *p, *grad_out.stride(),
                 *offset.stride(), *gx.stride(), **meta)
-        if need[1] or need[2]:
+        if need[1]:
             meta = _meta(x, weight, K, s, d, G, Ho * Wo)
-            meta["BLOCK"] = max(16, meta["BLOCK"] // 2)  # two tiles live (P and W at a corner): spills at full size
-            goff = torch.empty_like(offset)
-            gw = torch.zeros(weight.shape, dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
-            wrap_triton(_grad_offset_weight_kernel)[(B * G * triton.cdiv(Ho * Wo, meta["BLOCK"]),)](
-                x, grad_out, offset, weight, goff, gw, G, C // G, H, W, Ho, Wo, *p, *x.stride(),
-                *grad_out.stride(), *offset.stride(), *goff.stride(),
-                NEED_OFF=bool(need[1]), NEED_W=bool(need[2]), **meta)
-            grads[1:] = [goff, gw.to(weight.dtype)]
+            goff = grads[1] = torch.empty_like(offset)
+            wrap_triton(_grad_offset_kernel)[(B * G * triton.cdiv(Ho * Wo, meta["BLOCK"]),)](
+                x, grad_out, offset, weight, goff, G, C // G, H, W, Ho, Wo, *p, *x.stride(),
+                *grad_out.stride(), *offset.stride(), *goff.stride(), **meta)
+        if need[2]:
+            meta = _weight_meta(x, weight, K, s, d, G, Ho * Wo)
+            ncb = triton.cdiv(C // G, meta["CPB"])
+            units = B * triton.cdiv(Ho * Wo, meta["BLOCK"])
+            splits, per = reduction_splits(units, G * ncb)
+            gw = torch.empty((splits, *weight.shape), dtype=torch.promote_types(x.dtype, torch.float32),
+                             device=x.device)
+            wrap_triton(_grad_weight_kernel)[(splits * G * ncb,)](
+                x, grad_out, offset, gw, G, C // G, ncb, H, W, Ho, Wo, *p, per, units, *x.stride(),
+                *grad_out.stride(), *offset.stride(), **meta)
+            grads[2] = gw.sum(0).to(weight.dtype)
     return [g if n else None for g, n in zip(grads, need)]
 
 

@@ -12,10 +12,17 @@ as `triton_pixel_filter`'s kernels do with a stored filter (whose tile and tap h
 Backward, with gw[b, g, k, p] = Σ_{c∈g} grad_out[b, c, p] · x[b, c, tap_k(p)] formed per tap:
   grad_x[b, c, y] = Σ_k grad_out[b, c, p_k(y)] · w[b, g(c), k, p_k(y)]   (a gather over input pixels,
                     the span weights recomputed from r at the output pixels p_k(y) that read y);
-  grad_r[b, m, p] = Σ_{g,k} W2[g·K²+k, m] · gw[b, g, k, p]               (summed in registers);
-  grad_W2[g·K²+k, m] = Σ_{b,p} gw · r[b, m, p],   grad_b2[g·K²+k] = Σ_{b,p} gw   (one atomic add per
-                    program and row into a float32 (float64) buffer of the weight's size: these two
-                    are not bitwise reproducible run to run).
+  grad_r[b, m, p] = Σ_{g,k} W2[g·K²+k, m] · gw[b, g, k, p]               (one program per (sample, pixel
+                    block), summed in registers, stored once);
+  grad_W2[g·K²+k, m] = Σ_{b,p} gw · r[b, m, p],   grad_b2[g·K²+k] = Σ_{b,p} gw   (a two-pass reduction:
+                    one program per (group, split of the (sample, pixel block) pairs) forms the group's
+                    (taps × pixels) tile of gw, sums gw·rᵀ (a dot) and gw over its split in registers and
+                    stores one partial per split into a float32 (float64) buffer of splits × the
+                    weight's size (`triton_pixel_filter.reduction_splits`: about 512 programs); the
+                    caller adds the partials. No atomics: runs are bitwise reproducible).
+gw is formed twice, once per kernel: the per-pixel sum over G·K² rows (grad_r) and the sum over pixels
+(grad_W2) cannot share one program without a per-program partial of the weight's size, which at
+RedNet-50's last stage (G·K²·M ≈ 2·10⁵ per 16 pixels) would dwarf the activations.
 Loads are in the tensors' dtype (bf16/fp16 read as such), sums in float32 (float64 for float64),
 stores in the tensors' dtype; tensors are addressed through their strides (channels_last and
 expanded gradients need no copy). Only the small W2, b2 are made contiguous.
@@ -32,7 +39,7 @@ from torch import Tensor
 from torch.library import wrap_triton
 
 from .library import absent, register_autograd
-from .triton_pixel_filter import _acc_tl, _device, _empty, launchable, triton
+from .triton_pixel_filter import _acc_tl, _device, _empty, launchable, reduction_splits, triton
 
 if triton is not None:
     import triton.language as tl
@@ -116,15 +123,13 @@ if triton is not None:
                  acc.to(gx_ptr.dtype.element_ty), mask=rv[:, None] & pm[None, :])
 
     @triton.jit
-    def _grad_span_kernel(x_ptr, go_ptr, r_ptr, w_ptr, gr_ptr, gw_ptr, gb_ptr, G, CG, M, H, W, Ho, Wo,
-                          ph, pw, sxb, sxc, sxh, sxw, sgb, sgc, sgh, sgw, srb, src, srh, srw,
-                          sqb, sqc, sqh, sqw,
-                          K: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, DH: tl.constexpr,
-                          DW: tl.constexpr, BLOCK: tl.constexpr, CPB: tl.constexpr, MP: tl.constexpr,
-                          ACC: tl.constexpr):
+    def _grad_r_kernel(x_ptr, go_ptr, w_ptr, gr_ptr, G, CG, M, H, W, Ho, Wo, ph, pw,
+                       sxb, sxc, sxh, sxw, sgb, sgc, sgh, sgw, sqb, sqc, sqh, sqw,
+                       K: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, DH: tl.constexpr,
+                       DW: tl.constexpr, BLOCK: tl.constexpr, CPB: tl.constexpr, MP: tl.constexpr,
+                       ACC: tl.constexpr):
         """One (sample, pixel block) per program, over every group, channel chunk and tap: gw_k from the
-        (planes × pixels) tiles, then grad_r's tile += W2[:, row] gw_k (registers) and the row's
-        grad_W2 += Σ_p r gw_k, grad_b2 += Σ_p gw_k (atomics)."""
+        (planes × pixels) tiles, then grad_r's tile += W2[:, row] gw_k in registers, stored once."""
         pid = tl.program_id(0)
         nblk = tl.cdiv(Ho * Wo, BLOCK)
         b = (pid // nblk).to(tl.int64)
@@ -133,8 +138,6 @@ if triton is not None:
         i, j = offs // Wo, offs % Wo
         m = tl.arange(0, MP)
         mm = m < M
-        rt = tl.load(r_ptr + b * srb + (m * src)[:, None] + (i * srh + j * srw)[None, :],
-                     mask=mm[:, None] & pm[None, :], other=0.0).to(ACC)
         gr = tl.zeros((MP, BLOCK), dtype=ACC)
         n = tl.arange(0, CPB)
         for g in range(G):
@@ -149,12 +152,49 @@ if triton is not None:
                     xv = tl.load(x_ptr + xrow + xoff[None, :], mask=rv[:, None] & xm[None, :],
                                  other=0.0).to(ACC)
                     gwk = tl.sum(go * xv, axis=0)
-                    row = g * K * K + k
-                    gr += tl.load(w_ptr + row * M + m, mask=mm, other=0.0).to(ACC)[:, None] * gwk[None, :]
-                    tl.atomic_add(gw_ptr + row * M + m, tl.sum(rt * gwk[None, :], axis=1), mask=mm)
-                    tl.atomic_add(gb_ptr + row, tl.sum(gwk, axis=0))
+                    w = tl.load(w_ptr + (g * K * K + k) * M + m, mask=mm, other=0.0).to(ACC)
+                    gr += w[:, None] * gwk[None, :]
         tl.store(gr_ptr + b * sqb + (m * sqc)[:, None] + (i * sqh + j * sqw)[None, :],
                  gr.to(gr_ptr.dtype.element_ty), mask=mm[:, None] & pm[None, :])
+
+    @triton.jit
+    def _grad_weight_kernel(x_ptr, go_ptr, r_ptr, gw_ptr, gb_ptr, G, CG, M, H, W, Ho, Wo, ph, pw, UPS, NU,
+                            sxb, sxc, sxh, sxw, sgb, sgc, sgh, sgw, srb, src, srh, srw,
+                            K: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, DH: tl.constexpr,
+                            DW: tl.constexpr, BLOCK: tl.constexpr, KKP: tl.constexpr, MP: tl.constexpr,
+                            ACC: tl.constexpr):
+        """Program (split s, group g), over split s's UPS (sample, pixel block) units: the group's span-weight
+        gradient as a (taps × pixels) tile gw[k, p] = Σ_{c∈g} grad_out[c, p] · x[c, tap_k(p)], then
+        grad_W2's rows += gw · rᵀ (a dot) and grad_b2's += Σ_p gw, in registers; the (K² × M) and (K²)
+        partials are stored once, at row s of the buffers."""
+        pid = tl.program_id(0)
+        g, s = pid % G, pid // G
+        nblk = tl.cdiv(Ho * Wo, BLOCK)
+        k = tl.arange(0, KKP)
+        m = tl.arange(0, MP)
+        mm = m < M
+        acc_w = tl.zeros((KKP, MP), dtype=ACC)
+        acc_b = tl.zeros((KKP,), dtype=ACC)
+        for u in range(s * UPS, tl.minimum(s * UPS + UPS, NU)):
+            b = (u // nblk).to(tl.int64)
+            offs = (u % nblk) * BLOCK + tl.arange(0, BLOCK)
+            pm = offs < Ho * Wo
+            i, j = offs // Wo, offs % Wo
+            xoff, xm = _tap_offsets(i[None, :], j[None, :], pm[None, :], k[:, None], H, W, ph, pw, sxh, sxw,
+                                    K, SH, SW, DH, DW)
+            gw = tl.zeros((KKP, BLOCK), dtype=ACC)
+            for n in range(CG):
+                c = (g * CG + n).to(tl.int64)
+                go = tl.load(go_ptr + b * sgb + c * sgc + i * sgh + j * sgw, mask=pm, other=0.0).to(ACC)
+                gw += tl.load(x_ptr + b * sxb + c * sxc + xoff, mask=xm, other=0.0).to(ACC) * go[None, :]
+            rt = tl.load(r_ptr + b * srb + (m * src)[:, None] + (i * srh + j * srw)[None, :],
+                         mask=mm[:, None] & pm[None, :], other=0.0).to(ACC)
+            acc_w = tl.dot(gw, tl.trans(rt), acc_w, input_precision="ieee")
+            acc_b += tl.sum(gw, axis=1)
+        km = k < K * K
+        row = s.to(tl.int64) * G * K * K + g * K * K + k
+        tl.store(gw_ptr + (row * M)[:, None] + m[None, :], acc_w, mask=km[:, None] & mm[None, :])
+        tl.store(gb_ptr + row, acc_b, mask=km)
 
 
 def tiles(C: int, M: int, groups: int, pixels: int) -> dict:
@@ -166,9 +206,17 @@ def tiles(C: int, M: int, groups: int, pixels: int) -> dict:
     return dict(BLOCK=block, CPB=cpb, MP=mp)
 
 
-def _meta(x: Tensor, M: int, K: int, s, d, groups: int, pixels: int) -> dict:
-    return dict(K=K, SH=s[0], SW=s[1], DH=d[0], DW=d[1], ACC=_acc_tl(x.dtype), num_warps=_WARPS,
-                **tiles(x.shape[1], M, groups, pixels))
+def weight_tiles(K: int, M: int, pixels: int) -> dict:
+    """Compile-time tile of the grad W2/b2 kernel: its (KKP × MP) sums in registers set the warps (8 from
+    4096 elements), and the pixel block is 4 per warp (16 or 32): 80–182 registers and no spills at
+    RedNet-50's four stages (ptxas sm_90), where 4 warps at the last stage need 254 and twice the block spills."""
+    kkp, mp = triton.next_power_of_2(K * K), max(2, triton.next_power_of_2(M))
+    warps = 8 if kkp * mp >= 4096 else 4
+    return dict(BLOCK=max(16, min(4 * warps, triton.next_power_of_2(pixels))), KKP=kkp, MP=mp, num_warps=warps)
+
+
+def _meta(x: Tensor, K: int, s, d, tile: dict) -> dict:
+    return dict(dict(K=K, SH=s[0], SW=s[1], DH=d[0], DW=d[1], ACC=_acc_tl(x.dtype), num_warps=_WARPS), **tile)
 
 
 def forward(x: Tensor, reduced: Tensor, weight: Tensor, bias: Tensor, K: int, s, p, d, groups: int) -> Tensor:
@@ -177,7 +225,7 @@ def forward(x: Tensor, reduced: Tensor, weight: Tensor, bias: Tensor, K: int, s,
     M, Ho, Wo = reduced.shape[1:]
     weight, bias = weight.contiguous(), bias.contiguous()
     out = _empty(x, (B, C, Ho, Wo), x.dtype)
-    meta = _meta(x, M, K, s, d, groups, Ho * Wo)
+    meta = _meta(x, K, s, d, tiles(C, M, groups, Ho * Wo))
     ncb = triton.cdiv(C // groups, meta["CPB"])
     grid = (B * groups * ncb * triton.cdiv(Ho * Wo, meta["BLOCK"]),)
     with _device(x):
@@ -189,31 +237,38 @@ def forward(x: Tensor, reduced: Tensor, weight: Tensor, bias: Tensor, K: int, s,
 
 def backward(grad_out: Tensor, x: Tensor, reduced: Tensor, weight: Tensor, bias: Tensor, K: int, s, p, d,
              groups: int, need) -> list:
-    """Gradients of x, reduced, weight (as (G·K², M)) and bias; None where `need` says so. The last
-    three come from one kernel, run when any of them is needed."""
+    """Gradients of x, reduced, weight (as (G·K², M)) and bias; None where `need` says so. Grad x and grad r
+    come from a kernel each, grad W2 and b2 from one kernel, run when either is needed, and a sum over its
+    float32 (float64) partial buffers of (splits, G·K², M) and (splits, G·K²) (`reduction_splits`)."""
     B, C, H, W = x.shape
     M, Ho, Wo = reduced.shape[1:]
     weight, bias = weight.contiguous(), bias.contiguous()
     grads = [None] * 4
     with _device(x):
         if need[0]:
-            meta = _meta(x, M, K, s, d, groups, H * W)
+            meta = _meta(x, K, s, d, tiles(C, M, groups, H * W))
             ncb = triton.cdiv(C // groups, meta["CPB"])
             gx = grads[0] = _empty(x, x.shape, x.dtype)
             wrap_triton(_grad_x_kernel)[(B * groups * ncb * triton.cdiv(H * W, meta["BLOCK"]),)](
                 grad_out, reduced, weight, bias, gx, groups, C // groups, ncb, M, H, W, Ho, Wo, *p,
                 *grad_out.stride(), *reduced.stride(), *gx.stride(), **meta)
-        if any(need[1:]):
-            meta = _meta(x, M, K, s, d, groups, Ho * Wo)
-            meta["BLOCK"] = max(16, meta["BLOCK"] // 2)  # two (MP × BLOCK) tiles: r and grad_r
+        if need[1]:
+            meta = _meta(x, K, s, d, tiles(C, M, groups, Ho * Wo))
+            gr = grads[1] = _empty(reduced, reduced.shape, reduced.dtype)
+            wrap_triton(_grad_r_kernel)[(B * triton.cdiv(Ho * Wo, meta["BLOCK"]),)](
+                x, grad_out, weight, gr, groups, C // groups, M, H, W, Ho, Wo, *p,
+                *x.stride(), *grad_out.stride(), *gr.stride(), **meta)
+        if need[2] or need[3]:
+            meta = _meta(x, K, s, d, weight_tiles(K, M, Ho * Wo))
+            units = B * triton.cdiv(Ho * Wo, meta["BLOCK"])
+            splits, per = reduction_splits(units, groups)
             acc = torch.promote_types(x.dtype, torch.float32)
-            gr = _empty(reduced, reduced.shape, reduced.dtype)
-            gw = torch.zeros(weight.shape, dtype=acc, device=x.device)
-            gb = torch.zeros(bias.shape, dtype=acc, device=x.device)
-            wrap_triton(_grad_span_kernel)[(B * triton.cdiv(Ho * Wo, meta["BLOCK"]),)](
-                x, grad_out, reduced, weight, gr, gw, gb, groups, C // groups, M, H, W, Ho, Wo, *p,
-                *x.stride(), *grad_out.stride(), *reduced.stride(), *gr.stride(), **meta)
-            grads[1:] = [gr, gw.to(weight.dtype), gb.to(bias.dtype)]
+            gw = torch.empty((splits, *weight.shape), dtype=acc, device=x.device)
+            gb = torch.empty((splits, *bias.shape), dtype=acc, device=x.device)
+            wrap_triton(_grad_weight_kernel)[(splits * groups,)](
+                x, grad_out, reduced, gw, gb, groups, C // groups, M, H, W, Ho, Wo, *p, per, units,
+                *x.stride(), *grad_out.stride(), *reduced.stride(), **meta)
+            grads[2:] = [gw.sum(0).to(weight.dtype), gb.sum(0).to(bias.dtype)]
     return [g if n else None for g, n in zip(grads, need)]
 
 

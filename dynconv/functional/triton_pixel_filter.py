@@ -8,7 +8,8 @@ DDF Eq. 5). The forward, grad_x and grad_S kernels hold a (planes × pixels) til
 filter is shared) × a block of pixels, and loop over the taps, so each filter row is read once for
 the whole tile and the sum over taps stays in registers (measured on an H100 in docs/BENCHMARKS.md).
 Zero padding is a load mask, nothing is padded or unfolded, sums run in float32 (float64 for
-float64 inputs) and are stored in the input dtype; offsets within one sample are 32-bit. Tensors
+float64 inputs) and are stored in the input dtype; offsets within one sample are 32-bit (grad_S's
+buffer of partial sums, which can be larger, is addressed in 64 bits). Tensors
 are addressed through their strides, so channels_last and expanded (stride-0) tensors need no
 copy; a filter shared by the batch is read with batch stride 0.
 
@@ -50,6 +51,9 @@ _TILE = 4096  # taps × pixels of grad_channel's tile (16×256 for K=3, 64×64 f
 _PLANE_TILE, _PLANE_WARPS = 2048, 4
 # Planes ((sample, channel) pairs sharing one filter) in one program's tile: a power of two, at most this.
 _CHANNELS_PER_PROGRAM = int(os.environ.get("DYNCONV_TRITON_CPB", "16"))
+
+# Programs of a weight-gradient kernel of the fused ops (about four per SM of an H100): see `reduction_splits`.
+_REDUCTION_PROGRAMS = 512
 
 # Triton decides at decoration time whether a kernel is compiled or interpreted.
 _INTERPRETED = triton is not None and bool(triton.knobs.runtime.interpret)
@@ -198,13 +202,20 @@ if triton is not None:
         rm = rv[:, None] & pm[None, :]
         go = tl.load(go_ptr + (b * sgb + c * sgc)[:, None] + (i * sgh + j * sgw)[None, :], mask=rm,
                      other=0.0).to(ACC)
-        out = gs_ptr + bs * srb + g * srg + cb * srn + i * srh + j * srw
+        out = gs_ptr + _chunk_offset(bs, g, cb, srb, srg, srn) + i * srh + j * srw
         for k in range(K * K):
             xoff, m = _tap_offsets(i, j, pm, k, H, W, ph, pw, sxh, sxw, K, SH, SW, DH, DW)
             p = go * tl.load(x_ptr + xrow + xoff[None, :], mask=rv[:, None] & m[None, :], other=0.0).to(ACC)
             if MODE == 1:
                 p = p * tl.load(a_ptr + arow + k * sak, mask=rv, other=0.0).to(ACC)[:, None]
             tl.store(out + k * srk, tl.sum(p, axis=0).to(gs_ptr.dtype.element_ty), mask=pm)
+
+    @triton.jit
+    def _chunk_offset(bs, g, cb, srb, srg, srn):
+        """Offset of filter (b', g)'s partial sum for chunk cb in grad_spatial's buffer, in 64 bits: the buffer
+        holds NCB partials of the filter, and for a filter shared by the batch (NCB = ⌈B·C/G / CPB⌉) it passes
+        2³¹ elements at large batch × channels × size while each stride stays below it."""
+        return bs * srb + g.to(tl.int64) * srg + cb.to(tl.int64) * srn
 
     @triton.jit
     def _grad_channel_kernel(x_ptr, go_ptr, s_ptr, ga_ptr, C, CG, H, W, Ho, Wo, ph, pw,
@@ -328,6 +339,15 @@ def _or(channel: Tensor | None, x: Tensor) -> Tensor:
 def _strides(t: Tensor | None, n: int) -> tuple[int, ...]:
     """`t`'s strides, or n zeros for an absent channel filter."""
     return (0,) * n if t is None else t.stride()
+
+
+def reduction_splits(units: int, rows: int) -> tuple[int, int]:
+    """(splits, units per split) of a two-pass weight-gradient reduction: each of rows × splits programs (about
+    `_REDUCTION_PROGRAMS`) sums one row block over a contiguous range of the `units` (sample, pixel block) pairs in
+    registers and stores its partial once; the caller adds the splits' partials. No atomics (so GPU runs are
+    bitwise reproducible), and the buffer is splits × the gradient's size whatever the batch."""
+    per = triton.cdiv(units, max(1, min(units, triton.cdiv(_REDUCTION_PROGRAMS, rows))))
+    return triton.cdiv(units, per), per
 
 
 def _acc_tl(dtype: torch.dtype):

@@ -70,24 +70,27 @@ def configs(dtype: torch.dtype):
             out.append((f"pixel_filter grad channel, {label}", tpf._grad_channel_kernel,
                         dict(cmeta, KKP=kkp, BLOCK=block), 8 if kkp * block >= tpf._TILE else 4, {}))
     for C, size in REDNET_STAGES:
-        x = _meta(BATCH, C, size, size, dtype=dtype)
-        meta = tinv._meta(x, C // 4, 7, (1, 1), (1, 1), C // 16, size * size)
+        x, K, M, G = _meta(BATCH, C, size, size, dtype=dtype), 7, C // 4, C // 16
+        meta = tinv._meta(x, K, (1, 1), (1, 1), tinv.tiles(C, M, G, size * size))
+        wmeta = tinv._meta(x, K, (1, 1), (1, 1), tinv.weight_tiles(K, M, size * size))
         warps = meta.pop("num_warps")
-        span = dict(meta, BLOCK=max(16, meta["BLOCK"] // 2))  # as `triton_involution.backward`
-        acc = {"gw_ptr": torch.float32, "gb_ptr": torch.float32}
-        label = f"RedNet-50 {C}×{size}², M {C // 4}, G {C // 16}"
+        label = f"RedNet-50 {C}×{size}², M {M}, G {G}"
+        partials = {"gw_ptr": torch.float32, "gb_ptr": torch.float32}
         out += [(f"involution fwd, {label}", tinv._forward_kernel, meta, warps, {}),
                 (f"involution grad x, {label}", tinv._grad_x_kernel, meta, warps, {}),
-                (f"involution grad r/W2/b2, {label}", tinv._grad_span_kernel, span, warps, acc)]
+                (f"involution grad r, {label}", tinv._grad_r_kernel, meta, warps, {}),
+                (f"involution grad W2/b2, {label}", tinv._grad_weight_kernel, wmeta, wmeta.pop("num_warps"),
+                 partials)]
     C, size = DK_STAGE
     x, weight = _meta(BATCH, C, size, size, dtype=dtype), _meta(C, 4, 4, dtype=dtype)
     meta = tdk._meta(x, weight, 3, (1, 1), (1, 1), 1, size * size)
     warps = meta.pop("num_warps")
     label = f"dk_local {C}×{size}², K 3, scope 4"
-    grad_ow = dict(meta, BLOCK=max(16, meta["BLOCK"] // 2), NEED_OFF=True, NEED_W=True)  # as the launcher
+    wmeta = tdk._weight_meta(x, weight, 3, (1, 1), (1, 1), 1, size * size)
     out += [(f"deform kernel fwd, {label}", tdk._forward_kernel, meta, warps, {}),
             (f"deform kernel grad x, {label}", tdk._grad_x_kernel, meta, warps, {}),
-            (f"deform kernel grad offset/W, {label}", tdk._grad_offset_weight_kernel, grad_ow, warps,
+            (f"deform kernel grad offset, {label}", tdk._grad_offset_kernel, meta, warps, {}),
+            (f"deform kernel grad W, {label}", tdk._grad_weight_kernel, wmeta, wmeta.pop("num_warps"),
              {"gw_ptr": torch.float32})]
     return out
 

@@ -146,6 +146,29 @@ def check_layouts_and_pairs(device):
             torch.testing.assert_close(g, r, atol=1e-4, rtol=1e-4, msg=lambda m: f"{(s, p, d)} grad: {m}")
 
 
+if triton_pixel_filter.triton is not None:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _chunk_offset_probe(o_ptr, G, NCB, srb, srg, srn):
+        """What grad_spatial's program adds to its buffer's base for (b', g, chunk), stored per program."""
+        bs, g, cb, _ = triton_pixel_filter._program(1, G, NCB, 16)
+        tl.store(o_ptr + tl.program_id(0), triton_pixel_filter._chunk_offset(bs, g, cb, srb, srg, srn))
+
+
+def check_partial_offsets_are_64_bit(device):
+    """grad_spatial's buffer of chunk partials for a filter shared by the batch, (1, G, NCB, K², Ho, Wo), passes
+    2³¹ elements at large B·C·Ho·Wo while each stride stays below it (so a launch passes the strides as int32):
+    the offsets its programs compute, probed with such strides (2²⁸ elements per chunk, 2³⁰ per group, up to
+    3.75·2³⁰), are exact, where 32-bit products of g or the chunk with a stride wrap around."""
+    G, ncb, srn = 4, 4, 2**28
+    got = torch.zeros(G * ncb, dtype=torch.int64, device=device)
+    _chunk_offset_probe[(G * ncb,)](got, G, ncb, 0, ncb * srn, srn)
+    pid = torch.arange(G * ncb, device=device)
+    assert torch.equal(got, (pid // ncb) * (ncb * srn) + (pid % ncb) * srn), got
+
+
 def check_available(device):
     """The predicate: on for matching float tensors, off for mixed or integer dtypes, mixed devices
     and under `DYNCONV_TRITON=0`."""
@@ -163,7 +186,8 @@ def check_available(device):
 
 
 CHECKS = ["check_matches_reference", "check_gradcheck", "check_half_precision",
-          "check_half_precision_makes_no_upcast_copy", "check_layouts_and_pairs", "check_available"]
+          "check_half_precision_makes_no_upcast_copy", "check_layouts_and_pairs", "check_partial_offsets_are_64_bit",
+          "check_available"]
 
 
 @pytest.fixture(scope="module")
