@@ -12,13 +12,12 @@ model's and operator's options. `pretrained_file` is read without running code (
 """
 dependencies = ["torch", "timm"]
 
-import torch as _torch
-
 import models as _models
+from dynconv import checkpoint as _checkpoint
 
 
 def _load(model, name: str, file: str, use_ema: bool) -> None:
-    state = _torch.load(file, map_location="cpu", weights_only=True)
+    state = _checkpoint.load(file)
     trainer = isinstance(state, dict) and "model" in state and "config" in state  # train.py's last.pt/best.pt
     if trainer:
         state = state["ema" if use_ema else "model"]

@@ -1,4 +1,5 @@
-"""Atomic checkpoints, safe loading, RNG state capture, and finding the run to resume.
+"""Atomic checkpoints, RNG state capture, and finding the run to resume; safe loading is the library's
+(`dynconv.checkpoint.load`).
 
 A checkpoint is written to a temporary file in the same folder, flushed and fsync'ed, then renamed
 over the old one (and the folder fsync'ed), so a kill at any moment leaves either the previous or
@@ -8,17 +9,16 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import random
-import re
 import sys
 import time
-import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
+
+from dynconv.checkpoint import CheckpointError, load
 
 from . import faults
 from .config import ConfigError
@@ -60,30 +60,6 @@ def atomic_copy(src: str | Path, dst: str | Path) -> None:
         os.fsync(fo.fileno())
     os.replace(tmp, dst)
     _fsync_dir(dst.parent)
-
-
-class CheckpointError(ConfigError):
-    """A file that cannot be read as a checkpoint: damaged, not written by `torch.save`, or holding more than tensors
-    and plain containers. The message is one line naming the file."""
-
-
-def load(path: str | Path, map_location="cpu", mmap: bool = False) -> dict:
-    """Load a checkpoint without executing code (`weights_only=True`). A file that cannot be read so raises
-    `CheckpointError` in one line naming it (torch's own text would suggest turning the check off)."""
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
-    except FileNotFoundError:
-        raise
-    except (pickle.UnpicklingError, RuntimeError, OSError, EOFError, KeyError, ValueError, zipfile.BadZipFile) as e:
-        ref = re.search(r"GLOBAL (\S+)", str(e)) if isinstance(e, pickle.UnpicklingError) else None
-        if ref:
-            raise CheckpointError(
-                f"{path} is unsafe: it holds a reference to {ref.group(1)}. Only tensors and plain containers are "
-                "loaded, so a checkpoint cannot run code; use a last.pt/best.pt written by train.py or a state_dict "
-                "saved with torch.save") from None
-        raise CheckpointError(
-            f"{path} is damaged or not a checkpoint: PyTorch cannot read it as one ({Path(path).stat().st_size} bytes; "
-            "a full disk or an interrupted copy cuts files short)") from None
 
 
 def _network(cfg: DictConfig) -> dict:

@@ -69,7 +69,7 @@ class Checkpoint:
                               "(outputs/<name>/<run>/checkpoints/) or an official state_dict")
         try:
             self.state = ckpt_lib.load(path)
-        except ConfigError as e:  # damaged, or holding more than tensors and plain containers
+        except ckpt_lib.CheckpointError as e:  # damaged, or holding more than tensors and plain containers
             raise ConfigError(f"checkpoint={e}") from None
         if not isinstance(self.state, dict):
             raise ConfigError(f"checkpoint={path} holds a {type(self.state).__name__}, not a state_dict or a "

@@ -21,6 +21,7 @@ import torch.nn as nn
 from timm.models import register_model
 
 import dynconv
+from dynconv.checkpoint import load
 from dynconv.registry import OptionError, check_op_kwargs
 from dynconv.replace import Policy, format_report
 
@@ -116,9 +117,7 @@ def timm_model(name: str, *, pretrained: bool = False, pretrained_file: str | No
         if not Path(pretrained_file).is_file():
             raise ModelError(f"model.pretrained_file={pretrained_file}: no such file")
         if not str(pretrained_file).endswith(".safetensors"):  # timm reads those with safetensors, the rest with torch
-            from engine.checkpoint import load  # a damaged or unsafe file: one line naming it
-
-            load(pretrained_file)
+            load(pretrained_file)  # a damaged or unsafe file: one line naming it
         kwargs["pretrained_cfg_overlay"] = {**kwargs.get("pretrained_cfg_overlay", {}), "file": str(pretrained_file)}
     try:
         return timm.create_model(name, pretrained=pretrained, **kwargs)

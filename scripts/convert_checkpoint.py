@@ -9,7 +9,6 @@ Builds `--arch` as timm.create_model would (with `--op` filling its slots), maps
 from __future__ import annotations
 
 import argparse
-import pickle
 import sys
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import models  # noqa: E402
+from dynconv.checkpoint import CheckpointError, load  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -34,10 +34,9 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as e:
         ap.error(f"--arch {a.arch}: {e}")
     try:
-        state = torch.load(a.input, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
-        ap.error(f"{a.input} cannot be read as a checkpoint ({str(e).split('. ')[0][:200]}); the file is damaged "
-                 "or not a PyTorch checkpoint")
+        state = load(a.input)
+    except CheckpointError as e:
+        ap.error(str(e))
     size = (96, 96) if a.arch.startswith("face_") else (224, 224)
     with torch.device("meta"):  # the checkpoint provides every value
         model = models.create(a.arch, op=a.op, input_size=size)

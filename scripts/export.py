@@ -27,13 +27,14 @@ MODEL_CONFIGS = ROOT / "configs" / "model"
 sys.path.insert(0, str(ROOT))
 
 import models  # noqa: E402
+from dynconv.checkpoint import load  # noqa: E402
 from dynconv.export import (DEFAULT_OPSET, ExportError, export_onnx, export_program, ort_max_rel_diff,  # noqa: E402
                              ort_tolerance)
 from models.export import PAPER_MODELS, PaperModel, batch_statistics, build  # noqa: E402
 
 
 def load_weights(model: torch.nn.Module, path: str) -> None:
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = load(path)
     if isinstance(state, dict) and isinstance(state.get("model"), dict):  # a trainer checkpoint
         model.load_state_dict(state["model"])
     else:

@@ -1,4 +1,5 @@
 """`pip install .` (pyproject.toml) and `make setup`'s kernel build (`python -m dynconv.functional.native`)."""
+import ast
 import os
 import re
 import shutil
@@ -31,6 +32,23 @@ used = [e for e in vars(native).values() if isinstance(e, native.Extension) and 
 assert used and all(e.info["built"] for e in used), [e.info for e in used]
 assert all(site in Path(src).parents for e in used for src in e.sources), [e.sources for e in used]
 print("native:", ", ".join(e.name for e in used))
+
+from dynconv.checkpoint import CheckpointError
+from dynconv.models._factory import timm_model
+
+paper = dynconv.models.create("rednet26", num_classes=10)
+assert type(paper).__module__.startswith("dynconv.models."), type(paper).__module__
+weights = Path("r18.pth")
+torch.save({k: torch.full_like(v, 0.5) for k, v in timm.create_model("resnet18").state_dict().items()}, weights)
+r18 = timm_model("resnet18", pretrained=True, pretrained_file=str(weights))
+assert torch.equal(r18.conv1.weight, torch.full_like(r18.conv1.weight, 0.5))
+weights.write_bytes(b"not weights")
+try:
+    timm_model("resnet18", pretrained=True, pretrained_file=str(weights))
+    raise AssertionError("a damaged pretrained_file loaded")
+except CheckpointError as e:
+    assert str(e).startswith("r18.pth is damaged or not a checkpoint") and "\\n" not in str(e), e
+print("pretrained_file: loaded")
 """
 
 
@@ -48,10 +66,35 @@ def expected_files() -> set[str]:
     return {f for f in files if "__pycache__" not in f}
 
 
+def _imported(path: Path):
+    """(line, top-level name) of every module `path` imports: import statements at any depth (a lazy import in a
+    function counts) and `importlib.import_module` / `__import__` calls on a literal name."""
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            yield from ((node.lineno, a.name.split(".")[0]) for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            yield node.lineno, node.module.split(".")[0]
+        elif isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant) and \
+                getattr(node.func, "attr", getattr(node.func, "id", None)) in ("import_module", "__import__"):
+            yield node.lineno, str(node.args[0].value).split(".")[0]
+
+
+def test_the_library_imports_nothing_of_the_framework():
+    """What `pip install` ships (dynconv/, and models/ as dynconv.models) imports no other folder or module of the
+    clone: installed, they are not there. Relative imports stay inside the package; absolute ones name `dynconv`."""
+    clone = {p.stem for p in ROOT.iterdir() if not p.name.startswith(".") and (p.is_dir() or p.suffix == ".py")}
+    clone -= {"dynconv"}
+    assert {"engine", "data", "scripts", "models", "train"} <= clone
+    found = [f"{path.relative_to(ROOT)}:{line} imports {name}" for pkg in ("dynconv", "models")
+             for path in sorted((ROOT / pkg).rglob("*.py")) for line, name in _imported(path) if name in clone]
+    assert not found, found
+
+
 @pytest.mark.slow
 def test_pip_install_gives_the_library_alone(tmp_path):
-    """`pip install --target` from a copy of the clone, then the README section's code and involution on the
-    native kernel compiled from the installed sources, from another folder with only the install importable."""
+    """`pip install --target` from a copy of the clone, then the README section's code, involution on the native
+    kernel compiled from the installed sources, and a timm model with `pretrained_file=` (read by the library's safe
+    loader: a damaged file is one line), from another folder with only the install importable."""
     src, site, work = tmp_path / "src", tmp_path / "site", tmp_path / "work"
     shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(
         ".git", ".venv", ".cache", "outputs", "multirun", "build", "*.egg-info", "__pycache__", ".pytest_cache"))
@@ -70,13 +113,13 @@ def test_pip_install_gives_the_library_alone(tmp_path):
     (tmp_path / "bin" / "ninja").write_text(FAKE_NINJA)
     (tmp_path / "bin" / "ninja").chmod(0o755)
     env = {k: v for k, v in os.environ.items() if k != "DYNCONV_NATIVE"}
-    env.update(PYTHONPATH=str(site), DYNCONV_CACHE_DIR=str(tmp_path / "cache"),
+    env.update(PYTHONPATH=str(site), DYNCONV_CACHE_DIR=str(tmp_path / "cache"), HF_HUB_OFFLINE="1",
                PATH=os.pathsep.join([str(tmp_path / "bin"), env.get("PATH", "")]))
     code = "import sys\nfrom pathlib import Path\n" + readme_block() + CHECKS
     res = subprocess.run([sys.executable, "-c", code, str(site)], cwd=work, env=env, capture_output=True, text=True,
                          timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "native: dynconv_" in res.stdout
+    assert "native: dynconv_" in res.stdout and "pretrained_file: loaded" in res.stdout
 
 
 def test_every_subpackage_is_listed():
