@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 import data as data_lib
 import dynconv
-from dynconv.complexity import count_macs
+from dynconv.complexity import count_macs, format_macs
 import models as models_lib
 from . import checkpoint as ckpt_lib
 from . import distributed, faults, preemption
@@ -230,7 +230,7 @@ class Run:
             model = convert_sync_batchnorm(model, self.device.type)
         self.model = model
         self.param_count = sum(p.numel() for p in model.parameters())
-        self.macs = count_macs(backbone, torch.zeros(1, info.in_chans, *info.input_size, device=self.device))["macs"] \
+        self.macs = count_macs(backbone, torch.zeros(1, info.in_chans, *info.input_size, device=self.device)) \
             if t.count_flops else None
 
     def _build_optimizer(self) -> None:
@@ -507,11 +507,17 @@ class Run:
             "config": OmegaConf.to_container(self.cfg, resolve=True),
             "epochs_done": self.state.epoch, "total_epochs": self.epochs, "num_updates": self.state.num_updates,
             "final": final, "best": self.state.best,
-            "params": self.param_count, "macs_per_image": self.macs,
+            "params": self.param_count, **self._macs_summary(),
             "wall_time_s": self.state.wall_time, "img_per_s": _train_speed(self.state.history),
             "replacement": len(self.report),
         }
         _atomic_text(self.run_dir / "summary.json", json.dumps(summary, indent=2, default=str))
+
+    def _macs_summary(self) -> dict:
+        """summary.json's MACs: the training form per image and, apart, the inference form's (dynconv.complexity)."""
+        m = self.macs or {}
+        return {"macs_per_image": m.get("macs"), "macs_inference_per_image": m.get("inference_macs"),
+                "macs_inference_once": m.get("precomputed_macs")}
 
     def start_logging(self) -> None:
         if not self.main:
@@ -522,8 +528,8 @@ class Run:
         _atomic_text(self.run_dir / "replacement.json", json.dumps(self.report, indent=2, default=str))
         log.info("run folder: %s", self.run_dir)
         kept = sum(r["skipped"] for r in self.report)
-        log.info("model: %s params, %s MACs/image; %d layers replaced%s; device %s, world size %d",
-                 f"{self.param_count:,}", f"{self.macs:,}" if self.macs is not None else "n/a",
+        log.info("model: %s params, %s; %d layers replaced%s; device %s, world size %d",
+                 f"{self.param_count:,}", format_macs(self.macs) if self.macs is not None else "n/a MACs/image",
                  len(self.report) - kept, f" ({kept} kept their conv)" if kept else "", self.device,
                  self.dist.world_size)
 

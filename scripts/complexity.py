@@ -8,7 +8,9 @@ Counting convention (stated in the table; dynconv/complexity.py, the trainer's t
 accumulates of convs, linear layers and matmuls as torch's FlopCounterMode sees them (its FLOPs / 2),
 plus the per-pixel aggregation of the dynamic operators that it cannot see (C·K²·H_out·W_out each).
 BN, activations, pooling and the filter normalisations are not counted. Activation memory is the
-sum of the float32 outputs of all leaf modules for one image.
+sum of the float32 outputs of all leaf modules for one image. Where the two forms differ (TVConv), both are given:
+the training form, which generates the weight maps in every pass, and the inference form, whose per-image MACs leave
+out the generators that `freeze()` precomputes, counted once instead; the paper's table is the inference form's.
 """
 from __future__ import annotations
 
@@ -95,8 +97,14 @@ def fmt(n: float, unit: str = "") -> str:
     return f"{n:.0f}{unit}"
 
 
+def inference(r: dict) -> str:
+    """The inference form's per-image MACs, and the precomputed generators' once, where the forms differ."""
+    return fmt(r["inference_macs"]) + (f" (+ {fmt(r['precomputed_macs'])})" if r["precomputed_macs"] else "")
+
+
 def papers(only: list[str] | None) -> str:
-    head = ("model", "op", "input", "params (ours)", "params (official)", "exact", "MACs (ours)", "paper params / FLOPs")
+    head = ("model", "op", "input", "params (ours)", "params (official)", "exact", "MACs training",
+            "MACs inference (+ once)", "paper params / FLOPs")
     rows = []
     for name, kw, size, official, paper in PAPERS:
         op = kw.get("op", models._factory._MODELS[name].op)
@@ -105,11 +113,13 @@ def papers(only: list[str] | None) -> str:
         model = models.create(name, input_size=(size, size), **kw)
         r = measure(model, size)
         rows.append((name, op, f"{size}²", f"{r['params']:,}",
-                     f"{official:,}", "yes" if r["params"] == official else "NO", fmt(r["macs"]), paper))
+                     f"{official:,}", "yes" if r["params"] == official else "NO", fmt(r["macs"]), inference(r), paper))
     widths = [max(len(str(row[i])) for row in [head, *rows]) for i in range(len(head))]
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in [head, *rows]]
     return "\n".join(lines + ["", "MACs: conv + linear + matmul (FlopCounterMode / 2) + dynamic aggregation "
-                              "(C·K²·H_out·W_out); TVConv counted in its training form; BN/act/pool not counted."])
+                              "(C·K²·H_out·W_out); BN/act/pool not counted. Training: the generators run per pass; "
+                              "inference: per image after freeze(), the precomputed generators counted once (+); "
+                              "the papers' FLOPs compare with the inference column."])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -128,7 +138,9 @@ def main(argv: list[str] | None = None) -> None:
                             input_size=(size, size))
     r = measure(model, size, bench=a.bench)
     print(f"model={model_cfg['name']} op={op_cfg.get('name') or 'default'} policy={policy_cfg['name']} input={size}²")
-    print(f"params {r['params']:,}  MACs {fmt(r['macs'])} (dynamic aggregation {fmt(r['agg_macs'])})  "
+    forms = (f"; inference form (freeze()): {fmt(r['inference_macs'])} per image + {fmt(r['precomputed_macs'])} once"
+             if r["precomputed_macs"] else "")
+    print(f"params {r['params']:,}  MACs {fmt(r['macs'])} (dynamic aggregation {fmt(r['agg_macs'])}{forms})  "
           f"activations {fmt(r['act_bytes'], 'B')}")
     if a.bench:
         print(f"latency {r['latency_ms']:.2f} ms (batch 1)  throughput {r['throughput']:.1f} img/s (batch 32), "

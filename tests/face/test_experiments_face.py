@@ -106,6 +106,12 @@ def test_orl_experiment_trains_a_few_steps(tmp_path):
                     tmp_path / "run")
     assert out["num_updates"] == 2 and out["config"]["op"]["name"] == "tvconv" and out["replacement"] > 0
     assert 0 <= out["final"]["val_orl/acc"] <= 100 and np.isfinite(out["final"]["train_loss"])
+    # TVConv's two forms: the generator pass per image in training, counted once in the inference form
+    assert out["macs_inference_once"] > 0 and out["macs_inference_per_image"] < out["macs_per_image"]
+    assert out["macs_per_image"] == out["macs_inference_per_image"] + out["macs_inference_once"]
+    assert (f"{out['macs_per_image']:,} MACs/image in the training form; inference form (freeze()): "
+            f"{out['macs_inference_per_image']:,} MACs/image + {out['macs_inference_once']:,} once") in \
+        (tmp_path / "run" / "train.log").read_text()
 
 
 def test_face_compare_quick(tmp_path):
