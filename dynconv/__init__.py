@@ -5,6 +5,7 @@
     op = dynconv.create_op("ddf", 64, 64, 3, stride=2)
     report = dynconv.replace(model, op="involution", policy="deep_only")
 """
+from .domain import Domain
 from .errors import UserError
 from .operator import Operator, on_epoch_start, tensorboard_images
 from .registry import create_op, get_op, list_ops, register_op, check_op_kwargs, op_options, resolve_op
@@ -14,4 +15,4 @@ from .replace import replace
 
 __all__ = ["Operator", "on_epoch_start", "tensorboard_images", "create_op", "get_op", "list_ops", "register_op",
            "check_op_kwargs", "op_options", "resolve_op", "get_backend", "set_backend", "use_backend", "replace",
-           "UserError"]
+           "UserError", "Domain"]

@@ -10,6 +10,8 @@ import numpy as np
 import torch.nn as nn
 from torch import Tensor
 
+from .domain import Domain
+
 __all__ = ["Operator", "on_epoch_start", "tensorboard_images"]
 
 
@@ -17,6 +19,7 @@ class Operator(nn.Module):
     """Defaults for the operator hooks; an operator overrides the ones that apply to it."""
 
     has_own_init: bool = False  # True: its paper defines its init; a backbone's conv init must not overwrite it
+    domain: Domain = Domain()  # what it accepts: the conformance suite's samples come from it
 
     def aggregation_macs(self, out: Tensor) -> int:
         """MACs of producing `out` that torch's `FlopCounterMode` does not see (per-pixel aggregation)."""

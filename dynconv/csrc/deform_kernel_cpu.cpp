@@ -126,60 +126,65 @@ void forward_kernel(const Geom& g, const T* x, const T* off, const T* wt, T* out
 
 // With P = grad_out * x_tap: grad_x_tap += grad_out * W'; grad_W[corner] += P * c_corner;
 // grad_(h,w) = sum_m P * sum_corner dc_corner/d(h,w) * W[corner], one reduction over the channels each.
+// The (sample, group) items are split into `nchunk` contiguous runs, one grad-weight partial each (indexed by
+// the run, not by the thread that happens to take it, so any team size is safe and the sum is deterministic).
 template <typename T>
 void backward_kernel(const Geom& g, const T* go, const T* x, const T* off, const T* wt, T* gx, T* goff,
-                     T* gwt_partials) {
+                     T* gwt_partials, int64_t nchunk) {
   const int64_t C = g.C(), M = g.M, KK = g.KK(), P = g.P(), R = g.row(), plane = g.Ho * g.Wo;
-  at::parallel_for(0, g.B * g.G, grain_for(g.Ho * g.Wo * KK * M * 3), [&](int64_t u0, int64_t u1) {
-    T* gwt = gwt_partials + at::get_thread_num() * g.G * P * M;
-    for (int64_t u = u0; u < u1; ++u) {
-      const int64_t b = u / g.G, gi = u % g.G;
-      // the item's slices of grad x and grad offset, zeroed by the thread that accumulates them
-      for (int64_t q = 0; q < g.H * g.W; ++q) std::fill_n(gx + (b * g.H * g.W + q) * C + gi * M, M, T(0));
-      std::fill_n(goff + (b * g.G + gi) * KK * 2 * plane, KK * 2 * plane, T(0));
-      const T* wg = wt + gi * P * M;
-      T* gwg = gwt + gi * P * M;
-      for (int64_t i = 0; i < g.Ho; ++i)
-        for (int64_t t = 0; t < KK; ++t) {
-          const int64_t fh = t / g.K, fw = t % g.K;
-          const int64_t y = i * g.sh - g.ph + fh * g.dh;
-          if (y < 0 || y >= g.H) continue;
-          T* gh_row = goff + (((b * g.G + gi) * KK + t) * 2) * plane + i * g.Wo;
-          for (int64_t j = 0; j < g.Wo; ++j) {
-            const int64_t xc = j * g.sw - g.pw + fw * g.dw;
-            if (xc < 0 || xc >= g.W) continue;
-            T h, w;
-            Sample<T> s;
-            coords(g, off, b, gi, fh, fw, i, j, h, w);
-            if (!sample_at(g, h, w, s)) continue;
-            const T c0 = s.c[0], c1 = s.c[1], c2 = s.c[2], c3 = s.c[3];
-            const int64_t xo = ((b * g.H + y) * g.W + xc) * C + gi * M;
-            const T* xg = x + xo;
-            T* gxg = gx + xo;
-            const T* gog = go + ((b * g.Ho + i) * g.Wo + j) * C + gi * M;
-            const T* w0 = wg + s.base * M;
-            const T* w2 = w0 + R * M;
-            T* g0 = gwg + s.base * M;
-            T* g2 = g0 + R * M;
-            // d(c0..c3)/dh = (-(1-lw), -lw, 1-lw, lw), d(c0..c3)/dw = (-(1-lh), 1-lh, -lh, lh)
-            const T ah = 1 - s.lh, bh = s.lh, aw = 1 - s.lw, bw = s.lw;
-            T dh = 0, dw = 0;
-#pragma omp simd reduction(+ : dh, dw)
-            for (int64_t m = 0; m < M; ++m) {
-              const T v0 = w0[m], v1 = w0[M + m], v2 = w2[m], v3 = w2[M + m];
-              const T gm = gog[m], pm = gm * xg[m];
-              gxg[m] += gm * (c0 * v0 + c1 * v1 + c2 * v2 + c3 * v3);
-              g0[m] += c0 * pm;
-              g0[M + m] += c1 * pm;
-              g2[m] += c2 * pm;
-              g2[M + m] += c3 * pm;
-              dh += pm * (aw * (v2 - v0) + bw * (v3 - v1));
-              dw += pm * (ah * (v1 - v0) + bh * (v3 - v2));
+  const int64_t items = g.B * g.G;
+  at::parallel_for(0, nchunk, 1, [&](int64_t ch0, int64_t ch1) {
+    for (int64_t ch = ch0; ch < ch1; ++ch) {
+      T* gwt = gwt_partials + ch * g.G * P * M;
+      for (int64_t u = ch * items / nchunk; u < (ch + 1) * items / nchunk; ++u) {
+        const int64_t b = u / g.G, gi = u % g.G;
+        // the item's slices of grad x and grad offset, zeroed by the thread that accumulates them
+        for (int64_t q = 0; q < g.H * g.W; ++q) std::fill_n(gx + (b * g.H * g.W + q) * C + gi * M, M, T(0));
+        std::fill_n(goff + (b * g.G + gi) * KK * 2 * plane, KK * 2 * plane, T(0));
+        const T* wg = wt + gi * P * M;
+        T* gwg = gwt + gi * P * M;
+        for (int64_t i = 0; i < g.Ho; ++i)
+          for (int64_t t = 0; t < KK; ++t) {
+            const int64_t fh = t / g.K, fw = t % g.K;
+            const int64_t y = i * g.sh - g.ph + fh * g.dh;
+            if (y < 0 || y >= g.H) continue;
+            T* gh_row = goff + (((b * g.G + gi) * KK + t) * 2) * plane + i * g.Wo;
+            for (int64_t j = 0; j < g.Wo; ++j) {
+              const int64_t xc = j * g.sw - g.pw + fw * g.dw;
+              if (xc < 0 || xc >= g.W) continue;
+              T h, w;
+              Sample<T> s;
+              coords(g, off, b, gi, fh, fw, i, j, h, w);
+              if (!sample_at(g, h, w, s)) continue;
+              const T c0 = s.c[0], c1 = s.c[1], c2 = s.c[2], c3 = s.c[3];
+              const int64_t xo = ((b * g.H + y) * g.W + xc) * C + gi * M;
+              const T* xg = x + xo;
+              T* gxg = gx + xo;
+              const T* gog = go + ((b * g.Ho + i) * g.Wo + j) * C + gi * M;
+              const T* w0 = wg + s.base * M;
+              const T* w2 = w0 + R * M;
+              T* g0 = gwg + s.base * M;
+              T* g2 = g0 + R * M;
+              // d(c0..c3)/dh = (-(1-lw), -lw, 1-lw, lw), d(c0..c3)/dw = (-(1-lh), 1-lh, -lh, lh)
+              const T ah = 1 - s.lh, bh = s.lh, aw = 1 - s.lw, bw = s.lw;
+              T dh = 0, dw = 0;
+  #pragma omp simd reduction(+ : dh, dw)
+              for (int64_t m = 0; m < M; ++m) {
+                const T v0 = w0[m], v1 = w0[M + m], v2 = w2[m], v3 = w2[M + m];
+                const T gm = gog[m], pm = gm * xg[m];
+                gxg[m] += gm * (c0 * v0 + c1 * v1 + c2 * v2 + c3 * v3);
+                g0[m] += c0 * pm;
+                g0[M + m] += c1 * pm;
+                g2[m] += c2 * pm;
+                g2[M + m] += c3 * pm;
+                dh += pm * (aw * (v2 - v0) + bw * (v3 - v1));
+                dw += pm * (ah * (v1 - v0) + bh * (v3 - v2));
+              }
+              gh_row[j] = dh;
+              gh_row[plane + j] = dw;
             }
-            gh_row[j] = dh;
-            gh_row[plane + j] = dw;
           }
-        }
+      }
     }
   });
 }
@@ -230,11 +235,12 @@ std::vector<at::Tensor> backward(const at::Tensor& go, const at::Tensor& x, cons
               "native deform_kernel_local: grad_output must be contiguous (B, Ho, Wo, G, M) of x's dtype");
   at::Tensor gx = at::empty_like(x);  // each (sample, group) slice zeroed by its item
   at::Tensor goff = at::empty_like(off);
-  at::Tensor partials = at::zeros({at::get_num_threads(), g.G, g.P(), g.M}, wt.options());
+  const int64_t nchunk = std::min<int64_t>(at::get_num_threads(), g.B * g.G);  // 0 for an empty batch
+  at::Tensor partials = at::zeros({nchunk, g.G, g.P(), g.M}, wt.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "deform_kernel_local_backward", [&] {
     backward_kernel<scalar_t>(g, go.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), off.data_ptr<scalar_t>(),
                               wt.data_ptr<scalar_t>(), gx.data_ptr<scalar_t>(), goff.data_ptr<scalar_t>(),
-                              partials.data_ptr<scalar_t>());
+                              partials.data_ptr<scalar_t>(), nchunk);
   });
   return {gx, goff, partials.sum(0)};
 }

@@ -408,6 +408,8 @@ std::vector<at::Tensor> backward(const at::Tensor& go, const at::Tensor& x, cons
                   go.sizes() == at::IntArrayRef({x.size(0), x.size(1), r.size(2), r.size(3)}),
               "native involution: grad_output must be contiguous, of x's dtype and the output's shape");
   const int64_t B = x.size(0), threads = at::get_num_threads();
+  if (B == 0)  // an empty batch: no work to split, zero parameter gradients
+    return {at::empty_like(x), at::zeros_like(r), at::zeros_like(W2), at::zeros_like(b2)};
   // runs of groups: whole samples, unless fewer samples than threads
   const int64_t nq = B >= threads ? 1 : std::min(G, (threads + B - 1) / B);
   const int64_t nchunk = std::min(B * nq, threads);

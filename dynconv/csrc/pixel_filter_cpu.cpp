@@ -488,6 +488,8 @@ std::vector<at::Tensor> backward(const at::Tensor& go, const at::Tensor& x, cons
                   go.sizes() == at::IntArrayRef({x.size(0), x.size(1), S.size(3), S.size(4)}),
               "native pixel_filter: grad_output must be contiguous, of x's dtype and the output's shape");
   const int64_t B = x.size(0), Bs = S.size(0), G = S.size(1), threads = at::get_num_threads();
+  if (B == 0)  // an empty batch: no work to split, zero filter gradients
+    return {at::empty_like(x), at::zeros_like(S), mode == kPlain ? at::Tensor() : at::zeros_like(A)};
   const int64_t nchunk = Bs == B ? B : (G >= threads ? 1 : std::min(B, threads));
   at::Tensor gx = at::empty_like(x);  // every element is written once
   // Every slice is written first by one work item and then accumulated, so no zero-fill.

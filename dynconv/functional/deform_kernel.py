@@ -26,8 +26,9 @@ from torch.nn.modules.utils import _pair
 from . import triton_deform_kernel
 from .backend import resolve
 from .geometry import conv_out_hw, resolve_padding
-from .library import absent, register_autograd
-from .pixel_filter import _memory_format, acc_dtype, common_dtype, padded_input, pixel_filter, tap, zeros_in_format
+from .library import absent, as_input, laid_out, register_autograd
+from .pixel_filter import (_memory_format, acc_dtype, common_dtype, empty_out, padded_input, pixel_filter, tap,
+                           zeros_in_format)
 
 try:
     from . import native
@@ -76,7 +77,7 @@ def _gather(planes: Tensor, index: Tensor) -> Tensor:
     B, G = index.shape[:2]
     M = planes.shape[0] // G
     src = planes.view(1, M, G, -1).expand(B, -1, -1, -1)
-    return src.gather(3, index.reshape(B, 1, G, -1).expand(-1, M, -1, -1)).view(B, M, G, *index.shape[2:])
+    return src.gather(3, index.reshape(B, 1, G, index.shape[2:].numel()).expand(-1, M, -1, -1)).view(B, M, G, *index.shape[2:])
 
 
 def tap_kernel(weight: Tensor, offset: Tensor, k: int, kernel_size: int) -> Tensor:
@@ -155,8 +156,8 @@ def _local_backward(grad_out, x, offset, weight, k, s, p, d, need):
                 goff[:, :, t, 0].addcmul_(dch, pv)
                 goff[:, :, t, 1].addcmul_(dcw, pv)
             if need_w:
-                gw.scatter_add_(3, index.reshape(B, 1, G, -1).expand(-1, M, -1, -1),
-                                (prod * coef.unsqueeze(1)).reshape(B, M, G, -1))
+                gw.scatter_add_(3, index.reshape(B, 1, G, size.numel()).expand(-1, M, -1, -1),
+                                (prod * coef.unsqueeze(1)).reshape(B, M, G, size.numel()))
         if need_x:
             tap(gxp, t, k, s, d, size).view(B, M, G, *size).addcmul_(go, kern)
     ph, pw = p
@@ -168,7 +169,7 @@ def _local_backward(grad_out, x, offset, weight, k, s, p, d, need):
 def _native_ok(*tensors: Tensor) -> bool:
     """True when the compiled kernel serves these tensors: CPU, and built (not switched off by DYNCONV_NATIVE=0)."""
     return (native is not None and native.enabled() and all(t.device.type == "cpu" for t in tensors)
-            and native.DEFORM_KERNEL.load() is not None)
+            and tensors[0].numel() > 0 and native.DEFORM_KERNEL.load() is not None)
 
 
 def _to_groups(t: Tensor, groups: int, dtype: torch.dtype) -> Tensor:
@@ -196,7 +197,7 @@ def _native_args(x, offset, weight, k, s, p, d):
 def _native_forward(x, offset, weight, k, s, p, d) -> Tensor:
     xw, off, wt, geom = _native_args(x, offset, weight, k, s, p, d)
     out = native.DEFORM_KERNEL.module.forward(xw, off, wt, *geom)
-    return _from_groups(out).to(x.dtype, memory_format=_memory_format(x))
+    return laid_out(_from_groups(out).to(x.dtype), _memory_format(x))
 
 
 def _native_backward(grad_out, x, offset, weight, k, s, p, d, need):
@@ -207,14 +208,7 @@ def _native_backward(grad_out, x, offset, weight, k, s, p, d, need):
     C, sh, sw = weight.shape
     gw = gwt.view(gwt.shape[0], sh + 2, sw + 2, -1)[:, 1:-1, 1:-1].permute(3, 0, 1, 2).reshape(C, sh, sw)
     grads = (_from_groups(gx), goff, gw)
-    return tuple(_as_input(g, t) if n else None for t, g, n in zip((x, offset, weight), grads, need))
-
-
-def _as_input(grad: Tensor, like: Tensor) -> Tensor:
-    """`grad` in `like`'s dtype and strides, as the fake kernel promises; copied only where they differ."""
-    if (grad.dtype, grad.stride()) == (like.dtype, like.stride()):
-        return grad
-    return torch.empty_like(like).copy_(grad)
+    return tuple(as_input(g, t) if n else None for t, g, n in zip((x, offset, weight), grads, need))
 
 
 @torch.library.custom_op("dynconv::deform_kernel_local", mutates_args=())
@@ -224,7 +218,7 @@ def _local_op(x: Tensor, offset: Tensor, weight: Tensor, kernel_size: int, strid
     geom = (kernel_size, tuple(stride), tuple(padding), tuple(dilation))
     if _native_ok(x, offset, weight):
         return _native_forward(x, offset, weight, *geom)
-    return _local_forward(x, offset, weight, *geom)
+    return laid_out(_local_forward(x, offset, weight, *geom), _memory_format(x))
 
 
 @torch.library.custom_op("dynconv::deform_kernel_local_backward", mutates_args=())
@@ -233,13 +227,15 @@ def _local_backward_op(grad_out: Tensor, x: Tensor, offset: Tensor, weight: Tens
                        need: list[bool]) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients for x, offset and weight, on the forward's implementation; an empty tensor where `need` is False."""
     geom = (kernel_size, tuple(stride), tuple(padding), tuple(dilation))
-    backward = _native_backward if _native_ok(x, offset, weight) else _local_backward
-    return absent(backward(grad_out, x, offset, weight, *geom, need), x)
+    if _native_ok(x, offset, weight):
+        return absent(_native_backward(grad_out, x, offset, weight, *geom, need), x)
+    grads = _local_backward(grad_out, x, offset, weight, *geom, need)
+    return absent([None if g is None else as_input(g, t) for g, t in zip(grads, (x, offset, weight))], x)
 
 
 @_local_op.register_fake
 def _(x, offset, weight, kernel_size, stride, padding, dilation):
-    return zeros_in_format((*x.shape[:2], *offset.shape[-2:]), x, x.dtype)
+    return empty_out((*x.shape[:2], *offset.shape[-2:]), x)
 
 
 @_local_backward_op.register_fake
@@ -274,6 +270,7 @@ def _check_local(x: Tensor, offset: Tensor, weight: Tensor, k: int, s, p, d) -> 
 def deform_kernel_local(x: Tensor, offset: Tensor, weight: Tensor, *, kernel_size: int, stride=1, padding=None,
                         dilation=1, backend: str | None = None) -> Tensor:
     """Local DK aggregation: x (B, C, H, W), offset (B, G, k², 2, Ho, Wo) as (Δh, Δw), weight (C, S_h, S_w).
+    Under autocast, x and weight take the autocast dtype and the offsets stay (at least) float32.
 
     "reference" materialises the resampled (B, C, k², Ho, Wo) kernel (`resampled_kernel`) and calls
     `pixel_filter`'s reference; "fast" is the custom op `torch.ops.dynconv.deform_kernel_local`.
@@ -281,7 +278,11 @@ def deform_kernel_local(x: Tensor, offset: Tensor, weight: Tensor, *, kernel_siz
     k, s, d = int(kernel_size), _pair(stride), _pair(dilation)
     p = resolve_padding(k, padding, d)
     _check_local(x, offset, weight, k, s, p, d)
-    x, offset, weight = common_dtype(x, offset, weight)
+    if torch.is_autocast_enabled(x.device.type):  # sample at float32 coordinates, as torchvision's deform_conv2d
+        offset = offset.to(torch.promote_types(offset.dtype, torch.float32))
+        x, weight = common_dtype(x, weight)
+    else:
+        x, offset, weight = common_dtype(x, offset, weight)
     if resolve(backend) == "reference":
         kernel = resampled_kernel(weight, offset, k)
         return pixel_filter(x, kernel, kernel_size=k, stride=s, padding=p, dilation=d, backend="reference")

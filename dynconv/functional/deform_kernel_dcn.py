@@ -41,8 +41,9 @@ def _tap_term(xg: Tensor, kernel_offset: Tensor, data_offset: Tensor, mask: Tens
     # every coordinate to pixel 0 and the offset is lost
     grid = torch.stack([(2 * cx + 1) / W - 1, (2 * cy + 1) / H - 1], -1).view(B * G, ho, wo, 2)
     sampled = F.grid_sample(xg, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    sampled = sampled.view(B, G, -1, ho, wo).transpose(1, 2)  # channel c = m·G + g
-    kern = tap_kernel(weight, kernel_offset, t, k).view(B, -1, G, ho, wo)
+    M = xg.shape[1]
+    sampled = sampled.view(B, G, M, ho, wo).transpose(1, 2)  # channel c = m·G + g
+    kern = tap_kernel(weight, kernel_offset, t, k).view(B, M, G, ho, wo)
     return sampled * kern * mask[:, :, t].unsqueeze(1)
 
 

@@ -30,8 +30,8 @@ from torch.utils.flop_counter import register_flop_formula
 from . import triton_involution
 from .backend import resolve
 from .geometry import conv_out_hw, resolve_padding
-from .library import absent, register_autograd
-from .pixel_filter import _memory_format, common_dtype, pixel_filter
+from .library import absent, as_input, laid_out, register_autograd
+from .pixel_filter import _memory_format, common_dtype, empty_out, pixel_filter
 
 try:
     from . import native
@@ -41,8 +41,8 @@ except ImportError:
 __all__ = ["involution", "involution_recomputed"]
 
 
-def _check(x, reduced, weight, bias, K, s, p, d, groups) -> Tensor:
-    """Shape, dtype and device checks; returns the span weight as (G·K², M)."""
+def _check(x, reduced, weight, bias, K, s, p, d, groups) -> None:
+    """Shape, dtype and device checks."""
     names = ("x", "reduced", "weight", "bias")
     tensors = (x, reduced, weight, bias)
     for name, t in zip(names, tensors):
@@ -62,31 +62,36 @@ def _check(x, reduced, weight, bias, K, s, p, d, groups) -> Tensor:
         raise ValueError(f"involution: reduced must be (B, M, Ho, Wo) = ({B}, M, {Ho}, {Wo}) for this input and "
                          f"geometry, got shape {tuple(reduced.shape)}")
     span = (groups * K * K, reduced.shape[1])
-    if weight.dim() == 4 and tuple(weight.shape[2:]) == (1, 1):
-        weight = weight.flatten(1)
-    if tuple(weight.shape) != span:
+    if tuple(weight.shape) not in (span, (*span, 1, 1)):
         raise ValueError(f"involution: weight must be (G*K*K, M) = {span} (or its 1x1 conv form), "
                          f"got shape {tuple(weight.shape)}")
     if tuple(bias.shape) != span[:1]:
         raise ValueError(f"involution: bias must be (G*K*K,) = {span[:1]}, got shape {tuple(bias.shape)}")
-    return weight
 
 
 def _decomposed(x, reduced, weight, bias, K, s, p, d, groups, backend) -> Tensor:
     """The span projection as a 1×1 conv, then `pixel_filter` on `backend`."""
     B, _, Ho, Wo = reduced.shape
-    spans = F.conv2d(reduced, weight[:, :, None, None], bias).view(B, groups, K * K, Ho, Wo)
+    spans = F.conv2d(reduced, _span(weight)[:, :, None, None], bias).view(B, groups, K * K, Ho, Wo)
     return pixel_filter(x, spans, kernel_size=K, stride=s, padding=p, dilation=d, backend=backend)
 
 
 def _native_ok(x: Tensor) -> bool:
-    return native is not None and x.device.type == "cpu" and native.enabled() and native.INVOLUTION.load() is not None
+    """The compiled kernel serves x: CPU, built, not switched off, and a batch to split (an empty one takes the
+    decomposition)."""
+    return (native is not None and x.device.type == "cpu" and x.numel() > 0 and native.enabled()
+            and native.INVOLUTION.load() is not None)
 
 
 def _compute(tensors):
-    """The inputs in the kernel's dtype (float64 stays, the rest float32), contiguous."""
+    """The inputs in the kernel's dtype (float64 stays, the rest float32), contiguous, the span weight as (G·K², M)."""
     cdt = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
     return [t.to(cdt).contiguous() for t in tensors]
+
+
+def _span(weight: Tensor) -> Tensor:
+    """The span weight as (G·K², M), from itself or the 1×1 conv's (G·K², M, 1, 1)."""
+    return weight.reshape(weight.shape[0], -1)
 
 
 def _geometry(kernel_size, stride, padding, dilation, groups) -> list[int]:
@@ -101,9 +106,9 @@ def _involution_op(x: Tensor, reduced: Tensor, weight: Tensor, bias: Tensor, ker
     if not _native_ok(x):
         return _decomposed(x, reduced, weight, bias, kernel_size, tuple(stride), tuple(padding), tuple(dilation),
                            groups, "fast")
-    out = native.INVOLUTION.module.forward(*_compute((x, reduced, weight, bias)),
+    out = native.INVOLUTION.module.forward(*_compute((x, reduced, _span(weight), bias)),
                                            *_geometry(kernel_size, stride, padding, dilation, groups))
-    return out.to(x.dtype).contiguous(memory_format=_memory_format(x))
+    return laid_out(out.to(x.dtype), _memory_format(x))
 
 
 @torch.library.custom_op("dynconv::involution_backward", mutates_args=())
@@ -115,31 +120,28 @@ def _involution_backward_op(grad_out: Tensor, x: Tensor, reduced: Tensor, weight
     recomputed and their gradient from `pixel_filter`'s backward (both transient)."""
     inputs = (x, reduced, weight, bias)
     if _native_ok(x):
-        grads = native.INVOLUTION.module.backward(*_compute((grad_out, *inputs)),
+        grads = native.INVOLUTION.module.backward(*_compute((grad_out, x, reduced, _span(weight), bias)),
                                                   *_geometry(kernel_size, stride, padding, dilation, groups))
-        grads = [g.to(t.dtype) for g, t in zip(grads, inputs)]
-        grads[0] = grads[0].contiguous(memory_format=_memory_format(x))
     else:
         B, _, Ho, Wo = reduced.shape
-        spans = F.conv2d(reduced, weight[:, :, None, None], bias).view(B, groups, -1, Ho, Wo)
+        span = _span(weight)
+        spans = F.conv2d(reduced, span[:, :, None, None], bias).view(B, groups, kernel_size ** 2, Ho, Wo)
         gx, gspans, _ = torch.ops.dynconv.pixel_filter_backward(
             grad_out, x, spans, None, kernel_size, stride, padding, dilation, "mul", [need[0], True, False])
         gspans = gspans.flatten(1, 2)
-        grads = [gx, torch.einsum("bkhw,km->bmhw", gspans, weight), torch.einsum("bkhw,bmhw->km", gspans, reduced),
+        grads = [gx, torch.einsum("bkhw,km->bmhw", gspans, span), torch.einsum("bkhw,bmhw->km", gspans, reduced),
                  gspans.sum((0, 2, 3))]
-    return absent([g if n else None for g, n in zip(grads, need)], x)
+    return absent([as_input(g.view(t.shape), t) if n else None for g, t, n in zip(grads, inputs, need)], x)
 
 
 @_involution_op.register_fake
 def _(x, reduced, weight, bias, kernel_size, stride, padding, dilation, groups):
-    return x.new_empty((*x.shape[:2], *reduced.shape[-2:])).contiguous(memory_format=_memory_format(x))
+    return empty_out((*x.shape[:2], *reduced.shape[-2:]), x)
 
 
 @_involution_backward_op.register_fake
 def _(grad_out, x, reduced, weight, bias, kernel_size, stride, padding, dilation, groups, need):
-    grads = [torch.empty_like(x, memory_format=_memory_format(x))]
-    grads += [torch.empty_like(t, memory_format=torch.contiguous_format) for t in (reduced, weight, bias)]
-    return absent([g if n else None for g, n in zip(grads, need)], x)
+    return absent([torch.empty_like(t) if n else None for t, n in zip((x, reduced, weight, bias), need)], x)
 
 
 register_autograd(_involution_op, torch.ops.dynconv.involution_backward, tensors=4)
@@ -154,12 +156,13 @@ def _flops(x_shape, reduced_shape, weight_shape, *args, out_shape=None, **kwargs
 
 
 def _prepare(x, reduced, weight, bias, kernel_size, stride, padding, dilation, groups):
-    """Checked inputs in one dtype, the weight as (G·K², M), and the ops' geometry arguments
-    [K, stride, padding, dilation, G]."""
+    """Checked inputs in one dtype and the ops' geometry arguments [K, stride, padding, dilation, G]. The span
+    weight stays as given, (G·K², M) or the 1×1 conv's (G·K², M, 1, 1), so that its gradient comes back in the
+    parameter's own strides."""
     K = int(kernel_size)
     s, d = _pair(stride), _pair(dilation)
     p = resolve_padding(K, padding, d)
-    weight = _check(x, reduced, weight, bias, K, s, p, d, int(groups))
+    _check(x, reduced, weight, bias, K, s, p, d, int(groups))
     return common_dtype(x, reduced, weight, bias), [K, list(s), list(p), list(d), int(groups)]
 
 

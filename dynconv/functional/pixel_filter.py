@@ -24,7 +24,7 @@ from torch.nn.modules.utils import _pair
 
 from . import triton_pixel_filter
 from .backend import resolve
-from .library import absent, register_autograd
+from .library import absent, as_input, laid_out, register_autograd
 from .geometry import conv_out_hw, resolve_padding
 
 try:
@@ -43,6 +43,12 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
 def _memory_format(x: Tensor) -> torch.memory_format:
     channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
     return torch.channels_last if channels_last else torch.contiguous_format
+
+
+def empty_out(shape, x: Tensor) -> Tensor:
+    """An uninitialised output of `shape` in x's dtype, device and memory format: the fake kernels' promise,
+    which the real ones keep with `library.laid_out`."""
+    return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=_memory_format(x))
 
 
 def zeros_in_format(shape, like: Tensor, dtype: torch.dtype) -> Tensor:
@@ -186,7 +192,8 @@ def _taps_backward(grad_out, x, spatial, channel, K, s, p, d, combine, need):
 
 def _native_ok(x, spatial, channel, s, p, d) -> bool:
     square = s[0] == s[1] and p[0] == p[1] and d[0] == d[1]  # the compiled kernel takes int geometry
-    return native is not None and square and native.available(x, spatial, channel)
+    # an empty batch takes the tap loop, which needs no work split over the batch
+    return native is not None and square and x.numel() > 0 and native.available(x, spatial, channel)
 
 
 @torch.library.custom_op("dynconv::pixel_filter", mutates_args=())
@@ -198,8 +205,9 @@ def _pixel_filter_op(x: Tensor, spatial: Tensor, channel: Tensor | None, kernel_
         with torch.no_grad():  # its direct entry point carries its own autograd; the op's is registered
             out = native.pixel_filter(x, spatial, channel, kernel_size=K, stride=s[0], padding=p[0],
                                       dilation=d[0], combine=combine)
-        return out.contiguous(memory_format=_memory_format(x))
-    return _taps_forward(x, spatial, channel, K, s, p, d, combine)
+    else:
+        out = _taps_forward(x, spatial, channel, K, s, p, d, combine)
+    return laid_out(out, _memory_format(x))
 
 
 @torch.library.custom_op("dynconv::pixel_filter_backward", mutates_args=())
@@ -211,24 +219,21 @@ def _pixel_filter_backward_op(grad_out: Tensor, x: Tensor, spatial: Tensor, chan
     K, s, p, d = kernel_size, tuple(stride), tuple(padding), tuple(dilation)
     need = (need[0], need[1], need[2] and channel is not None)
     if _native_ok(x, spatial, channel, s, p, d):
-        gx, gs, gc = native.backward(grad_out, x, spatial, channel, K, s[0], p[0], d[0], combine, need)
-        gx = None if gx is None else gx.contiguous(memory_format=_memory_format(x))
+        grads = native.backward(grad_out, x, spatial, channel, K, s[0], p[0], d[0], combine, need)
     else:
-        gx, gs, gc = _taps_backward(grad_out, x, spatial, channel, K, s, p, d, combine, need)
-    return absent((gx, gs, gc), x)
+        grads = _taps_backward(grad_out, x, spatial, channel, K, s, p, d, combine, need)
+    return absent([None if g is None else as_input(g, t) for g, t in zip(grads, (x, spatial, channel))], x)
 
 
 @_pixel_filter_op.register_fake
 def _(x, spatial, channel, kernel_size, stride, padding, dilation, combine):
-    return x.new_empty((*x.shape[:2], *spatial.shape[-2:])).contiguous(memory_format=_memory_format(x))
+    return empty_out((*x.shape[:2], *spatial.shape[-2:]), x)
 
 
 @_pixel_filter_backward_op.register_fake
 def _(grad_out, x, spatial, channel, kernel_size, stride, padding, dilation, combine, need):
-    gx = torch.empty_like(x, memory_format=_memory_format(x)) if need[0] else None
-    gs = torch.empty_like(spatial, memory_format=torch.contiguous_format) if need[1] else None
-    gc = torch.empty_like(channel, memory_format=torch.contiguous_format) if need[2] and channel is not None else None
-    return absent((gx, gs, gc), x)
+    need = (need[0], need[1], need[2] and channel is not None)
+    return absent([torch.empty_like(t) if n else None for t, n in zip((x, spatial, channel), need)], x)
 
 
 register_autograd(_pixel_filter_op, torch.ops.dynconv.pixel_filter_backward)

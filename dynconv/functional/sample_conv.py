@@ -31,7 +31,8 @@ def sample_conv(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, stride
     """
     _check(x, weight, bias, groups)
     stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
-    impl = _fast if resolve(backend) == "fast" else _reference
+    # an empty batch cannot be folded into the groups of one conv (groups=0); the unfold path takes it
+    impl = _fast if resolve(backend) == "fast" and x.shape[0] > 0 else _reference
     out = impl(x, weight, bias, stride, padding, dilation, groups)
     if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
         out = out.contiguous(memory_format=torch.channels_last)
@@ -69,7 +70,8 @@ def _reference(x, weight, bias, stride, padding, dilation, groups):
     h_out, w_out = conv_out_hw((h, w), (kh, kw), stride, padding, dilation)
     # unfold's rows are ordered (channel, kh, kw), so a group's rows are one contiguous block
     cols = F.unfold(x, (kh, kw), dilation=dilation, padding=padding, stride=stride)
-    cols = cols.view(b, groups, -1, h_out * w_out)
-    kernels = weight.reshape(b, groups, out_ch // groups, -1)
+    taps = weight.shape[2] * kh * kw  # a group's rows
+    cols = cols.view(b, groups, taps, h_out * w_out)
+    kernels = weight.reshape(b, groups, out_ch // groups, taps)
     y = torch.einsum("bgok,bgkl->bgol", kernels, cols).reshape(b, out_ch, h_out, w_out)
     return y if bias is None else y + bias[:, :, None, None]

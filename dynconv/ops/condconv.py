@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from ..domain import Domain
 from ..functional.geometry import check_groups, conv_geometry
 from ..functional.sample_conv import sample_conv
 from ..operator import Operator
@@ -92,6 +93,8 @@ class CondConv(ExpertConv):
     `efficientnet_cc_b0_8e`; timm's `CondConv2d` class default is 4). The routing here is per layer;
     timm's EfficientNet blocks share one routing across pw/dw/pwl.
     """
+
+    domain = Domain(groups=(2,), options=dict(num_experts=3))
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=None, dilation=1, groups=1,
                  bias=False, *, num_experts=8):

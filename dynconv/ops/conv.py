@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch.nn as nn
 
+from ..domain import Domain
 from ..functional.geometry import conv_geometry
 from ..operator import Operator
 from ..registry import register_op
@@ -13,6 +14,8 @@ __all__ = ["Conv", "DWConv", "conv_geometry"]
 @register_op("conv")
 class Conv(Operator, nn.Conv2d):
     """Plain `nn.Conv2d` with 'same' padding by default: the static baseline in every table."""
+
+    domain = Domain(groups=(2,))
 
     conv_prefix = ""  # its weight is a conv's: dynconv.replace(warm_start=True) copies the replaced conv in
 
@@ -25,6 +28,8 @@ class Conv(Operator, nn.Conv2d):
 @register_op("dwconv")
 class DWConv(Conv):
     """Depthwise conv (groups = in_channels); out_channels must be a multiple of in_channels."""
+
+    domain = Domain()
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=None, dilation=1, groups=None,
                  bias=True):

@@ -23,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..domain import Domain
 from ..functional.geometry import check_groups, conv_geometry
 from ..operator import Operator
 from ..registry import register_op
@@ -150,6 +151,8 @@ class DCD(_DCDConv):
     """DCD conv, official `conv_dy` (context "gap", every conv of ResNet-50's Bottleneck_dy) or
     `conv_basic_dy` (context "pool2", both 3×3 convs of ResNet-18/34's BasicBlock)."""
 
+    domain = Domain(groups=(2,), batchnorm=True)
+
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=None, dilation=1, groups=1,
                  bias=False, *, context="gap", latent_dim: int | None = None, dynamic_scale: bool = True,
                  dynamic_residual: bool = True):
@@ -165,6 +168,8 @@ class DCDMobile(_DCDConv):
     `fc_squeeze=16`: the value of the README training commands, which the reported mobilenetv2_dcd
     (5,720,028 params) uses; the official class default is 8.
     """
+
+    domain = Domain(kernel_sizes=(1, 3), groups=(2,), batchnorm=True)
 
     qp_names = ("conv_q", "conv_p")
 

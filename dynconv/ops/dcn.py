@@ -12,6 +12,7 @@ import torch.nn as nn
 from torch import Tensor
 from torchvision.ops import deform_conv2d
 
+from ..domain import Domain
 from ..functional.geometry import check_groups, conv_geometry
 from ..operator import Operator, pixel_macs
 from ..registry import register_op
@@ -22,6 +23,8 @@ __all__ = ["DCN"]
 @register_op("dcn")
 class DCN(Operator):
     """Deformable conv v2 with its offset+mask branch `conv_offset` (3·k²·offset_groups channels)."""
+
+    domain = Domain(groups=(2,), options=dict(offset_groups=2))
 
     has_own_init = True
 

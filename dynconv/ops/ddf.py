@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from ..domain import Domain
 from ..functional.geometry import centre_aligned, check_channelwise, conv_out_size, resolve_padding
 from ..functional.pixel_filter import COMBINES, pixel_filter
 from ..functional.sample_conv import sample_conv
@@ -77,6 +78,8 @@ class DDF(Operator):
     is channel-wise). `kernel_combine` only matters with both branches.
     """
 
+    domain = Domain(kernel_sizes=(3, 5), channelwise=True)
+
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, padding=None,
                  dilation: int = 1, groups: int = 1, bias: bool = False, *, kernel_combine: str = "mul",
                  head: int = 1, se_ratio: float = 0.2, nonlinearity: str = "relu", branches: str = "both",
@@ -92,6 +95,9 @@ class DDF(Operator):
         if mid < 1 and branches != "spatial":
             raise ValueError(f"ddf: se_ratio={se_ratio} leaves no hidden channels for in_channels={in_channels}")
         k = self.kernel_size = int(kernel_size)
+        if k < 2 and self.filter_norm == "fn":
+            raise ValueError(f"ddf: kernel_size={k} gives one tap, and the filter normalisation standardises each "
+                             "filter over its taps; use kernel_size >= 2 (officially 3) or filter_norm='none'")
         self.stride, self.dilation, self.head = int(stride), int(dilation), head
         self.padding = resolve_padding(k, padding, self.dilation)
         self.spatial_branch = self.channel_branch = None

@@ -22,8 +22,10 @@ import torch.nn as nn
 from torch import Tensor
 from torch.nn.modules.utils import _pair
 
+from ..domain import Domain
 from ..functional.deform_kernel import deform_kernel_local, scope_corners
 from ..functional.geometry import check_channelwise, check_groups, resolve_padding
+from ..functional.library import param_view
 from ..functional.sample_conv import sample_conv
 from ..operator import Operator, pixel_macs
 from ..registry import register_op
@@ -46,6 +48,8 @@ class DeformKernelLocal(Operator):
     depthwise whatever its value.
     """
 
+    domain = Domain(kernel_sizes=(1, 3), channelwise=True, options=dict(offset_groups=2))
+
     has_own_init = True
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, padding=None,
@@ -65,6 +69,10 @@ class DeformKernelLocal(Operator):
         nn.init.zeros_(self.rotation_conv.bias)
         self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
 
+    def scope_planes(self) -> Tensor:
+        """The scope kernels (C, S_h, S_w), their gradient in the parameter's own strides."""
+        return param_view(self.weight, self.weight.shape[0], *self.weight.shape[2:])
+
     def kernel_offsets(self, x: Tensor) -> Tensor:
         """Scope offsets (B, G, k², 2, Ho, Wo) as (Δh, Δw), from `rotation_conv`."""
         offset = self.rotation_conv(x)
@@ -74,7 +82,7 @@ class DeformKernelLocal(Operator):
         return pixel_macs(out, self.kernel_size)
 
     def forward(self, x: Tensor) -> Tensor:
-        out = deform_kernel_local(x, self.kernel_offsets(x), self.weight.squeeze(1), kernel_size=self.kernel_size,
+        out = deform_kernel_local(x, self.kernel_offsets(x), self.scope_planes(), kernel_size=self.kernel_size,
                                   stride=self.stride, padding=self.padding, dilation=self.dilation)
         return out if self.bias is None else out + self.bias.view(1, -1, 1, 1)
 
@@ -89,6 +97,8 @@ class DeformKernelGlobal(Operator):
     The official code never initialises the scope weight; we use U(±1/√fan_in), fan_in = in/groups·k²
     (the local op's rule), and a zero `fc` so training starts from the rigid kernel.
     """
+
+    domain = Domain(kernel_sizes=(1, 3))
 
     has_own_init = True
 

@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from ..domain import Domain
 from ..functional.deform_kernel_dcn import deform_kernel_dcn
 from ..registry import register_op
 from .deformable_kernel import DeformKernelLocal
@@ -36,6 +37,8 @@ __all__ = ["DeformKernelDCN", "deform_kernel_dcn"]
 class DeformKernelDCN(DeformKernelLocal):
     """`dk_local` plus DCNv2's data offsets and modulation (`conv_offset`, zero-initialised), i.e. the
     DK paper's "DK + DCN"; at initialisation it is ½ · dk_local. Options as `dk_local`."""
+
+    domain = Domain(kernel_sizes=(1, 3), channelwise=True, options=dict(offset_groups=2))
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, padding=None,
                  dilation: int = 1, groups: int = 1, bias: bool = False, *, scope_size=4, offset_groups: int = 1):
@@ -53,7 +56,7 @@ class DeformKernelDCN(DeformKernelLocal):
         B, size = om.shape[0], om.shape[-2:]
         data_offset = om[:, :2 * G * kk].view(B, G, kk, 2, *size)
         mask = torch.sigmoid(om[:, 2 * G * kk:]).view(B, G, kk, *size)
-        out = deform_kernel_dcn(x, self.kernel_offsets(x), data_offset, mask, self.weight.squeeze(1),
+        out = deform_kernel_dcn(x, self.kernel_offsets(x), data_offset, mask, self.scope_planes(),
                                 kernel_size=self.kernel_size, stride=self.stride, padding=self.padding,
                                 dilation=self.dilation)
         return out if self.bias is None else out + self.bias.view(1, -1, 1, 1)

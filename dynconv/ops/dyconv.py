@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from ..domain import Domain
 from ..registry import register_op
 from .condconv import ExpertConv
 
@@ -48,6 +49,8 @@ class DYConv(Tempered, ExpertConv):
     unofficial kaijieshi7 code starts at 34 and subtracts 3 per call. Attention hidden width
     int(0.25·C_in)+1, FC1 without bias and FC2 with bias, as that code; bias=True by default.
     """
+
+    domain = Domain(groups=(2,), options=dict(num_experts=3))
 
     expert_init_a = 0.0  # kaiming_uniform with the ReLU gain, as the unofficial code initialises each kernel
 

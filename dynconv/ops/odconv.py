@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from ..domain import Domain
 from ..registry import register_op
 from .condconv import ExpertConv
 from .dyconv import Tempered
@@ -62,6 +63,8 @@ class ODConv(Tempered, ExpertConv):
     `temperature` starts at 30, the first value of the official 30 → 1 schedule; call
     `dynconv.on_epoch_start(model, epoch)` before each training epoch.
     """
+
+    domain = Domain(groups=(2,), options=dict(num_experts=3), batchnorm=True, min_train_batch=2)
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=None, dilation=1, groups=1,
                  bias=False, *, num_experts=1, reduction=0.0625, min_hidden=16, temperature=30.0):

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.modules.utils import _pair
 
+from ..domain import Domain
 from ..functional.geometry import check_channelwise, conv_out_size, resolve_padding
 from ..functional.pixel_filter import pixel_filter
 from ..operator import Operator, pixel_macs
@@ -105,6 +106,9 @@ class TVConv(Operator):
     maps are resized bilinearly to the new output size, and LayerNorm normalises over the actual
     (C, h, w). `bias=True` adds a per-channel bias; `bias_maps=True` a per-position one (official).
     """
+
+    domain = Domain(channelwise=True, fixed_input_size=True,
+                    options=dict(affinity_channels=2, hidden_channels=8, hidden_layers=2))
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, padding=None,
                  dilation: int = 1, groups: int = 1, bias: bool = False, *, input_size=None,

@@ -1,0 +1,264 @@
+"""Every operator of `dynconv.list_ops()`, every sample its `Domain` gives, every execution path, held to the
+reference backend (tests/dynconv/conformance.py). A new operator is covered by declaring its domain.
+
+What runs where (the CI run is `make test`; `--hypothesis-profile=deep` draws many more property examples):
+- eager, float64: fast (recompute on), fast with the recompute off, the compiled kernels off
+  (`DYNCONV_NATIVE=0`), each in train, eval and, for operators with BatchNorm, frozen-BatchNorm training;
+  every sample;
+- bf16 autocast (float32 module): every sample, train mode;
+- `torch.export` (forward, eval): every sample;
+- inductor, float64, train: static on batch 0, batch 1 and an odd batch at stride 2, the compiled kernels off
+  on the odd batch, and `dynamic=True` compiled once and run on two shapes it never saw;
+- the Triton kernels under `TRITON_INTERPRET=1`: two samples per operator in one child process.
+"""
+from __future__ import annotations
+
+import functools
+from contextlib import nullcontext
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings, strategies as st
+from torch._dynamo.utils import counters
+
+import dynconv
+from dynconv.functional.geometry import conv_out_size
+
+from .conformance import (MODES, OPS, Result, Sample, build, compare, domain_error, environment, make_input, outside,
+                          reference, samples, set_mode, step, tolerance)
+
+settings.register_profile("ci", derandomize=True, max_examples=4, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("deep", max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("DYNCONV_HYPOTHESIS", "ci"))
+
+
+def _domain(name):
+    return dynconv.get_op(name).domain
+
+
+def _modes(name):
+    return MODES if _domain(name).batchnorm else ("train", "eval")
+
+
+def _eager_paths(name):
+    cls = dynconv.get_op(name)
+    return ["fast"] + (["no_recompute"] if hasattr(cls, "recompute") else []) + ["native_off"]
+
+
+CASES = [(n, s) for n in OPS for s in samples(_domain(n))]
+EAGER = [pytest.param(n, s, m, p, id=f"{n}-{s}-{m}-{p}") for n, s in CASES for m in _modes(n) for p in _eager_paths(n)]
+
+
+@functools.lru_cache(maxsize=None)
+def _reference(name, sample, mode, dtype=torch.float64, autocast=False):
+    module = set_mode(build(name, sample, dtype), mode)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        return reference(module, make_input(name, sample, dtype))
+
+
+def _run(name, sample, mode, path, dtype=torch.float64):
+    module = set_mode(build(name, sample, dtype), mode)
+    if path == "no_recompute":
+        for m in module.modules():
+            if hasattr(m, "recompute"):
+                m.recompute = False
+    with environment(DYNCONV_NATIVE="0" if path == "native_off" else os.environ.get("DYNCONV_NATIVE", "1")):
+        return step(module, make_input(name, sample, dtype))
+
+
+@pytest.mark.parametrize("name,sample,mode,path", EAGER)
+def test_eager_path_equals_reference(name, sample, mode, path):
+    if outside(name, sample, mode):
+        with domain_error():
+            _run(name, sample, mode, path)
+        return
+    expected = _reference(name, sample, mode)
+    compare(_run(name, sample, mode, path), expected, tolerance(torch.float64, sample, _domain(name).channels))
+
+
+@pytest.mark.parametrize("name,sample", [pytest.param(n, s, id=f"{n}-{s}") for n, s in CASES])
+def test_bf16_autocast_equals_reference_under_autocast(name, sample):
+    """A float32 module under CPU bf16 autocast: the output in bf16, every gradient in its parameter's float32 and
+    strides, the values within bf16 rounding of the reference backend under the same autocast."""
+    module = set_mode(build(name, sample, torch.float32), "train")
+    x = make_input(name, sample, torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16), domain_error() if outside(name, sample, "train") else nullcontext():
+        actual = step(module, x)
+    if outside(name, sample, "train"):
+        return
+    expected = _reference(name, sample, "train", torch.float32, autocast=True)
+    assert actual.out.dtype == expected.out.dtype
+    assert all(g is None or g.dtype == torch.float32 for g in actual.grads.values())
+    compare(actual, expected, tolerance(torch.bfloat16, sample, _domain(name).channels))
+
+
+@pytest.mark.parametrize("name,sample", [pytest.param(n, s, id=f"{n}-{s}") for n, s in CASES])
+def test_export_forward_equals_reference(name, sample):
+    module = set_mode(build(name, sample), "eval")
+    x = make_input(name, sample)
+    program = torch.export.export(module, (x,))
+    with torch.no_grad():
+        out = program.module()(x)
+    actual = Result(out, None, buffers={n: b for n, b in module.named_buffers()})
+    compare(actual, _reference(name, sample, "eval"), tolerance(torch.float64, sample, _domain(name).channels),
+            grads=False)
+
+
+def _compile_samples(name):
+    """Batch 0, batch 1 and an odd batch, all at stride 2 (the domain's largest)."""
+    found = {}
+    for s in samples(_domain(name)):
+        key = min(s.batch, 2) if s.batch % 2 == 0 else 1 if s.batch == 1 else 3
+        if s.stride == max(_domain(name).strides) and key in (0, 1, 3) and key not in found:
+            found[key] = s
+    return [found[k] for k in (0, 1, 3)]
+
+
+COMPILED = [pytest.param(n, s, p, id=f"{n}-{s}-{p}") for n in OPS for s in _compile_samples(n)
+            for p in (["inductor", "inductor_native_off"] if s.batch == 3 else ["inductor"])]
+
+
+@pytest.mark.parametrize("name,sample,path", COMPILED)
+def test_inductor_equals_reference(name, sample, path):
+    torch._dynamo.reset()
+    counters.clear()
+    module = set_mode(build(name, sample), "train")
+    compiled = torch.compile(module, fullgraph=True)
+    with environment(DYNCONV_NATIVE="0" if path.endswith("native_off") else os.environ.get("DYNCONV_NATIVE", "1")):
+        if outside(name, sample, "train"):
+            with domain_error():
+                step(module, make_input(name, sample), fn=compiled)
+            return
+        actual = step(module, make_input(name, sample), fn=compiled)
+    assert counters["frames"]["ok"] >= 1, "nothing was compiled"
+    compare(actual, _reference(name, sample, "train"), tolerance(torch.float64, sample, _domain(name).channels))
+
+
+NEW_SHAPES = ((2, (7, 11)), (5, (10, 5)))
+
+
+@pytest.mark.parametrize("name", OPS)
+def test_inductor_dynamic_shapes_equal_reference(name):
+    """Compiled once with `dynamic=True` on an odd batch at stride 2, then run on two shapes the first compile never
+    saw, with no recompilation. A fixed-size operator gives its one-line size error instead."""
+    torch._dynamo.reset()
+    counters.clear()
+    first = _compile_samples(name)[2]
+    module = set_mode(build(name, first), "train")
+    compiled = torch.compile(module, dynamic=True, fullgraph=True)
+    tol = functools.partial(tolerance, torch.float64, channels=_domain(name).channels)
+    compare(step(module, make_input(name, first), fn=compiled), _reference(name, first, "train"), tol(first))
+    frames = counters["frames"]["ok"]
+    for batch, size in NEW_SHAPES:
+        x = make_input(name, first, batch=batch, size=size)
+        if _domain(name).fixed_input_size:
+            with pytest.raises(ValueError, match=rf"{name}.*{first.size[0]}x{first.size[1]}"):
+                compiled(x)
+            continue
+        expected = reference(module, x)
+        compare(step(module, x, fn=compiled), expected, tol(Sample(batch, size, first.kernel_size, first.stride)))
+    assert counters["frames"]["ok"] == frames, "a new shape recompiled"
+
+
+TRITON_SAMPLES = 2  # per operator, under the interpreter (slow): batch 1 stride 2 non-contiguous, batch 3 channels_last
+
+
+def _triton_checks() -> dict:
+    """{(op, sample): ""} or the failure, for each operator's first TRITON_SAMPLES compile samples: fast path
+    (the Triton kernels, for CPU tensors under the interpreter) against the reference, float64, train mode."""
+    results = {}
+    for name in OPS:
+        for sample in _compile_samples(name)[1:1 + TRITON_SAMPLES]:
+            try:
+                module = set_mode(build(name, sample), "frozen_bn" if outside(name, sample, "train") else "train")
+                x = make_input(name, sample)
+                compare(step(module, x), reference(module, x), tolerance(torch.float64, sample, 8))
+                results[f"{name}-{sample}"] = ""
+            except Exception as e:  # reported per case by the parent test
+                results[f"{name}-{sample}"] = f"{type(e).__name__}: {e}"[:3000]
+    return results
+
+
+@pytest.fixture(scope="module")
+def triton_results():
+    root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, TRITON_INTERPRET="1", DYNCONV_TRITON_INTERPRET="1", DYNCONV_NATIVE="0",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])))
+    code = "import json, tests.dynconv.test_conformance as t; print(json.dumps(t._triton_checks()))"
+    run = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr[-6000:]
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("case", [f"{n}-{s}" for n in OPS for s in _compile_samples(n)[1:1 + TRITON_SAMPLES]])
+def test_triton_interpreter_equals_reference(case, triton_results):
+    assert triton_results[case] == "", triton_results[case]
+
+
+@st.composite
+def drawn(draw, name):
+    d = _domain(name)
+    return Sample(draw(st.integers(0, 4)), (draw(st.integers(1, 10)), draw(st.integers(1, 10))),
+                  draw(st.sampled_from(d.kernel_sizes)), draw(st.sampled_from(d.strides)),
+                  draw(st.sampled_from(d.dilations)), draw(st.sampled_from((1, *d.groups))),
+                  draw(st.sampled_from(("contiguous", "channels_last", "strided"))))
+
+
+@pytest.mark.parametrize("name", OPS)
+@given(data=st.data())
+def test_property_fast_equals_reference(name, data):
+    """Shapes and options drawn from the domain: the fast path equals the reference in every mode, and a shape
+    outside the domain (an output smaller than one pixel) gives the operator's one-line error."""
+    sample = data.draw(drawn(name))
+    mode = data.draw(st.sampled_from(_modes(name)))
+    pad = sample.dilation * (sample.kernel_size - 1) // 2
+    fits = min(conv_out_size(n, sample.kernel_size, sample.stride, pad, sample.dilation) for n in sample.size) >= 1
+    module = set_mode(build(name, sample), mode)
+    x = make_input(name, sample)
+    if not fits:
+        with pytest.raises(ValueError, match="too small|smaller"):
+            module(x)
+        return
+    if outside(name, sample, mode):
+        with domain_error():
+            step(module, x)
+        return
+    compare(step(module, x), reference(module, x), tolerance(torch.float64, sample, _domain(name).channels))
+
+
+def test_domains_are_declared_truthfully():
+    """Every declared option builds; `batchnorm` says whether the module has BatchNorm; a fixed-size operator takes
+    `input_size`."""
+    for name in OPS:
+        d = _domain(name)
+        for sample in samples(d):
+            module = build(name, sample)
+            has_bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in module.modules())
+            assert has_bn == d.batchnorm, f"{name}: domain.batchnorm={d.batchnorm} but the module says {has_bn}"
+        assert d.fixed_input_size == ("input_size" in dynconv.op_options(name)), name
+
+
+def test_tolerance_catches_a_dropped_bias_and_a_wrong_tap():
+    """The float64 tolerance is tight enough that the bugs it exists for fail it: the span conv's bias left out,
+    and every tap reading its neighbour (the input shifted by one column)."""
+    sample = Sample(2, (7, 9), 3)
+    module = set_mode(build("involution", sample), "train")
+    x = make_input("involution", sample)
+    expected = reference(module, x)
+    rtol = tolerance(torch.float64, sample, 8)
+    compare(step(module, x), expected, rtol)
+    no_bias = set_mode(build("involution", sample), "train")
+    with torch.no_grad():
+        no_bias.conv2.conv.bias.zero_()
+    with pytest.raises(AssertionError):
+        compare(step(no_bias, x), expected, rtol)
+    shifted = set_mode(build("involution", sample), "train")
+    with pytest.raises(AssertionError):
+        compare(step(shifted, x, fn=lambda xi: shifted(xi.roll(1, -1))), expected, rtol)
