@@ -6,7 +6,10 @@ see, the images worth logging and any per-epoch schedule.
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
+import torch.fx
 import torch.nn as nn
 from torch import Tensor
 
@@ -21,6 +24,11 @@ class Operator(nn.Module):
     has_own_init: bool = False  # True: its paper defines its init; a backbone's conv init must not overwrite it
     domain: Domain = Domain()  # what it accepts: the conformance suite's samples come from it
 
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if not getattr(cls.forward, "fx_leaf", False):  # its own forward, or one inherited from outside (Conv2d)
+            cls.forward = _fx_leaf(cls.forward)
+
     def aggregation_macs(self, out: Tensor) -> int:
         """MACs of producing `out` that torch's `FlopCounterMode` does not see (per-pixel aggregation)."""
         return 0
@@ -31,6 +39,22 @@ class Operator(nn.Module):
 
     def on_epoch_start(self, epoch: int) -> None:
         """Called before each training epoch (e.g. a softmax temperature schedule)."""
+
+
+def _fx_leaf(forward):
+    """Make the operator one `call_module` node under any `torch.fx` tracer (`symbolic_trace`, torchvision's
+    `create_feature_extractor`): its forward checks shapes and calls custom ops, which symbolic tracing cannot
+    follow. Tensors pass straight through."""
+
+    @functools.wraps(forward)
+    def wrapped(self, *args, **kwargs):
+        proxy = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.fx.Proxy)), None)
+        if proxy is None:
+            return forward(self, *args, **kwargs)
+        return proxy.tracer.create_proxy("call_module", proxy.tracer.path_of_module(self), args, kwargs)
+
+    wrapped.fx_leaf = True
+    return wrapped
 
 
 def on_epoch_start(model: nn.Module, epoch: int) -> None:

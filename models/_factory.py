@@ -2,23 +2,28 @@
 
 Every name we register (an exact paper model such as `rednet50`, or a family such as `rednet` whose
 `depth`/`width` picks the variant) is a `ModelSpec`: a builder that returns the backbone with `Slot`s
-where its operator goes, plus the defaults of that name. Creating one:
+where its operator goes, plus the defaults of that name, and a pretrained config (timm's: the eval transform,
+the first conv and classifier, where the official weights are published). Creating one goes through timm's
+`build_model_with_cfg`, as timm's own models do (`features_only`, `out_indices`, `pretrained_cfg`), which:
 1. splits the keyword arguments into the builder's and the operator's options (unknown keys → error);
 2. builds the backbone;
 3. `dynconv.replace(model, op, policy)` fills the slots and applies the policy;
-4. applies the backbone's own weight init to the new operator modules.
+4. applies the backbone's own weight init to the new operator modules;
+5. sets the backbone options (`frozen_stages`, `norm_eval`, `global_pool`).
 """
 from __future__ import annotations
 
 import inspect
 import logging
+import sys
 from pathlib import Path
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Callable
 
 import timm
 import torch.nn as nn
-from timm.models import register_model
+from timm.models import build_model_with_cfg, register_model
 
 import dynconv
 from dynconv.checkpoint import load
@@ -27,8 +32,13 @@ from dynconv.replace import Policy, format_report
 
 log = logging.getLogger(__name__)
 _MODELS: dict[str, "ModelSpec"] = {}
-# keyword arguments timm.create_model passes to every entrypoint; ours have no pretrained cfgs
-_TIMM_KWARGS = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
+# options every backbone takes (models._backbone.Backbone), with their defaults
+BACKBONE_OPTIONS = {"frozen_stages": -1, "norm_eval": False, "global_pool": "avg"}
+# an ImageNet model's pretrained config: the eval transform of torchvision's reference scripts and mmcls (resize to
+# 256, center crop 224, bilinear; timm's ImageNet mean and std and 1000 classes by default)
+IMAGENET_CFG = {"input_size": (3, 224, 224), "pool_size": (7, 7), "crop_pct": 0.875, "interpolation": "bilinear"}
+# features_only goes through forward_intermediates, so the wrapper keeps the model (and its frozen stages)
+FEATURE_CFG = {"feature_cls": "getter"}
 
 
 @dataclass(frozen=True)
@@ -38,26 +48,28 @@ class ModelSpec:
     op: str = "conv"  # the operator that fills the slots by default
     policy: str = "none"  # the policy used when the caller names an operator but no policy
     op_kwargs: dict = field(default_factory=dict)  # operator options the name fixes
-    input_size: tuple = (224, 224)  # dry-pass input size when the caller gives none
+    input_size: tuple = (224, 224)  # dry-pass input size when the caller gives none (the pretrained cfg's)
     init: Callable[[str, nn.Module], None] | None = None  # the backbone's init, for new operator modules
 
 
-def register(name: str, builder: Callable[..., nn.Module], **spec) -> None:
-    """Register `name` here and in timm; `name` must be new to timm (timm's own models stay timm's)."""
+def register(name: str, builder: Callable[..., nn.Module], *, cfg: dict | None = None, **spec) -> None:
+    """Register `name` here and in timm, with its pretrained config: `IMAGENET_CFG` updated by `cfg` (timm's
+    `PretrainedCfg` fields); `name` must be new to timm (timm's own models stay timm's)."""
     if name not in _MODELS and name in timm.list_models():
         raise ValueError(f"{name!r} is one of timm's models; register ours under a name timm does not have")
-    _MODELS[name] = ModelSpec(builder, **spec)
+    cfg = {**IMAGENET_CFG, **(cfg or {})}
+    _MODELS[name] = ModelSpec(builder, input_size=tuple(cfg["input_size"][1:]), **spec)
 
     def entry(pretrained: bool = False, **kwargs) -> nn.Module:
         if pretrained:
             raise ValueError(f"{name}: no pretrained weights in timm's hub; convert official ones with "
                              "scripts/convert_checkpoint.py or load them with models.load_official")
-        for k in _TIMM_KWARGS:
-            kwargs.pop(k, None)
         return create(name, **kwargs)
 
     entry.__name__ = entry.__qualname__ = name
     entry.__module__ = builder.__module__
+    # timm's register_model takes a model's pretrained config from its module's `default_cfgs`
+    vars(sys.modules[builder.__module__]).setdefault("default_cfgs", {})[name] = cfg
     register_model(entry)
 
 
@@ -69,11 +81,17 @@ def _builder_keys(builder: Callable) -> set[str]:
     return {k for k, p in inspect.signature(builder).parameters.items() if p.kind is p.KEYWORD_ONLY}
 
 
-def create(name: str, *, num_classes: int | None = None, in_chans: int = 3, op=None, policy=None,
-           input_size=None, **kwargs) -> nn.Module:
-    """Build registered model `name`; `kwargs` are the builder's options and the operator's options.
+def create(name: str, **kwargs) -> nn.Module:
+    """Build registered model `name` with timm's `build_model_with_cfg`: `kwargs` are `_build`'s, timm's
+    (`features_only`, `out_indices`, `feature_cls`, `pretrained_cfg`, `pretrained_cfg_overlay`)."""
+    return build_model_with_cfg(partial(_build, name), name, False, feature_cfg=dict(FEATURE_CFG), **kwargs)
 
-    The replacement report is kept as `model.replacement_report`.
+
+def _build(name: str, *, num_classes: int | None = None, in_chans: int = 3, op=None, policy=None,
+           input_size=None, frozen_stages: int = -1, norm_eval: bool = False, global_pool: str = "avg",
+           **kwargs) -> nn.Module:
+    """`kwargs` are the builder's options and the operator's options; `frozen_stages`, `norm_eval` and
+    `global_pool` the backbone's (models._backbone). The replacement report is kept as `model.replacement_report`.
     """
     spec = _MODELS[name]
     op_name, op_kwargs = dynconv.resolve_op(op or spec.op)
@@ -89,7 +107,7 @@ def create(name: str, *, num_classes: int | None = None, in_chans: int = 3, op=N
         elif k in op_keys:
             op_kwargs[k] = v
         else:
-            valid = ", ".join(sorted(model_keys - set(spec.fixed)))
+            valid = ", ".join(sorted((model_keys | set(BACKBONE_OPTIONS)) - set(spec.fixed)))
             raise OptionError(f"{name}: unknown option {k!r}; model options: {valid}; "
                               f"options of operator {op_name!r}: {', '.join(sorted(op_keys)) or '(none)'}")
     if op_name == spec.op:
@@ -99,6 +117,9 @@ def create(name: str, *, num_classes: int | None = None, in_chans: int = 3, op=N
     model = spec.builder(in_chans=in_chans, **spec.fixed, **model_kwargs)
     report = dynconv.replace(model, op_name, policy, input_size=input_size or spec.input_size,
                              in_chans=in_chans, init=spec.init, **op_kwargs)
+    if global_pool != BACKBONE_OPTIONS["global_pool"]:
+        model.reset_classifier(model.num_classes, global_pool)
+    model.set_backbone_options(frozen_stages, norm_eval)
     model.replacement_report = report
     model.arch = name  # models.load_official picks the key converter by it
     return model
@@ -182,5 +203,5 @@ def build(model_cfg: dict, op_cfg: dict | None = None, policy_cfg: dict | None =
     return model, report
 
 
-__all__ = ["ModelSpec", "register", "list_models", "create", "build", "timm_model", "warn_small_inputs",
-           "format_report"]
+__all__ = ["ModelSpec", "register", "IMAGENET_CFG", "list_models", "create", "build", "BACKBONE_OPTIONS", "timm_model",
+           "warn_small_inputs", "format_report"]

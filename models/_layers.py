@@ -5,6 +5,7 @@ import contextlib
 from collections import OrderedDict
 
 import torch
+import torch.fx
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
@@ -46,7 +47,7 @@ def recomputed(modules, x: torch.Tensor) -> torch.Tensor:
     """`modules` applied in turn to x; in training, their activations are not kept but recomputed in
     backward (`torch.utils.checkpoint`, non-reentrant), the recomputation leaving BatchNorm running
     statistics as the forward set them, so each step updates them once. Eager training only: under
-    torch.compile the compiler plans recomputation itself."""
+    torch.compile the compiler plans recomputation itself, and a `torch.fx` graph records the plain calls."""
 
     def run(t):
         for m in modules:
@@ -54,7 +55,7 @@ def recomputed(modules, x: torch.Tensor) -> torch.Tensor:
         return t
 
     if not (torch.is_grad_enabled() and any(m.training for m in modules)) or torch.compiler.is_compiling() \
-            or torch.jit.is_tracing():
+            or torch.jit.is_tracing() or isinstance(x, torch.fx.Proxy):
         return run(x)
     return checkpoint(run, x, use_reentrant=False,
                       context_fn=lambda: (contextlib.nullcontext(), _stats_kept(modules)))

@@ -7,13 +7,13 @@ The backbones return the embedding; the margin head (AM-Softmax) is separate (mo
 """
 from __future__ import annotations
 
-from collections import OrderedDict
-
 import torch
 import torch.nn as nn
+from timm.layers import SelectAdaptivePool2d
 
 from dynconv.replace import Slot
 
+from ._backbone import Backbone, HeadDelegate, level
 from ._factory import register
 from ._layers import kaiming_conv_init, mobilenet_init
 from .mobilenetv2 import SETTING, MobileNetV2
@@ -21,11 +21,37 @@ from .mobilenetv2 import SETTING, MobileNetV2
 EMBEDDING_DIM = 512
 
 
-def embedding_head(in_channels: int, embedding_dim: int, dropout: float) -> nn.Sequential:
-    """Official `OutputLayer`: BN2d → dropout → average pool → Linear → BN1d."""
-    return nn.Sequential(OrderedDict(
-        norm=nn.BatchNorm2d(in_channels), drop=nn.Dropout(dropout), pool=nn.AdaptiveAvgPool2d(1),
-        flatten=nn.Flatten(1), fc=nn.Linear(in_channels, embedding_dim), bn=nn.BatchNorm1d(embedding_dim)))
+class EmbeddingHead(nn.Module):
+    """Official `OutputLayer`: BN2d → dropout → average pool → Linear → BN1d.
+
+    The embedding is the output (`forward_head(pre_logits=True)` too): a face net has no classifier
+    (`num_classes` 0, timm's "features" model); `reset_classifier(0, "")` drops the whole layer but the dropout,
+    leaving the feature map (a feature extractor keeps no unused BatchNorm).
+    """
+
+    num_classes = 0
+
+    def __init__(self, in_channels: int, embedding_dim: int, dropout: float):
+        super().__init__()
+        self.head_hidden_size = embedding_dim
+        self.norm, self.drop = nn.BatchNorm2d(in_channels), nn.Dropout(dropout)
+        self.global_pool = SelectAdaptivePool2d(pool_type="avg", flatten=True)
+        self.fc, self.bn = nn.Linear(in_channels, embedding_dim), nn.BatchNorm1d(embedding_dim)
+
+    def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        return self.bn(self.fc(self.global_pool(self.drop(self.norm(x)))))
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        _embedding_dim(num_classes, self.head_hidden_size)
+        if global_pool is not None:
+            self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=bool(global_pool))
+            if not global_pool:
+                self.head_hidden_size = self.norm.num_features
+                self.norm, self.fc, self.bn = nn.Identity(), nn.Identity(), nn.Identity()
+
+    @torch.jit.ignore
+    def get_classifier(self, name_only: bool = False):
+        return "fc" if name_only else self.fc
 
 
 def _embedding_dim(num_classes, embedding_dim: int) -> int:
@@ -40,7 +66,7 @@ def face_mobilenetv2(num_classes=None, in_chans=3, *, width: float = 1.0, embedd
     """Face MobileNetV2: stride-1 stem, last 1×1 conv to 512 channels, embedding layer; every
     depthwise conv (the t = 1 block's too) is a slot."""
     emb = _embedding_dim(num_classes, embedding_dim)
-    return MobileNetV2(embedding_head(512, emb, dropout), in_chans, width, SETTING, stem_stride=1,
+    return MobileNetV2(EmbeddingHead(512, emb, dropout), in_chans, width, SETTING, stem_stride=1,
                        last_channel=512, dw_slots=True)
 
 
@@ -72,8 +98,9 @@ SHUFFLE_CHANNELS = {0.5: (24, 48, 96, 192, 1024), 1.0: (24, 116, 232, 464, 1024)
                     2.0: (24, 244, 488, 976, 2048)}
 
 
-class ShuffleNetV2(nn.Module):
-    """conv 3×3/1 → max-pool → stages of (4, 8, 4) units → conv 1×1 → embedding layer."""
+class ShuffleNetV2(HeadDelegate, Backbone):
+    """conv 3×3/1 → max-pool → stages of (4, 8, 4) units → conv 1×1 → embedding layer; a feature level at the
+    last layer of each resolution."""
 
     def __init__(self, channels, embedding_dim: int, in_chans: int = 3, dropout: float = 0.0, repeats=(4, 8, 4)):
         super().__init__()
@@ -81,19 +108,22 @@ class ShuffleNetV2(nn.Module):
                                    nn.BatchNorm2d(channels[0]), nn.ReLU(inplace=True))
         self.maxpool = nn.MaxPool2d(3, 2, 1)
         in_ch = channels[0]
+        self.trunk = ["conv1", "maxpool"]
+        self.feature_info = [level(channels[0], 1, "conv1"), level(channels[0], 2, "maxpool")]
         for i, (n, out_ch) in enumerate(zip(repeats, channels[1:-1])):
             units = [ShuffleBlock(in_ch if j == 0 else out_ch, out_ch, 2 if j == 0 else 1) for j in range(n)]
             self.add_module(f"stage{i + 2}", nn.Sequential(*units))
+            self.trunk.append(f"stage{i + 2}")
+            self.feature_info.append(level(out_ch, 2 ** (i + 2), f"stage{i + 2}"))
             in_ch = out_ch
         self.conv5 = nn.Sequential(nn.Conv2d(in_ch, channels[-1], 1, bias=False), nn.BatchNorm2d(channels[-1]),
                                    nn.ReLU(inplace=True))
+        self.trunk.append("conv5")
+        self.feature_info[-1] = level(channels[-1], self.feature_info[-1]["reduction"], "conv5")  # same resolution
         self.num_features = channels[-1]
-        self.head = embedding_head(channels[-1], embedding_dim, dropout)
+        self.head = EmbeddingHead(channels[-1], embedding_dim, dropout)
+        self.num_classes, self.head_hidden_size = self.head.num_classes, self.head.head_hidden_size
         kaiming_conv_init(self, zero_bias=True, linear_std=0.01)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.maxpool(self.conv1(x))
-        return self.head(self.conv5(self.stage4(self.stage3(self.stage2(x)))))
 
 
 def face_shufflenetv2(num_classes=None, in_chans=3, *, width: float = 1.0, embedding_dim: int = EMBEDDING_DIM,
@@ -104,10 +134,17 @@ def face_shufflenetv2(num_classes=None, in_chans=3, *, width: float = 1.0, embed
     return ShuffleNetV2(SHUFFLE_CHANNELS[width], _embedding_dim(num_classes, embedding_dim), in_chans, dropout)
 
 
-_FACE = dict(op="dwconv", policy="dw_only", input_size=(96, 96), init=mobilenet_init)
-register("face_mobilenetv2", face_mobilenetv2, **_FACE)
+# TVConv's face data: 96×96 aligned crops, Normalize(0.5, 0.5), no resize or crop; no classifier (an embedding)
+_FACE = dict(op="dwconv", policy="dw_only", init=mobilenet_init)
+_FACE_CFG = dict(input_size=(3, 96, 96), pool_size=(6, 6), crop_pct=1.0, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
+                 num_classes=0, classifier="head.fc", origin_url="https://github.com/JierunChen/TVConv",
+                 paper_ids="arXiv:2203.10489",
+                 paper_name="TVConv: Efficient Translation Variant Convolution for Layout-aware Visual Processing")
+_MBV2 = dict(_FACE, cfg={**_FACE_CFG, "first_conv": "features.0.0"})
+_SHUFFLE = dict(_FACE, cfg={**_FACE_CFG, "first_conv": "conv1.0"})
+register("face_mobilenetv2", face_mobilenetv2, **_MBV2)
 for _w in (0.1, 0.2, 0.3, 0.5, 1.0):
-    register(f"face_mobilenetv2_x{str(_w).replace('.', '_')}", face_mobilenetv2, fixed={"width": _w}, **_FACE)
-register("face_shufflenetv2", face_shufflenetv2, **_FACE)
+    register(f"face_mobilenetv2_x{str(_w).replace('.', '_')}", face_mobilenetv2, fixed={"width": _w}, **_MBV2)
+register("face_shufflenetv2", face_shufflenetv2, **_SHUFFLE)
 for _w in (0.5, 1.0, 1.5):
-    register(f"face_shufflenetv2_x{str(_w).replace('.', '_')}", face_shufflenetv2, fixed={"width": _w}, **_FACE)
+    register(f"face_shufflenetv2_x{str(_w).replace('.', '_')}", face_shufflenetv2, fixed={"width": _w}, **_SHUFFLE)

@@ -7,13 +7,12 @@ the TVConv face MobileNetV2 (models/face.py).
 """
 from __future__ import annotations
 
-from collections import OrderedDict
-
 import torch
 import torch.nn as nn
 
 from dynconv.replace import Slot
 
+from ._backbone import Backbone, ClassifierHead, HeadDelegate, level
 from ._factory import register
 from ._layers import kaiming_conv_init, make_divisible, mobilenet_init
 
@@ -46,33 +45,34 @@ class InvertedResidual(nn.Module):
         return x + self.conv(x) if self.use_res_connect else self.conv(x)
 
 
-class MobileNetV2(nn.Module):
+class MobileNetV2(HeadDelegate, Backbone):
     """`features` (stem, inverted residuals, last 1×1 conv) then `head` (pool + classifier, or the face
-    nets' embedding layer)."""
+    nets' embedding layer); a feature level at the last layer of each resolution."""
 
     def __init__(self, head: nn.Module, in_chans: int = 3, width: float = 1.0, setting=SETTING,
                  stem_stride: int = 2, last_channel: int = 1280, dw_slots: bool = False, pw_slots: bool = False):
         super().__init__()
         in_ch = make_divisible(32 * width)
         self.num_features = make_divisible(last_channel * max(1.0, width))
-        layers = [conv_bn_act(in_chans, in_ch, 3, stem_stride)]
+        layers, shapes = [conv_bn_act(in_chans, in_ch, 3, stem_stride)], [(in_ch, stem_stride)]
         for t, c, n, s in setting:
             out_ch = make_divisible(c * width)
             for i in range(n):
                 layers.append(InvertedResidual(in_ch, out_ch, s if i == 0 else 1, t, dw_slots, pw_slots))
+                shapes.append((out_ch, s if i == 0 else 1))
                 in_ch = out_ch
         layers.append(conv_bn_act(in_ch, self.num_features, 1))
+        shapes.append((self.num_features, 1))
         self.features = nn.Sequential(*layers)
+        self.trunk = [f"features.{i}" for i in range(len(layers))]
+        self.feature_info, reduction = [], 1
+        for i, (channels, stride) in enumerate(shapes):
+            reduction *= stride
+            if i == len(shapes) - 1 or shapes[i + 1][1] > 1:
+                self.feature_info.append(level(channels, reduction, f"features.{i}"))
         self.head = head
+        self.num_classes, self.head_hidden_size = head.num_classes, head.head_hidden_size
         kaiming_conv_init(self, zero_bias=True, linear_std=0.01)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
-
-
-def classifier_head(in_features: int, num_classes: int, dropout: float, fc: nn.Module | None = None) -> nn.Sequential:
-    return nn.Sequential(OrderedDict(pool=nn.AdaptiveAvgPool2d(1), flatten=nn.Flatten(1), drop=nn.Dropout(dropout),
-                                     fc=fc or nn.Linear(in_features, num_classes)))
 
 
 def _setting(small_input: bool):
@@ -84,7 +84,7 @@ def mobilenetv2(num_classes=1000, in_chans=3, *, width: float = 1.0, small_input
                 dropout: float = 0.2) -> MobileNetV2:
     """ImageNet MobileNetV2 (torchvision layout; 3,504,872 parameters at width 1.0)."""
     last = make_divisible(1280 * max(1.0, width))
-    return MobileNetV2(classifier_head(last, num_classes, dropout), in_chans, width, _setting(small_input),
+    return MobileNetV2(ClassifierHead(last, num_classes, dropout), in_chans, width, _setting(small_input),
                        1 if small_input else 2)
 
 
@@ -95,9 +95,14 @@ def mobilenetv2_dcd(num_classes=1000, in_chans=3, *, width: float = 1.0, small_i
     from dynconv.ops.dcd import DYCls
 
     last = make_divisible(1280 * max(1.0, width))
-    head = classifier_head(last, num_classes, dropout, DYCls(last, num_classes))
+    head = ClassifierHead(last, num_classes, dropout, DYCls)
     return MobileNetV2(head, in_chans, width, _setting(small_input), 1 if small_input else 2, pw_slots=True)
 
 
-register("mobilenetv2", mobilenetv2, policy="all_3x3", init=mobilenet_init)
-register("mobilenetv2_dcd", mobilenetv2_dcd, op="dcd_mbv2", init=mobilenet_init)
+_CFG = dict(first_conv="features.0.0", classifier="head.fc", paper_ids="arXiv:1801.04381",
+            paper_name="MobileNetV2: Inverted Residuals and Linear Bottlenecks")
+register("mobilenetv2", mobilenetv2, cfg=_CFG, policy="all_3x3", init=mobilenet_init)
+register("mobilenetv2_dcd", mobilenetv2_dcd, op="dcd_mbv2", init=mobilenet_init, cfg={
+    **_CFG, "classifier": ("head.fc.cls", "head.fc.cls_p", "head.fc.fc_scale"),
+    "origin_url": "https://github.com/liyunsheng13/dcd", "paper_ids": "arXiv:2103.08756",
+    "paper_name": "Revisiting Dynamic Convolution via Matrix Decomposition"})

@@ -48,8 +48,9 @@ def rednet(num_classes=1000, in_chans=3, *, depth: int = 50, width: float = 1.0,
     model = ResNet(depth, num_classes, in_chans, width, small_input, drop_rate,
                    stem=RedNetStem(in_chans, width, small_input, stem_kernel_size, recompute_stem),
                    spatial=partial(_slot, kernel_size))
-    nn.init.normal_(model.fc.weight, 0, 0.01)
-    nn.init.zeros_(model.fc.bias)
+    if num_classes:
+        nn.init.normal_(model.fc.weight, 0, 0.01)
+        nn.init.zeros_(model.fc.bias)
     return model
 
 
@@ -57,6 +58,10 @@ def _slot(kernel_size: int, ch: int, stride: int) -> Slot:
     return Slot(ch, ch, kernel_size, stride)
 
 
-register("rednet", rednet, op="involution", init=mmcv_init)
+# the official checkpoints' eval transform: mmcls's ImageNet test pipeline (resize 256, center crop 224, bilinear)
+_CFG = dict(first_conv="stem.0.conv", classifier="fc", origin_url="https://github.com/d-li14/involution",
+            paper_ids="arXiv:2103.06255",
+            paper_name="Involution: Inverting the Inherence of Convolution for Visual Recognition")
+register("rednet", rednet, cfg=_CFG, op="involution", init=mmcv_init)
 for _d in (26, 38, 50, 101, 152):
-    register(f"rednet{_d}", rednet, fixed={"depth": _d}, op="involution", init=mmcv_init)
+    register(f"rednet{_d}", rednet, cfg=_CFG, fixed={"depth": _d}, op="involution", init=mmcv_init)

@@ -13,9 +13,11 @@ from typing import Callable
 
 import torch
 import torch.nn as nn
+from timm.layers import SelectAdaptivePool2d
 
 from dynconv.replace import Slot
 
+from ._backbone import Backbone, PooledClassifier, level
 from ._factory import register
 from ._layers import ConvNormAct, kaiming_conv_init, make_divisible, timm_init
 
@@ -87,18 +89,22 @@ def plain_stem(in_chans: int, out_ch: int, small_input: bool) -> nn.Sequential:
     return stem
 
 
-class ResNet(nn.Module):
-    """`stem` → four stages of blocks → global average pool → dropout → `fc`."""
+class ResNet(PooledClassifier, Backbone):
+    """`stem` → four stages of blocks (`layer1`…`layer4`) → global average pool → dropout → `fc`; feature
+    levels: the stem, then each stage."""
 
     def __init__(self, depth: int, num_classes: int = 1000, in_chans: int = 3, width: float = 1.0,
                  small_input: bool = False, drop_rate: float = 0.0, stem: nn.Module | None = None,
-                 spatial: Spatial = conv3x3, zero_init_last: bool = True):
+                 spatial: Spatial = conv3x3, zero_init_last: bool = True,
+                 make_classifier: Callable[[int, int], nn.Module] = nn.Linear):
         super().__init__()
         if depth not in DEPTHS:
             raise ValueError(f"ResNet depth {depth} is not one of {sorted(DEPTHS)}")
         block, layers = DEPTHS[depth]
         in_ch = make_divisible(64 * width, 16)
         self.stem = stem if stem is not None else plain_stem(in_chans, in_ch, small_input)
+        reduction = 1 if small_input else 4
+        self.trunk, self.feature_info = ["stem"], [level(in_ch, reduction, "stem")]
         for i, (n, planes) in enumerate(zip(layers, (64, 128, 256, 512))):
             planes = make_divisible(planes * width, 16)
             blocks = []
@@ -106,9 +112,14 @@ class ResNet(nn.Module):
                 blocks.append(block(in_ch, planes, 2 if i > 0 and j == 0 else 1, spatial))
                 in_ch = planes * block.expansion
             self.add_module(f"layer{i + 1}", nn.Sequential(*blocks))
-        self.num_features, self.num_classes = in_ch, num_classes
+            reduction *= 2 if i > 0 else 1  # layer1 keeps the stem's resolution
+            self.trunk.append(f"layer{i + 1}")
+            self.feature_info.append(level(in_ch, reduction, f"layer{i + 1}"))
+        self.num_features = self.head_hidden_size = in_ch
+        self.make_classifier = make_classifier
+        self.global_pool = SelectAdaptivePool2d(pool_type="avg", flatten=True)
         self.drop = nn.Dropout(drop_rate)
-        self.fc = nn.Linear(in_ch, num_classes)
+        self.reset_classifier(num_classes)
         kaiming_conv_init(self)
         if zero_init_last:  # each block starts as the identity (Goyal et al. 2017)
             for b in self.blocks():
@@ -116,15 +127,6 @@ class ResNet(nn.Module):
 
     def blocks(self) -> list[nn.Module]:
         return [b for i in range(1, 5) for b in getattr(self, f"layer{i}")]
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stem(x)
-        for i in range(1, 5):
-            x = getattr(self, f"layer{i}")(x)
-        return x
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.drop(self.forward_features(x).mean((2, 3))))
 
 
 def slot3x3(ch: int, stride: int) -> Slot:
@@ -152,25 +154,35 @@ def resnet_dcd(num_classes=1000, in_chans=3, *, depth: int = 50, width: float = 
     No zero-init of the last BN (torchvision's default, which the official code keeps)."""
     from dynconv.ops.dcd import DYCls
 
-    model = ResNet(depth, num_classes, in_chans, width, small_input, drop_rate, zero_init_last=False)
+    model = ResNet(depth, num_classes, in_chans, width, small_input, drop_rate, zero_init_last=False,
+                   make_classifier=DYCls)
     for b in model.blocks():
         basic = isinstance(b, BasicBlock)
         for name in ("conv1", "conv2") if basic else ("conv1", "conv2", "conv3"):
             setattr(b, name, Slot.like(getattr(b, name), {"dcd": {"context": "pool2"}} if basic else None))
-    model.fc = DYCls(model.num_features, num_classes)
     return model
 
 
+_RESNET = dict(first_conv="stem.conv", classifier="fc", paper_ids="arXiv:1512.03385",
+               paper_name="Deep Residual Learning for Image Recognition")
+# DDF's timm 0.4.5 config (ddf_resnet.py): bicubic
+_DDF = dict(first_conv="stem.conv", classifier="fc", interpolation="bicubic",
+            origin_url="https://github.com/theFoxofSky/ddfnet", paper_ids="arXiv:2104.14107",
+            paper_name="Decoupled Dynamic Filter Networks")
+# DYCls's layers with one output per class
+_DCD = dict(first_conv="stem.conv", classifier=("fc.cls", "fc.cls_p", "fc.fc_scale"),
+            origin_url="https://github.com/liyunsheng13/dcd", paper_ids="arXiv:2103.08756",
+            paper_name="Revisiting Dynamic Convolution via Matrix Decomposition")
 # `dynconv_` prefix: timm has its own resnet18/50/101, which `import models` must leave alone
-register("dynconv_resnet", resnet, policy="all_3x3", init=timm_init)
+register("dynconv_resnet", resnet, cfg=_RESNET, policy="all_3x3", init=timm_init)
 for _d in (18, 50, 101):
-    register(f"dynconv_resnet{_d}", resnet, fixed={"depth": _d}, policy="all_3x3", init=timm_init)
-register("ddf_resnet", ddf_resnet, op="ddf", init=timm_init)
+    register(f"dynconv_resnet{_d}", resnet, cfg=_RESNET, fixed={"depth": _d}, policy="all_3x3", init=timm_init)
+register("ddf_resnet", ddf_resnet, cfg=_DDF, op="ddf", init=timm_init)
 for _d in (50, 101):
     for _c in ("mul", "add"):
-        register(f"ddf_{_c}_resnet{_d}", ddf_resnet, fixed={"depth": _d}, op="ddf",
+        register(f"ddf_{_c}_resnet{_d}", ddf_resnet, cfg=_DDF, fixed={"depth": _d}, op="ddf",
                  op_kwargs={"kernel_combine": _c}, init=timm_init)
-register("resnet_dcd", resnet_dcd, op="dcd", init=timm_init)
+register("resnet_dcd", resnet_dcd, cfg=_DCD, op="dcd", init=timm_init)
 for _d in (18, 50):
-    register(f"resnet{_d}_dcd", resnet_dcd, fixed={"depth": _d}, op="dcd", init=timm_init)
+    register(f"resnet{_d}_dcd", resnet_dcd, cfg=_DCD, fixed={"depth": _d}, op="dcd", init=timm_init)
 __all__ = ["ResNet", "BasicBlock", "Bottleneck", "DEPTHS", "resnet", "ddf_resnet", "resnet_dcd"]
