@@ -56,7 +56,7 @@ class _ParamView(torch.autograd.Function):
     @staticmethod
     def forward(ctx, param: Tensor, shape: tuple[int, ...]) -> Tensor:
         ctx.like = torch.empty_like(param, device="meta")
-        return param.view(shape)
+        return param.reshape(shape)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
@@ -66,7 +66,7 @@ class _ParamView(torch.autograd.Function):
 
 
 def param_view(param: Tensor, *shape: int) -> Tensor:
-    """`param.view(shape)` whose gradient comes back in the parameter's own strides. A plain squeeze or view
+    """`param.reshape(shape)` whose gradient comes back in the parameter's own strides. A plain squeeze or view
     gives it other strides at the size-1 dimensions of a channels_last parameter, which autograd accepts but
     DDP's gradient buckets copy and warn about ("Grad strides do not match bucket view strides")."""
     return _ParamView.apply(param, shape)

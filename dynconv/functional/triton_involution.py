@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 from torch.library import wrap_triton
 
-from .library import absent, register_autograd
+from .library import absent, as_input, register_autograd
 from .triton_pixel_filter import _acc_tl, _device, _empty, launchable, reduction_splits, triton
 
 if triton is not None:
@@ -268,7 +268,7 @@ def backward(grad_out: Tensor, x: Tensor, reduced: Tensor, weight: Tensor, bias:
             wrap_triton(_grad_weight_kernel)[(splits * groups,)](
                 x, grad_out, reduced, gw, gb, groups, C // groups, M, H, W, Ho, Wo, *p, per, units,
                 *x.stride(), *grad_out.stride(), *reduced.stride(), **meta)
-            grads[2:] = [gw.sum(0).to(weight.dtype), gb.sum(0).to(bias.dtype)]
+            grads[2:] = [as_input(gw.sum(0), weight), as_input(gb.sum(0), bias)]  # the parameters' own strides
     return [g if n else None for g, n in zip(grads, need)]
 
 

@@ -14,6 +14,7 @@ from torch import Tensor
 
 from ..domain import Domain
 from ..functional.geometry import check_groups, conv_geometry
+from ..functional.library import param_view
 from ..functional.sample_conv import sample_conv
 from ..operator import Operator
 from ..registry import register_op
@@ -72,7 +73,7 @@ class ExpertConv(Operator):
             # its batch symbolic, so there the batch is not compared)
             return (coeff @ w.flatten(1)).view(-1, *w.shape[1:]).permute(0, 1, 4, 2, 3), \
                 None if self.bias is None else coeff @ self.bias
-        weight = (coeff @ self.weight.flatten(1)).view(-1, *self.weight.shape[1:])
+        weight = (coeff @ param_view(self.weight, self.num_experts, -1)).view(-1, *self.weight.shape[1:])
         return weight, None if self.bias is None else coeff @ self.bias
 
     def conv(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:

@@ -14,6 +14,7 @@ from torchvision.ops import deform_conv2d
 
 from ..domain import Domain
 from ..functional.geometry import check_groups, conv_geometry
+from ..functional.library import param_view
 from ..operator import Operator, pixel_macs
 from ..registry import register_op
 
@@ -62,7 +63,8 @@ class DCN(Operator):
         om = self.conv_offset(x).to(dtype)
         offset, mask = om[:, :self.num_offsets], torch.sigmoid(om[:, self.num_offsets:])
         bias = None if self.bias is None else self.bias.to(dtype)
-        out = deform_conv2d(x.to(dtype), offset, self.weight.to(dtype), bias, self.stride, self.padding,
+        weight = param_view(self.weight, *self.weight.shape).to(dtype)  # torchvision's grad: contiguous strides
+        out = deform_conv2d(x.to(dtype), offset, weight, bias, self.stride, self.padding,
                             self.dilation, mask)
         return out.to(x.dtype)
 

@@ -129,7 +129,7 @@ class DeformKernelGlobal(Operator):
         coord = (self.fc(x.mean((2, 3))) + self.fc_bias).view(B, k * k, 2)
         sh, sw = self.scope_size
         h, w = coord[..., 0].clamp(0, sh - 1), coord[..., 1].clamp(0, sw - 1)
-        planes = self.weight.reshape(-1, sh * sw)
+        planes = param_view(self.weight, -1, sh * sw)
         kern = sum(coef * planes[:, index] for index, coef, _, _ in scope_corners(h, w, (sh, sw)))
         return kern.view(*self.weight.shape[:2], B, k, k).permute(2, 0, 1, 3, 4)
 

@@ -80,6 +80,28 @@ def make_input(name: str, sample: Sample, dtype=torch.float64, batch: int | None
     return x.contiguous(memory_format=torch.channels_last) if sample.layout == "channels_last" else x
 
 
+def custom_ops(name: str) -> set[str]:
+    """The `dynconv::` custom ops an operator's fast forward calls (those the compiled kernels or Triton serve):
+    where there are none, the paths that switch kernels (`DYNCONV_NATIVE=0`, Triton) run the same code."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.namespace == "dynconv":
+                self.seen.add(func.name())
+            return func(*args, **(kwargs or {}))
+
+    sample = Sample(2, (6, 6), dynconv.get_op(name).domain.kernel_sizes[-1])
+    module = build(name, sample, torch.float32).eval()
+    with Record() as record, torch.no_grad():
+        module(make_input(name, sample, torch.float32))
+    return record.seen
+
+
 @dataclass
 class Result:
     out: torch.Tensor
@@ -117,7 +139,7 @@ def set_mode(module: torch.nn.Module, mode: str) -> torch.nn.Module:
 def step(module: torch.nn.Module, x: torch.Tensor, grad_out_seed: int = 2, fn=None) -> Result:
     """One forward and backward of `fn` (default `module`) on a copy of `x`, with an output gradient drawn
     from a fixed seed (a random one, so that no normalisation cancels it)."""
-    fn = fn or module
+    fn = module if fn is None else fn
     module.zero_grad(set_to_none=True)
     xi = x.detach().clone(memory_format=torch.preserve_format).requires_grad_()
     out = fn(xi)

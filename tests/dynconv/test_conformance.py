@@ -1,24 +1,25 @@
 """Every operator of `dynconv.list_ops()`, every sample its `Domain` gives, every execution path, held to the
 reference backend (tests/dynconv/conformance.py). A new operator is covered by declaring its domain.
 
-What runs where (the CI run is `make test`; `--hypothesis-profile=deep` draws many more property examples):
+What runs where (the CI run is `make test`; `DYNCONV_HYPOTHESIS=deep` draws 300 property examples per operator
+instead of 4):
 - eager, float64: fast (recompute on), fast with the recompute off, the compiled kernels off
-  (`DYNCONV_NATIVE=0`), each in train, eval and, for operators with BatchNorm, frozen-BatchNorm training;
-  every sample;
+  (`DYNCONV_NATIVE=0`, for the operators that call a `dynconv::` custom op), each in train, eval and, for
+  operators with BatchNorm, frozen-BatchNorm training; every sample;
 - bf16 autocast (float32 module): every sample, train mode;
 - `torch.export` (forward, eval): every sample;
 - inductor, float64, train: static on batch 0, batch 1 and an odd batch at stride 2, the compiled kernels off
-  on the odd batch, and `dynamic=True` compiled once and run on two shapes it never saw;
-- the Triton kernels under `TRITON_INTERPRET=1`: two samples per operator in one child process.
+  on the odd batch, and `dynamic=True` run on two shapes the first compile never saw;
+- the Triton kernels under `TRITON_INTERPRET=1`: two samples per custom-op operator in one child process.
 """
 from __future__ import annotations
 
 import functools
-from contextlib import nullcontext
 import json
 import os
 import subprocess
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
@@ -29,13 +30,13 @@ from torch._dynamo.utils import counters
 import dynconv
 from dynconv.functional.geometry import conv_out_size
 
-from .conformance import (MODES, OPS, Result, Sample, build, compare, domain_error, environment, make_input, outside,
-                          reference, samples, set_mode, step, tolerance)
+from .conformance import (MODES, OPS, Result, Sample, build, compare, custom_ops, domain_error, environment, make_input,
+                          outside, reference, samples, set_mode, step, tolerance)
 
 settings.register_profile("ci", derandomize=True, max_examples=4, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow])
 settings.register_profile("deep", max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-settings.load_profile(os.environ.get("DYNCONV_HYPOTHESIS", "ci"))
+PROFILE = settings.get_profile(os.environ.get("DYNCONV_HYPOTHESIS", "ci"))  # for this module's property test only
 
 
 def _domain(name):
@@ -46,9 +47,12 @@ def _modes(name):
     return MODES if _domain(name).batchnorm else ("train", "eval")
 
 
+KERNEL_OPS = [n for n in OPS if custom_ops(n)]  # where DYNCONV_NATIVE=0 and the Triton kernels change the code run
+
+
 def _eager_paths(name):
     cls = dynconv.get_op(name)
-    return ["fast"] + (["no_recompute"] if hasattr(cls, "recompute") else []) + ["native_off"]
+    return ["fast"] + (["no_recompute"] if hasattr(cls, "recompute") else []) + (["native_off"] * (name in KERNEL_OPS))
 
 
 CASES = [(n, s) for n in OPS for s in samples(_domain(n))]
@@ -121,7 +125,7 @@ def _compile_samples(name):
 
 
 COMPILED = [pytest.param(n, s, p, id=f"{n}-{s}-{p}") for n in OPS for s in _compile_samples(n)
-            for p in (["inductor", "inductor_native_off"] if s.batch == 3 else ["inductor"])]
+            for p in (["inductor", "inductor_native_off"] if s.batch == 3 and n in KERNEL_OPS else ["inductor"])]
 
 
 @pytest.mark.parametrize("name,sample,path", COMPILED)
@@ -130,31 +134,62 @@ def test_inductor_equals_reference(name, sample, path):
     counters.clear()
     module = set_mode(build(name, sample), "train")
     compiled = torch.compile(module, fullgraph=True)
+    expected = _reference(name, sample, "train")
+    rtol = tolerance(torch.float64, sample, _domain(name).channels)
+    x = make_input(name, sample)
     with environment(DYNCONV_NATIVE="0" if path.endswith("native_off") else os.environ.get("DYNCONV_NATIVE", "1")):
         if outside(name, sample, "train"):
             with domain_error():
-                step(module, make_input(name, sample), fn=compiled)
+                step(module, x, fn=compiled)
             return
-        actual = step(module, make_input(name, sample), fn=compiled)
-    assert counters["frames"]["ok"] >= 1, "nothing was compiled"
-    compare(actual, _reference(name, sample, "train"), tolerance(torch.float64, sample, _domain(name).channels))
+        try:
+            actual = step(module, x, fn=compiled)
+        except Exception as e:
+            if not (sample.batch == 0 and "aten.convolution_backward" in str(e)):
+                raise
+            # PyTorch's own: inductor's Conv2d backward at batch 0 returns other strides than its meta kernel
+            assert _inductor_conv_backward_fails_at_batch_0(), f"{name} fails where nn.Conv2d does not: {e}"
+            with torch.no_grad():
+                actual = Result(compiled(x), None, buffers=dict(module.named_buffers()))
+            compare(actual, expected, rtol, grads=False)
+            return
+    assert counters["stats"]["unique_graphs"] >= 1, "nothing was compiled"
+    compare(actual, expected, rtol)
 
 
-NEW_SHAPES = ((2, (7, 11)), (5, (10, 5)))
+@functools.lru_cache(maxsize=None)
+def _inductor_conv_backward_fails_at_batch_0() -> bool:
+    """Whether inductor fails the backward of a plain `nn.Conv2d` on an empty batch (torch 2.14.1 does: its
+    compiled convolution_backward breaks the strides its meta kernel gives). Where it does not, batch 0 must
+    pass compiled through every operator."""
+    torch._dynamo.reset()
+    conv = torch.compile(torch.nn.Conv2d(8, 16, 3, 2, 1).double(), fullgraph=True)
+    try:
+        conv(torch.zeros(0, 8, 6, 7, dtype=torch.float64, requires_grad=True)).sum().backward()
+    except Exception as e:
+        return "aten.convolution_backward" in str(e)
+    finally:
+        torch._dynamo.reset()
+    return False
+
+
+NEW_SHAPES = ((2, (7, 11)), (5, (12, 5)))
 
 
 @pytest.mark.parametrize("name", OPS)
 def test_inductor_dynamic_shapes_equal_reference(name):
-    """Compiled once with `dynamic=True` on an odd batch at stride 2, then run on two shapes the first compile never
-    saw, with no recompilation. A fixed-size operator gives its one-line size error instead."""
+    """Compiled with `dynamic=True` on an odd batch at stride 2, then run on two shapes the first compile never saw
+    (odd, non-square, other parities). A fixed-size operator gives its one-line size error instead. (Inductor's CPU
+    convolutions specialise on the input size, so a new shape may compile again even for a plain nn.Conv2d: the
+    results are what is held.)"""
     torch._dynamo.reset()
     counters.clear()
-    first = _compile_samples(name)[2]
+    k = _compile_samples(name)[2].kernel_size
+    first = Sample(3, (10, 7), k, max(_domain(name).strides))  # no size equal to the channels (one symbol for both)
     module = set_mode(build(name, first), "train")
     compiled = torch.compile(module, dynamic=True, fullgraph=True)
     tol = functools.partial(tolerance, torch.float64, channels=_domain(name).channels)
     compare(step(module, make_input(name, first), fn=compiled), _reference(name, first, "train"), tol(first))
-    frames = counters["frames"]["ok"]
     for batch, size in NEW_SHAPES:
         x = make_input(name, first, batch=batch, size=size)
         if _domain(name).fixed_input_size:
@@ -163,22 +198,22 @@ def test_inductor_dynamic_shapes_equal_reference(name):
             continue
         expected = reference(module, x)
         compare(step(module, x, fn=compiled), expected, tol(Sample(batch, size, first.kernel_size, first.stride)))
-    assert counters["frames"]["ok"] == frames, "a new shape recompiled"
 
 
-TRITON_SAMPLES = 2  # per operator, under the interpreter (slow): batch 1 stride 2 non-contiguous, batch 3 channels_last
+TRITON_SAMPLES = 2  # per kernel operator, under the interpreter (slow): batch 1 stride 2 non-contiguous, batch 3 chan. last
 
 
 def _triton_checks() -> dict:
     """{(op, sample): ""} or the failure, for each operator's first TRITON_SAMPLES compile samples: fast path
     (the Triton kernels, for CPU tensors under the interpreter) against the reference, float64, train mode."""
     results = {}
-    for name in OPS:
+    for name in KERNEL_OPS:
         for sample in _compile_samples(name)[1:1 + TRITON_SAMPLES]:
             try:
                 module = set_mode(build(name, sample), "frozen_bn" if outside(name, sample, "train") else "train")
                 x = make_input(name, sample)
-                compare(step(module, x), reference(module, x), tolerance(torch.float64, sample, 8))
+                expected = reference(module, x)  # first: the step updates the module's BatchNorm statistics
+                compare(step(module, x), expected, tolerance(torch.float64, sample, 8))
                 results[f"{name}-{sample}"] = ""
             except Exception as e:  # reported per case by the parent test
                 results[f"{name}-{sample}"] = f"{type(e).__name__}: {e}"[:3000]
@@ -197,7 +232,7 @@ def triton_results():
     return json.loads(run.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("case", [f"{n}-{s}" for n in OPS for s in _compile_samples(n)[1:1 + TRITON_SAMPLES]])
+@pytest.mark.parametrize("case", [f"{n}-{s}" for n in KERNEL_OPS for s in _compile_samples(n)[1:1 + TRITON_SAMPLES]])
 def test_triton_interpreter_equals_reference(case, triton_results):
     assert triton_results[case] == "", triton_results[case]
 
@@ -212,6 +247,7 @@ def drawn(draw, name):
 
 
 @pytest.mark.parametrize("name", OPS)
+@settings(PROFILE)
 @given(data=st.data())
 def test_property_fast_equals_reference(name, data):
     """Shapes and options drawn from the domain: the fast path equals the reference in every mode, and a shape
@@ -230,7 +266,8 @@ def test_property_fast_equals_reference(name, data):
         with domain_error():
             step(module, x)
         return
-    compare(step(module, x), reference(module, x), tolerance(torch.float64, sample, _domain(name).channels))
+    expected = reference(module, x)  # first: the step updates the module's BatchNorm statistics
+    compare(step(module, x), expected, tolerance(torch.float64, sample, _domain(name).channels))
 
 
 def test_domains_are_declared_truthfully():
