@@ -22,6 +22,8 @@ class Domain:
     batchnorm: it has BatchNorm inside, so frozen-BatchNorm training (`norm_eval`) is a path of its own.
     min_train_batch: the smallest non-empty batch it trains on (BatchNorm over pooled features needs 2); a
         smaller one gives BatchNorm's one-line error.
+    slow_compile: inductor takes minutes on it, so the CI run compiles one sample (the full set runs with
+        DYNCONV_CONFORMANCE=deep).
     """
 
     kernel_sizes: tuple[int, ...] = (1, 3, 5)
@@ -34,6 +36,7 @@ class Domain:
     fixed_input_size: bool = False
     batchnorm: bool = False
     min_train_batch: int = 1
+    slow_compile: bool = False
 
     def constructor_kwargs(self, size: tuple[int, int], dilation: int = 1, groups: int = 1) -> dict:
         """Keyword arguments of `create_op` for a sample: the options, and the input size where it is fixed."""

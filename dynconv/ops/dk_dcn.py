@@ -38,7 +38,8 @@ class DeformKernelDCN(DeformKernelLocal):
     """`dk_local` plus DCNv2's data offsets and modulation (`conv_offset`, zero-initialised), i.e. the
     DK paper's "DK + DCN"; at initialisation it is ½ · dk_local. Options as `dk_local`."""
 
-    domain = Domain(kernel_sizes=(1, 3), channelwise=True, options=dict(offset_groups=2))
+    domain = Domain(kernel_sizes=(1, 3), channelwise=True, options=dict(offset_groups=2),
+                    slow_compile=True)  # a grid_sample per tap: inductor takes minutes
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, padding=None,
                  dilation: int = 1, groups: int = 1, bias: bool = False, *, scope_size=4, offset_groups: int = 1):

@@ -1,16 +1,18 @@
 """Every operator of `dynconv.list_ops()`, every sample its `Domain` gives, every execution path, held to the
 reference backend (tests/dynconv/conformance.py). A new operator is covered by declaring its domain.
 
-What runs where (the CI run is `make test`; `DYNCONV_HYPOTHESIS=deep` draws 300 property examples per operator
-instead of 4):
+What runs where. The CI run (`make test`):
 - eager, float64: fast (recompute on), fast with the recompute off, the compiled kernels off
   (`DYNCONV_NATIVE=0`, for the operators that call a `dynconv::` custom op), each in train, eval and, for
   operators with BatchNorm, frozen-BatchNorm training; every sample;
 - bf16 autocast (float32 module): every sample, train mode;
 - `torch.export` (forward, eval): every sample;
 - inductor, float64, train: static on batch 0, batch 1 and an odd batch at stride 2, the compiled kernels off
-  on the odd batch, and `dynamic=True` run on two shapes the first compile never saw;
-- the Triton kernels under `TRITON_INTERPRET=1`: two samples per custom-op operator in one child process.
+  on the odd batch, and `dynamic=True` on two shapes the first compile never saw; an operator that declares
+  `slow_compile` (DK+DCN: minutes per compile) compiles the odd batch only;
+- the Triton kernels under `TRITON_INTERPRET=1`: two samples per custom-op operator in one child process;
+- Hypothesis: 4 drawn samples per operator (derandomized), fast against reference in a drawn mode.
+`DYNCONV_CONFORMANCE=deep` adds the slow-compile operators' other compiles and 300 drawn samples per operator.
 """
 from __future__ import annotations
 
@@ -36,7 +38,8 @@ from .conformance import (MODES, OPS, Result, Sample, build, compare, custom_ops
 settings.register_profile("ci", derandomize=True, max_examples=4, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow])
 settings.register_profile("deep", max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-PROFILE = settings.get_profile(os.environ.get("DYNCONV_HYPOTHESIS", "ci"))  # for this module's property test only
+DEEP = os.environ.get("DYNCONV_CONFORMANCE", "ci") == "deep"  # the full matrix, on demand
+PROFILE = settings.get_profile("deep" if DEEP else "ci")  # for this module's property test only
 
 
 def _domain(name):
@@ -115,46 +118,55 @@ def test_export_forward_equals_reference(name, sample):
 
 
 def _compile_samples(name):
-    """Batch 0, batch 1 and an odd batch, all at stride 2 (the domain's largest)."""
+    """Batch 0, batch 1 and an odd batch, all at stride 2 (the domain's largest); for an operator that declares a
+    slow compile, the odd batch only, unless DYNCONV_CONFORMANCE=deep."""
     found = {}
     for s in samples(_domain(name)):
         key = min(s.batch, 2) if s.batch % 2 == 0 else 1 if s.batch == 1 else 3
         if s.stride == max(_domain(name).strides) and key in (0, 1, 3) and key not in found:
             found[key] = s
-    return [found[k] for k in (0, 1, 3)]
+    keys = (3,) if _domain(name).slow_compile and not DEEP else (0, 1, 3)
+    return [found[k] for k in keys]
 
 
 COMPILED = [pytest.param(n, s, p, id=f"{n}-{s}-{p}") for n in OPS for s in _compile_samples(n)
             for p in (["inductor", "inductor_native_off"] if s.batch == 3 and n in KERNEL_OPS else ["inductor"])]
 
 
+def _compiled_step(name, sample, mode="train", native=True, **compile_kw):
+    """A fresh module of `sample` compiled with inductor: one step and its Result."""
+    torch._dynamo.reset()
+    module = set_mode(build(name, sample), mode)
+    with environment(DYNCONV_NATIVE=os.environ.get("DYNCONV_NATIVE", "1") if native else "0"):
+        return step(module, make_input(name, sample), fn=torch.compile(module, fullgraph=True, **compile_kw))
+
+
 @pytest.mark.parametrize("name,sample,path", COMPILED)
 def test_inductor_equals_reference(name, sample, path):
-    torch._dynamo.reset()
-    counters.clear()
-    module = set_mode(build(name, sample), "train")
-    compiled = torch.compile(module, fullgraph=True)
+    """Inductor, fullgraph, train mode. Gradient strides are held to autograd's layout contract (equal at every
+    dimension of size > 1): inductor itself returns an nn.Conv2d weight's gradient with other strides at size-1
+    dimensions."""
+    native = not path.endswith("native_off")
+    if outside(name, sample, "train"):
+        with domain_error(compiled=True):
+            _compiled_step(name, sample, native=native)
+        return
     expected = _reference(name, sample, "train")
     rtol = tolerance(torch.float64, sample, _domain(name).channels)
-    x = make_input(name, sample)
-    with environment(DYNCONV_NATIVE="0" if path.endswith("native_off") else os.environ.get("DYNCONV_NATIVE", "1")):
-        if outside(name, sample, "train"):
-            with domain_error():
-                step(module, x, fn=compiled)
-            return
-        try:
-            actual = step(module, x, fn=compiled)
-        except Exception as e:
-            if not (sample.batch == 0 and "aten.convolution_backward" in str(e)):
-                raise
-            # PyTorch's own: inductor's Conv2d backward at batch 0 returns other strides than its meta kernel
-            assert _inductor_conv_backward_fails_at_batch_0(), f"{name} fails where nn.Conv2d does not: {e}"
-            with torch.no_grad():
-                actual = Result(compiled(x), None, buffers=dict(module.named_buffers()))
-            compare(actual, expected, rtol, grads=False)
-            return
-    assert counters["stats"]["unique_graphs"] >= 1, "nothing was compiled"
-    compare(actual, expected, rtol)
+    try:
+        actual = _compiled_step(name, sample, native=native)
+    except Exception as e:
+        if not (sample.batch == 0 and "aten.convolution_backward" in str(e)):
+            raise
+        # PyTorch's own: inductor's Conv2d backward at batch 0 returns other strides than its meta kernel; the
+        # forward (and BatchNorm statistics) are still held, on a fresh module
+        assert _inductor_conv_backward_fails_at_batch_0(), f"{name} fails where nn.Conv2d does not: {e}"
+        module = set_mode(build(name, sample), "train")
+        with torch.no_grad():
+            out = torch.compile(module, fullgraph=True)(make_input(name, sample))
+        compare(Result(out, None, buffers=dict(module.named_buffers())), expected, rtol, grads=False)
+        return
+    compare(actual, expected, rtol, exact_strides=False)
 
 
 @functools.lru_cache(maxsize=None)
@@ -174,30 +186,57 @@ def _inductor_conv_backward_fails_at_batch_0() -> bool:
 
 
 NEW_SHAPES = ((2, (7, 11)), (5, (12, 5)))
+SYMBOLIC_STRIDE_ERROR = "cannot determine truth value of Relational"  # inductor cannot order symbolic strides
 
 
-@pytest.mark.parametrize("name", OPS)
+@pytest.mark.parametrize("name", [n for n in OPS if DEEP or not _domain(n).slow_compile])
 def test_inductor_dynamic_shapes_equal_reference(name):
     """Compiled with `dynamic=True` on an odd batch at stride 2, then run on two shapes the first compile never saw
     (odd, non-square, other parities). A fixed-size operator gives its one-line size error instead. (Inductor's CPU
     convolutions specialise on the input size, so a new shape may compile again even for a plain nn.Conv2d: the
-    results are what is held.)"""
-    torch._dynamo.reset()
-    counters.clear()
-    k = _compile_samples(name)[2].kernel_size
+    results are what is held.) Where inductor itself fails on symbolic spatial sizes (it cannot order the strides
+    of some grouped and batched convolutions), a batch that changes at a fixed size must still be exact, and the
+    case is reported as an expected failure of PyTorch's."""
+    k = _compile_samples(name)[-1].kernel_size
     first = Sample(3, (10, 7), k, max(_domain(name).strides))  # no size equal to the channels (one symbol for both)
+    try:
+        _dynamic_shapes(name, first)
+    except torch._inductor.exc.InductorError as e:
+        if SYMBOLIC_STRIDE_ERROR not in str(e):
+            raise
+        _assert_batch_alone_dynamic(name, first)
+        pytest.xfail(f"inductor fails {name} on symbolic spatial sizes (PyTorch: {SYMBOLIC_STRIDE_ERROR})")
+
+
+def _dynamic_shapes(name, first):
+    torch._dynamo.reset()
     module = set_mode(build(name, first), "train")
     compiled = torch.compile(module, dynamic=True, fullgraph=True)
     tol = functools.partial(tolerance, torch.float64, channels=_domain(name).channels)
-    compare(step(module, make_input(name, first), fn=compiled), _reference(name, first, "train"), tol(first))
+    expected = _reference(name, first, "train")
+    compare(step(module, make_input(name, first), fn=compiled), expected, tol(first), exact_strides=False)
     for batch, size in NEW_SHAPES:
         x = make_input(name, first, batch=batch, size=size)
         if _domain(name).fixed_input_size:
-            with pytest.raises(ValueError, match=rf"{name}.*{first.size[0]}x{first.size[1]}"):
+            with pytest.raises((ValueError, torch._dynamo.exc.Unsupported),
+                               match=rf"{name} was built for {first.size[0]}x{first.size[1]}"):
                 compiled(x)
             continue
         expected = reference(module, x)
-        compare(step(module, x, fn=compiled), expected, tol(Sample(batch, size, first.kernel_size, first.stride)))
+        compare(step(module, x, fn=compiled), expected, tol(Sample(batch, size, first.kernel_size, first.stride)),
+                exact_strides=False)
+
+
+def _assert_batch_alone_dynamic(name, first):
+    """The default compile (automatic dynamic shapes) of a fresh module: batches 3, 2 and 5 at one size, exact."""
+    torch._dynamo.reset()
+    module = set_mode(build(name, first), "train")
+    compiled = torch.compile(module, fullgraph=True)
+    for b in (3, 2, 5):
+        x = make_input(name, first, batch=b)
+        expected = reference(module, x)
+        compare(step(module, x, fn=compiled), expected, tolerance(torch.float64, Sample(b, first.size, first.kernel_size,
+                first.stride), _domain(name).channels), exact_strides=False)
 
 
 TRITON_SAMPLES = 2  # per kernel operator, under the interpreter (slow): batch 1 stride 2 non-contiguous, batch 3 chan. last
