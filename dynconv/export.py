@@ -1,8 +1,11 @@
 """Export models with dynamic operators: `torch.export` programs (.pt2) and ONNX, checked on ONNX Runtime.
 
-Every primitive is traced under `use_backend("reference")`, its decomposition into plain PyTorch ops
-(unfold, multiply, sum; the per-sample conv as a grouped conv), so the ONNX graph holds standard
-operators only, while eager PyTorch keeps the fast kernels. The batch dimension stays symbolic.
+Every primitive is traced under `use_backend("export")`, its decomposition into plain PyTorch ops, so the
+ONNX graph holds standard operators only, while eager PyTorch keeps the fast kernels: the per-pixel
+aggregation (involution, DDF, TVConv, local Deformable Kernels) as K² strided slices of the padded input,
+each multiplied by its tap's filter and summed (the reference's unfold would make ONNX Runtime build the
+(B, C·K², Ho, Wo) unfolded input, several times slower), the per-sample conv as a grouped conv. The batch
+dimension stays symbolic.
 Operators whose filters do not depend on the input (TVConv) are exported frozen: `freeze()` folds the
 weight generator into constant filters (Chu et al. 2022, Sec. 3.3). An operator that does not export
 raises `ExportError` naming the operator and the opset.
@@ -54,7 +57,7 @@ def _trace(model: nn.Module, example: Tensor, dynamic_batch: bool) -> torch.expo
     of a symbolic batch is traced as two copies of itself; the program still serves batch 1."""
     if dynamic_batch and example.shape[0] == 1:
         example = example.expand(2, *example.shape[1:]).contiguous()
-    with use_backend("reference"), torch.no_grad():
+    with use_backend("export"), torch.no_grad():
         return torch.export.export(model, (example,), dynamic_shapes=_batch_dims(example, dynamic_batch))
 
 
@@ -91,7 +94,7 @@ def _culprit(model: nn.Module, example: Tensor, convert, reason: str) -> ExportE
     hooks = [m.register_forward_pre_hook(lambda m, a: inputs.setdefault(type(m), a[0]))
              for _, m in ops.values()]
     try:
-        with use_backend("reference"), torch.no_grad():
+        with use_backend("export"), torch.no_grad():
             model(example)
     finally:
         for h in hooks:

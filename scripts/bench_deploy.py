@@ -34,7 +34,7 @@ from models.export import PAPER_MODELS, PaperModel, batch_statistics, build
 ENGINES = ("eager", "compile", "ort")
 
 
-def _compiled(model: torch.nn.Module, x: torch.Tensor):
+def compile_model(model: torch.nn.Module, x: torch.Tensor):
     """The model compiled (batch symbolic) and run once on `x`, or why it cannot be (a graph break, an error)."""
     import torch._dynamo
 
@@ -53,9 +53,9 @@ def _compiled(model: torch.nn.Module, x: torch.Tensor):
 def bench(spec: PaperModel, batches, repeat: int, size: int, workdir: Path, engines=ENGINES) -> list[dict]:
     torch.manual_seed(0)
     model = batch_statistics(build(spec, size), torch.randn(8, 3, size, size))
-    session = _ort_session(model, size, workdir / f"{spec.name}.onnx") if "ort" in engines else None
+    session = ort_session(model, size, workdir / f"{spec.name}.onnx") if "ort" in engines else None
     model = deploy_copy(model)
-    compiled = _compiled(model, torch.randn(2, 3, size, size)) if "compile" in engines else None
+    compiled = compile_model(model, torch.randn(2, 3, size, size)) if "compile" in engines else None
     rows = []
     for b in batches:
         x = torch.randn(b, 3, size, size)
@@ -77,12 +77,16 @@ def bench(spec: PaperModel, batches, repeat: int, size: int, workdir: Path, engi
     return rows
 
 
-def _ort_session(model, size: int, path: Path):
+def ort_session(model, size: int, path: Path, **options):
     import onnxruntime as ort
 
+    """An ONNX Runtime CPU session of `model` exported to `path`, with torch's intra-op threads and any other
+    `ort.SessionOptions` attributes in `options` (e.g. enable_profiling=True)."""
     export_onnx(model, torch.randn(2, 3, size, size), path)
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = torch.get_num_threads()
+    for name, value in options.items():
+        setattr(opts, name, value)
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 

@@ -29,6 +29,8 @@ scratch, not only PyTorch's own tensors.
     python scripts/bench_models.py --memory --batch 32 --models ResNet-50 RedNet-50 "DDF-ResNet-50 (mul)"
     python scripts/bench_models.py --memory --batch 32 --repeat 3 --rounds 3 --models ResNet-50 RedNet-50
     python scripts/bench_models.py --paired --batch 32 --repeat 15 --models ResNet-50 RedNet-50   # time, in turns
+    python scripts/bench_models.py --paired --inference-only --engines eager compile ort --profile --batch 1 \
+        --repeat 21 --models ResNet-50 RedNet-50 "DDF-ResNet-50 (mul)"   # deployed: each engine, in turns, by op
     python scripts/bench_models.py --compile --inference-only --batch 1 --models "DDF-ResNet-50 (add)" ResNet-18-DCD
 
 On CUDA every timed step is bracketed by `torch.cuda.synchronize()`, the pixel_filter operators run
@@ -39,11 +41,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import functools
 import gc
 import json
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -197,23 +201,121 @@ def bench(spec: Spec, batch: int, repeat: int, size: int, amp: bool = False, cha
     return row
 
 
+def paired_table(rows: list[tuple[str, str]], times: dict[str, list[float]], size: int, what: str) -> str:
+    """The --paired table: for each (row, its baseline row), the median time and the median of the per-round
+    ratios to the baseline (same round) with a distribution-free 95% interval."""
+    repeat = len(next(iter(times.values())))
+    lines = [f"| model | input | {what}, median of {repeat} | × baseline, median of the paired ratios [95% CI] |",
+             "|---|---|---:|---:|"]
+    for label, baseline in rows:
+        ratio = ""
+        if baseline != label and baseline in times:
+            ratios = [a / b for a, b in zip(times[label], times[baseline])]
+            lo, hi = median_ci(ratios)
+            ratio = f"{statistics.median(ratios):.2f} [{lo:.2f}, {hi:.2f}]"
+        lines.append(f"| {label} | {size}² | {statistics.median(times[label]):.0f} | {ratio} |")
+    return "\n".join(lines)
+
+
 def paired_train(specs: list[Spec], batch: int, repeat: int, size: int) -> str:
     """Training steps of all `specs` built in this one process and run in turns, `repeat` rounds after a
-    warm-up round: each model's median step, and the median of its per-round ratio to its baseline
-    (same round) with a distribution-free 95% interval; a drift of the machine then cancels in the ratio."""
+    warm-up round (`paired_table`): a drift of the machine then cancels in the ratio."""
     labels = [s.label for s in specs]
     steps = [training_step(build_model(spec, size), torch.randn(batch, 3, size, size, device=bench_ops.DEVICE))[0]
              for spec in specs]
-    times = dict(zip(labels, paired_ms(steps, repeat)))
-    lines = [f"| model | input | train step ms (batch {batch}), median of {repeat} | × baseline, median of the "
-             "paired ratios [95% CI] |", "|---|---|---:|---:|"]
+    return paired_table([(s.label, s.baseline) for s in specs], dict(zip(labels, paired_ms(steps, repeat))), size,
+                        f"train step ms (batch {batch})")
+
+
+ENGINES = {"eager": "eager", "compile": "torch.compile", "ort": "ONNX Runtime"}
+
+
+def engine_run(model: torch.nn.Module, x: torch.Tensor, engine: str, workdir: Path, **ort_options):
+    """A call that runs inference of the eval-mode deploy copy `model` on `x` with `engine`, or why it cannot:
+    eager under `torch.inference_mode()`; `torch.compile(fullgraph=True, dynamic=True)`; ONNX Runtime's CPU
+    provider on the file `dynconv.export.export_onnx` writes (as `scripts/bench_deploy.py` runs them)."""
+    from bench_deploy import compile_model, ort_session
+
+    if engine == "ort":
+        session = ort_session(model, x.shape[-1], workdir / "model.onnx", **ort_options)
+        feed = {session.get_inputs()[0].name: x.cpu().numpy()}
+        run = functools.partial(session.run, None, feed)
+        run.session = session
+        return run
+    fn = compile_model(model, x) if engine == "compile" else model
+    if isinstance(fn, str):
+        return fn
+
+    def run():
+        with torch.inference_mode():
+            fn(x)
+    return run
+
+
+def paired_infer(specs: list[Spec], batch: int, repeat: int, size: int, engines: list[str]) -> str:
+    """Inference of all `specs` on every engine, built in this one process and run in turns (`paired_table`);
+    each row's ratio is to its baseline model on the same engine. Weights are random; operators that have
+    `freeze()` are frozen (`dynconv.export.deploy_copy`), as they are deployed."""
+    from dynconv.export import deploy_copy
+
+    runs, rows = {}, []
     for spec in specs:
-        ratio = ""
-        if spec.baseline != spec.label and spec.baseline in times:
-            ratios = [a / b for a, b in zip(times[spec.label], times[spec.baseline])]
-            lo, hi = median_ci(ratios)
-            ratio = f"{statistics.median(ratios):.2f} [{lo:.2f}, {hi:.2f}]"
-        lines.append(f"| {spec.label} | {size}² | {statistics.median(times[spec.label]):.0f} | {ratio} |")
+        model = deploy_copy(build_model(spec, size))
+        x = torch.randn(batch, 3, size, size, device=bench_ops.DEVICE)
+        for engine in engines:
+            label, baseline = f"{spec.label}, {ENGINES[engine]}", f"{spec.baseline}, {ENGINES[engine]}"
+            with tempfile.TemporaryDirectory() as tmp:
+                runs[label] = engine_run(model, x, engine, Path(tmp))
+            rows.append((label, baseline))
+    failed = {label: why for label, why in runs.items() if isinstance(why, str)}
+    timed = [label for label in runs if label not in failed]
+    times = dict(zip(timed, paired_ms([runs[label] for label in timed], repeat)))
+    text = paired_table([r for r in rows if r[0] in timed], times, size, f"inference ms (batch {batch})")
+    return text + "".join(f"\n| {label} | {size}² | {why} | |" for label, why in failed.items())
+
+
+def op_breakdown(specs: list[Spec], batch: int, repeat: int, size: int, engine: str, top: int = 12) -> str:
+    """Inference time per op, ms per run averaged over `repeat` runs after a warm-up, the models side by side:
+    eager, torch.profiler's self CPU time per aten op; ONNX Runtime, its profiler's kernel time per node op type.
+    The `top` ops by their largest time in any model, then the rest as "other" and the total."""
+    from dynconv.export import deploy_copy
+    from torch.profiler import ProfilerActivity, profile
+
+    per_model = {}
+    for spec in specs:
+        model = deploy_copy(build_model(spec, size))
+        x = torch.randn(batch, 3, size, size, device=bench_ops.DEVICE)
+        with tempfile.TemporaryDirectory() as tmp:
+            if engine == "ort":
+                run = engine_run(model, x, "ort", Path(tmp), enable_profiling=True,
+                                 profile_file_prefix=str(Path(tmp) / "ort"))
+                for _ in range(repeat + 1):
+                    run()
+                events = json.loads(Path(run.session.end_profiling()).read_text())
+                starts = sorted(e["ts"] for e in events if e.get("name") == "model_run")
+                times = {}
+                for e in events:  # node kernels of the timed runs, after the warm-up's
+                    if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] >= starts[1]:
+                        op = e["args"]["op_name"]
+                        times[op] = times.get(op, 0.0) + e["dur"] / 1e3 / repeat
+            else:
+                run = engine_run(model, x, "eager", Path(tmp))
+                run()
+                with profile(activities=[ProfilerActivity.CPU]) as prof:
+                    for _ in range(repeat):
+                        run()
+                times = {e.key: e.self_cpu_time_total / 1e3 / repeat for e in prof.key_averages()}
+        per_model[spec.label] = times
+    labels = list(per_model)
+    ops = sorted({op for t in per_model.values() for op in t}, key=lambda op: -max(t.get(op, 0.0)
+                                                                                    for t in per_model.values()))
+    lines = [f"{ENGINES[engine]}, batch {batch}, {size}², ms per run by op (mean of {repeat}):", "",
+             "| op | " + " | ".join(labels) + " |", "|---|" + "---:|" * len(labels)]
+    for op in ops[:top]:
+        lines.append(f"| {op} | " + " | ".join(f"{per_model[m].get(op, 0.0):.1f}" for m in labels) + " |")
+    lines.append("| other | " + " | ".join(f"{sum(per_model[m].get(op, 0.0) for op in ops[top:]):.1f}"
+                                           for m in labels) + " |")
+    lines.append("| total | " + " | ".join(f"{sum(per_model[m].values()):.1f}" for m in labels) + " |")
     return "\n".join(lines)
 
 
@@ -282,10 +384,19 @@ def main(argv=None) -> None:
                          "rounds and each ratio's per-round values are listed (a slow drift of the machine then "
                          "hits every model alike)")
     ap.add_argument("--paired", action="store_true",
-                    help="only the training step: every model built in this process and stepped in turns for "
-                         "--repeat rounds; ratios are medians of per-round ratios with a 95%% interval")
+                    help="only the training step (with --inference-only: inference on each of --engines): every "
+                         "model built in this process and run in turns for --repeat rounds; ratios are medians of "
+                         "per-round ratios with a 95%% interval")
+    ap.add_argument("--engines", nargs="+", choices=tuple(ENGINES), default=["eager"],
+                    help="--paired --inference-only: the engines each model runs on (default: eager)")
+    ap.add_argument("--profile", action="store_true",
+                    help="--paired --inference-only: after the table, each model's time by op on each engine "
+                         "(eager: torch.profiler; ort: ONNX Runtime's profiler)")
+    ap.add_argument("--threads", type=int, help="intra-op threads for torch and ONNX Runtime (default: torch's)")
     ap.add_argument("--worker", choices=("eager", *COMPILE_MODES), help=argparse.SUPPRESS)  # in_fresh_process
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     batch, repeat, scale = (2, 1, 1 / 3) if args.quick else (args.batch, args.repeat, 1.0)
     modes = [] if args.compile is None else (args.compile or ["default"])
     bench_ops.DEVICE = torch.device(args.device)
@@ -315,7 +426,14 @@ def main(argv=None) -> None:
         sizes = {args.size or max(32, int(s.size * scale) // 32 * 32) for s in specs}
         if len(sizes) != 1:
             ap.error("--paired needs one input size for all models: pass --size or models of one resolution")
-        print(paired_train([s for s in specs if s.name not in missing], batch, repeat, sizes.pop()))
+        specs, size = [s for s in specs if s.name not in missing], sizes.pop()
+        if not args.inference_only:
+            print(paired_train(specs, batch, repeat, size))
+            return
+        print(paired_infer(specs, batch, repeat, size, args.engines))
+        for engine in args.engines if args.profile else ():
+            if engine != "compile":  # inductor's kernels have no per-op breakdown to compare
+                print("\n" + op_breakdown(specs, batch, repeat, size, engine))
         return
     if args.rounds < 1:
         ap.error(f"--rounds must be at least 1, got {args.rounds}")

@@ -1,9 +1,16 @@
-"""Global and per-call choice of the primitives' backend ("fast", the default, or "reference")."""
+"""Global and per-call choice of the primitives' backend.
+
+"fast" (the default) runs the custom ops and their compiled kernels; "reference" the short plain-PyTorch
+decomposition (unfold, multiply, sum) that the tests hold every path to; "export" the decomposition that
+`dynconv.export` traces for deployment engines: the reference's everywhere except the per-pixel aggregations
+(`pixel_filter`, and through it involution and local Deformable Kernels), which sum the K² taps as shifted
+slices of the padded input, out of place, never building the (B, C·K², Ho, Wo) unfolded input.
+"""
 from __future__ import annotations
 
 import contextlib
 
-BACKENDS = ("fast", "reference")
+BACKENDS = ("fast", "reference", "export")
 _current = "fast"
 
 

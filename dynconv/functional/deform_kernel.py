@@ -6,8 +6,10 @@ c mod G. Sampling follows the official `planar_bilinear`: 0 unless −1 < h < S_
 corners outside the scope count as 0.
 
 Backends: "reference" resamples the whole (B, C, k², Ho, Wo) kernel with one gather (every corner of
-every tap) and filters with `pixel_filter`'s reference: plain PyTorch ops, the tests' oracle and what
-`torch.export`/ONNX see. "fast" is the custom op `torch.ops.dynconv.deform_kernel_local`
+every tap) and filters with `pixel_filter`'s reference: plain PyTorch ops, the tests' oracle; "export"
+(what `dynconv.export` traces for ONNX) resamples one tap's (B, C, Ho, Wo) kernel at a time, by one gather of
+its four corners, and sums the taps as `pixel_filter`'s export form does. "fast" is the custom op
+`torch.ops.dynconv.deform_kernel_local`
 (fake kernel and registered autograd): for CPU tensors the compiled kernel
 (`dynconv/csrc/deform_kernel_cpu.cpp`) samples each tap's kernel value where it multiplies the input,
 forward and backward; CUDA tensors take the Triton kernels (`triton_deform_kernel`, op
@@ -27,8 +29,8 @@ from . import triton_deform_kernel
 from .backend import resolve
 from .geometry import conv_out_hw, resolve_padding
 from .library import absent, as_input, laid_out, register_autograd
-from .pixel_filter import (_memory_format, acc_dtype, common_dtype, empty_out, padded_input, pixel_filter, tap,
-                           zeros_in_format)
+from .pixel_filter import (_memory_format, acc_dtype, common_dtype, empty_out, padded_input, pixel_filter,
+                           shifted_taps, tap, zeros_in_format)
 
 try:
     from . import native
@@ -64,9 +66,9 @@ def _tap_coords(offset: Tensor, k: int, kernel_size: int, scope: tuple[int, int]
             offset[:, :, k, 1] + (fw + (scope[1] - kernel_size) / 2))
 
 
-def _all_tap_coords(offset: Tensor, kernel_size: int, scope: tuple[int, int]):
-    """`_tap_coords` of every tap at once, each (B, G, k², Ho, Wo)."""
-    t = torch.arange(kernel_size * kernel_size, device=offset.device).view(-1, 1, 1)
+def _all_tap_coords(offset: Tensor, kernel_size: int, scope: tuple[int, int], first: int = 0):
+    """`_tap_coords` of the taps `offset` holds (from tap `first` on) at once, each (B, G, n, Ho, Wo)."""
+    t = torch.arange(first, first + offset.shape[2], device=offset.device).view(-1, 1, 1)
     return (offset[:, :, :, 0] + ((t // kernel_size).to(offset.dtype) + (scope[0] - kernel_size) / 2),
             offset[:, :, :, 1] + ((t % kernel_size).to(offset.dtype) + (scope[1] - kernel_size) / 2))
 
@@ -90,14 +92,14 @@ def tap_kernel(weight: Tensor, offset: Tensor, k: int, kernel_size: int) -> Tens
     return kern.reshape(h.shape[0], C, *h.shape[2:])
 
 
-def resampled_kernel(weight: Tensor, offset: Tensor, kernel_size: int) -> Tensor:
-    """The whole resampled kernel (B, C, k², Ho, Wo) in a few standard ops, what export sees: equal, element
-    by element, to stacking `tap_kernel` over the taps.
+def resampled_kernel(weight: Tensor, offset: Tensor, kernel_size: int, first: int = 0) -> Tensor:
+    """The resampled kernel (B, C, n, Ho, Wo) of the n taps `offset` holds (all k² by default; from tap `first`
+    on) in a few standard ops: equal, element by element, to stacking `tap_kernel` over those taps.
 
     The scope planes get a border of zeros, so the four corners of a point inside (−1, S) are inside the
     bordered plane and a corner outside the scope reads 0; one gather fetches all corners of all taps."""
     C, sh, sw = weight.shape
-    h, w = _all_tap_coords(offset, kernel_size, (sh, sw))
+    h, w = _all_tap_coords(offset, kernel_size, (sh, sw), first)
     inside = (h > -1) & (h < sh) & (w > -1) & (w < sw)
     h0, w0 = h.floor(), w.floor()
     lh, lw = h - h0, w - w0
@@ -273,7 +275,8 @@ def deform_kernel_local(x: Tensor, offset: Tensor, weight: Tensor, *, kernel_siz
     Under autocast, x and weight take the autocast dtype and the offsets stay (at least) float32.
 
     "reference" materialises the resampled (B, C, k², Ho, Wo) kernel (`resampled_kernel`) and calls
-    `pixel_filter`'s reference; "fast" is the custom op `torch.ops.dynconv.deform_kernel_local`.
+    `pixel_filter`'s reference; "export" resamples and applies one tap at a time (`shifted_taps`); "fast" is the
+    custom op `torch.ops.dynconv.deform_kernel_local`.
     """
     k, s, d = int(kernel_size), _pair(stride), _pair(dilation)
     p = resolve_padding(k, padding, d)
@@ -283,9 +286,13 @@ def deform_kernel_local(x: Tensor, offset: Tensor, weight: Tensor, *, kernel_siz
         x, weight = common_dtype(x, weight)
     else:
         x, offset, weight = common_dtype(x, offset, weight)
-    if resolve(backend) == "reference":
+    mode = resolve(backend)
+    if mode == "reference":
         kernel = resampled_kernel(weight, offset, k)
         return pixel_filter(x, kernel, kernel_size=k, stride=s, padding=p, dilation=d, backend="reference")
+    if mode == "export":  # one tap's kernel at a time, (B, C, Ho, Wo), by one gather of its four corners
+        return shifted_taps(x, lambda t: resampled_kernel(weight, offset[:, :, t:t + 1], k, t).view(
+            x.shape[0], 1, x.shape[1], *offset.shape[-2:]), k, s, p, d, tuple(offset.shape[-2:]))
     op = torch.ops.dynconv.deform_kernel_local
     if triton_deform_kernel.available(x, offset, weight):
         op = torch.ops.dynconv.deform_kernel_local_triton  # CUDA (or the opted-in interpreter)

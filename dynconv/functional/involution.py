@@ -9,7 +9,8 @@ Inverting the Inherence of Convolution", CVPR 2021, Eqs. 4 and 6).
 `involution_naive.py`), channels in contiguous groups g(c) = c // (C // G).
 
 Backends: "reference" is the decomposition, `conv2` as a 1×1 conv and then `pixel_filter` (the tests'
-oracle, and what `torch.export`/ONNX see). "fast" is the custom op `torch.ops.dynconv.involution`
+oracle); "export" the same with `pixel_filter`'s export form (what `dynconv.export` traces for ONNX).
+"fast" is the custom op `torch.ops.dynconv.involution`
 (backward `dynconv::involution_backward`, fake kernels and registered autograd) on CPU tensors: the
 compiled kernel (`dynconv/csrc/involution_cpu.cpp`) computes the G·K² span weights one output row
 at a time and never holds the (B, G·K², Ho, Wo) tensor, in forward or backward; autograd saves only
@@ -168,8 +169,8 @@ def _prepare(x, reduced, weight, bias, kernel_size, stride, padding, dilation, g
 
 def _fused_ops(tensors, backend):
     """(op, backward op) of the unmaterialised path for these prepared inputs, or None where the
-    decomposition runs (the reference backend, or a device without a fused kernel)."""
-    if resolve(backend) == "reference":
+    decomposition runs (the reference or export backend, or a device without a fused kernel)."""
+    if resolve(backend) != "fast":
         return None
     if triton_involution.available(*tensors):  # CUDA (or the opted-in interpreter)
         return torch.ops.dynconv.involution_triton, torch.ops.dynconv.involution_triton_backward

@@ -9,7 +9,9 @@ batch as in TVConv) and channels in contiguous groups `g(c) = c // (C // G)` as 
 is combined first: `F = A · S` ("mul") or `F = A + S` ("add").
 
 Backends: "reference" unfolds the input with plain PyTorch ops (obviously correct, the tests'
-oracle, and what `torch.export` sees); "fast" is the custom op `torch.ops.dynconv.pixel_filter`
+oracle); "export" (what `dynconv.export` traces) sums the taps as strided slices of the padded input,
+out of place, so ONNX Runtime never builds the unfolded (B, C·K², Ho, Wo) input;
+"fast" is the custom op `torch.ops.dynconv.pixel_filter`
 (with `dynconv::pixel_filter_backward`, a fake kernel each and registered autograd, so
 `torch.compile(fullgraph=True)` traces through it). It never holds a (B, C·K², Ho, Wo) tensor and
 runs the compiled CPU kernel (`native`) for CPU tensors, the Triton kernels (`triton_pixel_filter`)
@@ -69,10 +71,10 @@ def padded_input(x: Tensor, padding: tuple[int, int], dtype: torch.dtype | None 
 
 
 def tap(xp: Tensor, k: int, kernel_size: int, stride, dilation, out_size) -> Tensor:
-    """The (B, C, Ho, Wo) strided view of padded input `xp` that tap k = kh·K + kw reads."""
+    """The (..., Ho, Wo) strided view of padded input `xp` (..., H, W) that tap k = kh·K + kw reads."""
     kh, kw = divmod(k, kernel_size)
     (sh, sw), (dh, dw), (ho, wo) = stride, dilation, out_size
-    return xp[:, :, kh * dh: kh * dh + (ho - 1) * sh + 1: sh, kw * dw: kw * dw + (wo - 1) * sw + 1: sw]
+    return xp[..., kh * dh: kh * dh + (ho - 1) * sh + 1: sh, kw * dw: kw * dw + (wo - 1) * sw + 1: sw]
 
 
 def common_dtype(*tensors: Tensor | None) -> list[Tensor | None]:
@@ -125,6 +127,36 @@ def _reference(x, spatial, channel, K, s, p, d, combine) -> Tensor:
         a = channel.view(B, G, C // G, KK, 1, 1)
         filt = filt * a if combine == "mul" else filt + a
     return (cols * filt).sum(3).view(B, C, Ho, Wo)
+
+
+def shifted_taps(x: Tensor, tap_filter, K: int, s, p, d, out_size, groups: int = 1) -> Tensor:
+    """The export decomposition: out = Σ_k x_tap_k · tap_filter(k), each tap a strided slice of the zero-padded
+    input viewed (B, G, C/G, H, W) and its filter broadcastable to (B, G, C/G, Ho, Wo), summed out of place
+    (torch.export and ONNX reject in-place ops). Every temporary is (B, C, Ho, Wo)-sized: an unfold would be
+    K² times that. Per tap the ONNX graph holds two slices, a multiply and an add."""
+    B, C = x.shape[:2]
+    xp = F.pad(x, (p[1], p[1], p[0], p[0]))
+    xp = xp.view(B, groups, C // groups, *xp.shape[-2:])
+    out = None
+    for k in range(K * K):
+        term = tap(xp, k, K, s, d, out_size) * tap_filter(k)
+        out = term if out is None else out + term
+    return out.view(B, C, *out_size)
+
+
+def _shifted(x, spatial, channel, K, s, p, d, combine) -> Tensor:
+    """`pixel_filter` as `shifted_taps`, each tap's filter combined as the reference combines it."""
+    B, C = x.shape[:2]
+    _, G, KK, Ho, Wo = spatial.shape
+    a = None if channel is None else channel.view(B, G, C // G, KK, 1)
+
+    def tap_filter(k):
+        filt = spatial[:, :, k:k + 1]
+        if a is None:
+            return filt
+        return filt * a[:, :, :, k:k + 1] if combine == "mul" else filt + a[:, :, :, k:k + 1]
+
+    return shifted_taps(x, tap_filter, K, s, p, d, (Ho, Wo), G)
 
 
 def _taps_forward(x, spatial, channel, K, s, p, d, combine) -> Tensor:
@@ -253,8 +285,9 @@ def pixel_filter(x: Tensor, spatial: Tensor, channel: Tensor | None = None, *, k
     _check(x, spatial, channel, K, s, p, d, combine)
     x, spatial, channel = common_dtype(x, spatial, channel)
     with torch.autocast(x.device.type, enabled=False):
-        if resolve(backend) == "reference":
-            return _reference(x, spatial, channel, K, s, p, d, combine)
+        mode = resolve(backend)
+        if mode != "fast":
+            return (_reference if mode == "reference" else _shifted)(x, spatial, channel, K, s, p, d, combine)
         op = torch.ops.dynconv.pixel_filter
         if triton_pixel_filter.available(x, spatial, channel):  # CUDA (or the opted-in interpreter)
             op = torch.ops.dynconv.pixel_filter_triton

@@ -202,3 +202,32 @@ def test_bench_models_paired_steps_models_in_turns(monkeypatch, capsys):
     lo, hi = map(float, interval.strip("[]").split(", "))
     assert lo <= float(ratio) <= hi
     assert "needs one input size" in err
+
+
+def test_bench_models_paired_inference_on_each_engine_with_its_op_breakdown(monkeypatch, capsys):
+    """--paired --inference-only: every model on every engine in turns, each ratio to the baseline model on the
+    same engine; --profile adds the time per op of each model side by side (eager: aten ops; ONNX Runtime: node
+    op types, where the exported involution is slices, multiplies and adds)."""
+    import dynconv
+
+    bench_models = _load("bench_models", monkeypatch)
+    tiny = {"ResNet-50": lambda: torch.nn.Conv2d(3, 16, 3, padding=1),
+            "RedNet-26": lambda: torch.nn.Sequential(torch.nn.Conv2d(3, 16, 1),
+                                                     dynconv.create_op("involution", 16, 16, 3))}
+    monkeypatch.setattr(bench_models, "build_model", lambda spec, size, fmt=None: tiny[spec.label]().eval())
+    threads = torch.get_num_threads()
+    try:
+        bench_models.main(["--paired", "--inference-only", "--engines", "eager", "ort", "--profile", "--size", "16",
+                           "--batch", "2", "--repeat", "5", "--models", "ResNet-50", "RedNet-26"])
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    rows = {cells[0]: cells for cells in map(_cells, out.splitlines()) if cells}
+    for engine in ("eager", "ONNX Runtime"):
+        assert rows[f"ResNet-50, {engine}"][3] == "" and float(rows[f"ResNet-50, {engine}"][2]) >= 0
+        ratio, interval = rows[f"RedNet-26, {engine}"][3].split(" ", 1)
+        lo, hi = map(float, interval.strip("[]").split(", "))
+        assert lo <= float(ratio) <= hi
+    assert "ONNX Runtime, batch 2, 16², ms per run by op (mean of 5):" in out
+    assert rows["op"] == ["op", "ResNet-50", "RedNet-26"] and float(rows["total"][2]) > 0
+    assert {"Slice", "Mul", "Add"} <= set(rows) and "aten::convolution" in out

@@ -1,4 +1,5 @@
-"""dynconv.export at the operator level: lazy imports, freezing, the optimiser fallback, clear failures."""
+"""dynconv.export at the operator level: the export backend's decomposition, lazy imports, freezing, the
+optimiser fallback, clear failures."""
 import subprocess
 import sys
 from pathlib import Path
@@ -8,9 +9,46 @@ import torch
 import torch.nn as nn
 
 import dynconv
-from dynconv.export import ExportError, deploy_copy, export_onnx, ort_max_rel_diff
+from dynconv.export import ExportError, deploy_copy, export_onnx, export_program, ort_max_rel_diff
+
+from .conformance import OPS, build, compare, make_input, reference, samples, set_mode, step, tolerance
 
 ROOT = Path(__file__).resolve().parents[2]
+CASES = [(n, s) for n in OPS for s in samples(dynconv.get_op(n).domain)]
+
+
+@pytest.mark.parametrize("name,sample", [pytest.param(n, s, id=f"{n}-{s}") for n, s in CASES])
+def test_export_backend_equals_reference(name, sample):
+    """The export backend (what `dynconv.export` traces) on every conformance sample, eval mode, float64:
+    output, input gradient and parameter gradients equal the reference backend's."""
+    module = set_mode(build(name, sample), "eval")
+    x = make_input(name, sample)
+    with dynconv.use_backend("export"):
+        actual = step(module, x)
+    # the gradients' layout contract (DDP's buckets) binds the training paths; this backend serves inference
+    actual.strides = {n: (param, param) for n, (_, param) in actual.strides.items()}
+    compare(actual, reference(module, x), tolerance(torch.float64, sample, dynconv.get_op(name).domain.channels))
+
+
+@pytest.mark.parametrize("op,kwargs", [("involution", {}), ("ddf", {}), ("ddf", {"kernel_combine": "add"}),
+                                       ("tvconv", {"input_size": (9, 9)}), ("dk_local", {})],
+                         ids=["involution", "ddf-mul", "ddf-add", "tvconv", "dk_local"])
+def test_exported_per_pixel_ops_never_unfold_the_input(op, kwargs):
+    """No tensor of the exported program holds the K² taps of every channel, (B, C·K², Ho, Wo): the aggregation
+    is traced as shifted slices summed tap by tap, and the reference decomposition would hold one."""
+    K, B, C, H = (7 if op == "involution" else 3), 4, 32, 9  # TVConv's frozen (1, C·K², H, W) filter: unfolded / B
+    model = nn.Sequential(dynconv.create_op(op, C, C, K, **kwargs)).eval()
+    x = torch.randn(B, C, H, H)
+    unfolded = B * C * K * K * H * H
+
+    def largest(program):  # over the graph and its subgraphs (the primitives' autocast-disabled regions)
+        return max(n.meta["val"].numel() for gm in program.graph_module.modules()
+                   if isinstance(gm, torch.fx.GraphModule) for n in gm.graph.nodes
+                   if isinstance(n.meta.get("val"), torch.Tensor))
+
+    assert largest(export_program(model, x, dynamic_batch=False)) < unfolded / 2
+    with dynconv.use_backend("reference"), torch.no_grad():
+        assert largest(torch.export.export(deploy_copy(model), (x,))) >= unfolded
 
 
 def test_training_imports_no_onnx():
@@ -45,8 +83,8 @@ def test_deformable_kernels_export_without_the_broken_optimisation(tmp_path):
 
 
 def test_local_deformable_kernel_exports_compactly_and_matches_the_fused_kernel(tmp_path):
-    """ONNX Runtime runs the reference decomposition (the kernel of all taps resampled by one gather of
-    every bilinear corner), eager PyTorch the compiled kernel: equal, with taps leaving the scope, offset
+    """ONNX Runtime runs the export decomposition (each tap's kernel resampled by one gather of its four
+    bilinear corners), eager PyTorch the compiled kernel: equal, with taps leaving the scope, offset
     groups, stride 2 and a non-square scope."""
     torch.manual_seed(0)
     dk = dynconv.create_op("dk_local", 8, 8, 3, stride=2, offset_groups=2, scope_size=(4, 5))
@@ -55,7 +93,7 @@ def test_local_deformable_kernel_exports_compactly_and_matches_the_fused_kernel(
         dk.rotation_conv.bias.normal_(0, 0.7)
     model = nn.Sequential(nn.Conv2d(3, 8, 1), dk).eval()
     proto = export_onnx(model, torch.randn(2, 3, 9, 7), tmp_path / "dk.onnx")
-    assert sum(n.op_type == "GatherElements" for n in proto.graph.node) == 1  # not one per tap and corner
+    assert sum(n.op_type == "GatherElements" for n in proto.graph.node) == 9  # one per tap, not per corner
     x = [torch.randn(b, 3, 9, 7) for b in (1, 3)]
     # float32 rounding of the longest sum (3 input channels, then 9 taps of 4 corners) in either order
     assert ort_max_rel_diff(tmp_path / "dk.onnx", model, x) < 2 * (3 + 9 * 4) * torch.finfo(torch.float32).eps
