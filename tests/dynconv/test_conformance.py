@@ -10,7 +10,7 @@ What runs where. The CI run (`make test`):
 - inductor, float64, train: static on batch 0, batch 1 and an odd batch at stride 2, the compiled kernels off
   on the odd batch, and `dynamic=True` on two shapes the first compile never saw; an operator that declares
   `slow_compile` (DK+DCN: minutes per compile) compiles the odd batch only;
-- the Triton kernels under `TRITON_INTERPRET=1`: two samples per custom-op operator in one child process;
+- the Triton kernels under `TRITON_INTERPRET=1`: the odd-batch sample of each custom-op operator, in one child process;
 - Hypothesis: 4 drawn samples per operator (derandomized), fast against reference in a drawn mode.
 `DYNCONV_CONFORMANCE=deep` adds the slow-compile operators' other compiles and 300 drawn samples per operator.
 """
@@ -239,15 +239,15 @@ def _assert_batch_alone_dynamic(name, first):
                 first.stride), _domain(name).channels), exact_strides=False)
 
 
-TRITON_SAMPLES = 2  # per kernel operator, under the interpreter (slow): batch 1 stride 2 non-contiguous, batch 3 chan. last
+TRITON_SAMPLES = 1  # per kernel operator, under the interpreter (slow): the odd batch at stride 2, channels_last
 
 
 def _triton_checks() -> dict:
-    """{(op, sample): ""} or the failure, for each operator's first TRITON_SAMPLES compile samples: fast path
+    """{(op, sample): ""} or the failure, for each operator's last TRITON_SAMPLES compile samples: fast path
     (the Triton kernels, for CPU tensors under the interpreter) against the reference, float64, train mode."""
     results = {}
     for name in KERNEL_OPS:
-        for sample in _compile_samples(name)[1:1 + TRITON_SAMPLES]:
+        for sample in _compile_samples(name)[-TRITON_SAMPLES:]:
             try:
                 module = set_mode(build(name, sample), "frozen_bn" if outside(name, sample, "train") else "train")
                 x = make_input(name, sample)
@@ -271,7 +271,7 @@ def triton_results():
     return json.loads(run.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("case", [f"{n}-{s}" for n in KERNEL_OPS for s in _compile_samples(n)[1:1 + TRITON_SAMPLES]])
+@pytest.mark.parametrize("case", [f"{n}-{s}" for n in KERNEL_OPS for s in _compile_samples(n)[-TRITON_SAMPLES:]])
 def test_triton_interpreter_equals_reference(case, triton_results):
     assert triton_results[case] == "", triton_results[case]
 
