@@ -227,3 +227,17 @@ def compare(actual: Result, expected: Result, rtol: float, *, grads: bool = True
         if not exact_strides:  # only where the size is > 1
             got, param = ([st for st, n in zip(t, e.shape) if n > 1] for t in (got, param))
         assert got == param, f"{what}grad {name}: strides {got} differ from the parameter's {param}"
+
+
+def sgd_steps(model: torch.nn.Module, fn, x: torch.Tensor, steps: int):
+    """`steps` SGD steps (lr 0.05, momentum 0.9) of `fn` (the model or a compiled or backend-wrapped call of it) on
+    the loss mean(fn(x)²): the losses and the final state_dict."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad(set_to_none=True)
+        loss = fn(x).square().mean()
+        loss.backward()
+        opt.step()
+        losses.append(loss.detach())
+    return torch.stack(losses), model.state_dict()

@@ -18,6 +18,8 @@ import dynconv
 import models  # noqa: F401  (registers the paper models with timm)
 from models import export
 
+from .conformance import sgd_steps
+
 # each paper model of models.export.PAPER_MODELS at a tiny width and input (TVConv takes its input size from the
 # dry pass); MobileNetV2-DCD without dropout, which draws other numbers when compiled
 IMG = 16
@@ -87,16 +89,8 @@ def assert_trains_as_eager(model: torch.nn.Module, x: torch.Tensor, backend: str
     eager, compiled = model, copy.deepcopy(model)
     runs = []
     for net, fn in ((eager, eager), (compiled, torch.compile(compiled, backend=backend, fullgraph=True))):
-        opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
         torch.manual_seed(1)
-        losses = []
-        for _ in range(steps):
-            opt.zero_grad(set_to_none=True)
-            loss = fn(x).square().mean()
-            loss.backward()
-            opt.step()
-            losses.append(loss.detach())
-        runs.append((torch.stack(losses), net.state_dict()))
+        runs.append(sgd_steps(net, fn, x, steps))
     assert not counters["graph_break"], dict(counters["graph_break"])
     (loss_e, state_e), (loss_c, state_c) = runs
     tol = dict(rtol=1e-4, atol=1e-5)

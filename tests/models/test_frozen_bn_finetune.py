@@ -13,6 +13,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 import dynconv
 import models  # noqa: F401  (registers the paper models with timm)
+from tests.dynconv.conformance import sgd_steps
 
 STEPS = 2
 # float64 sums of at most ~10⁵ terms (the weight gradients) between two orders: ≤ 1e5 · 1.1e-16 relative each,
@@ -21,16 +22,8 @@ RTOL = 1e-9
 
 
 def _finetune(model: torch.nn.Module, x: torch.Tensor, backend: str):
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    losses = []
     with dynconv.use_backend(backend):
-        for _ in range(STEPS):
-            opt.zero_grad(set_to_none=True)
-            loss = model(x).square().mean()
-            loss.backward()
-            opt.step()
-            losses.append(loss.detach())
-    return torch.stack(losses), model.state_dict()
+        return sgd_steps(model, model, x, STEPS)
 
 
 @pytest.mark.parametrize("name", ["rednet26", "ddf_mul_resnet50"])
