@@ -16,6 +16,7 @@ raises `ExportError` naming the operator and the opset.
     program = export_program(model, torch.randn(2, 3, 224, 224))
     torch.export.save(program, "rednet50.pt2")
     export_onnx(model, torch.randn(2, 3, 224, 224), "rednet50.onnx")
+    export_aoti(model, torch.randn(2, 3, 224, 224), "rednet50_aoti.pt2")   # the fused kernels, for CPU deployment
     ort_max_rel_diff("rednet50.onnx", model, [torch.randn(1, 3, 224, 224), torch.randn(3, 3, 224, 224)])
 """
 from __future__ import annotations
@@ -29,8 +30,8 @@ from torch import Tensor
 
 from .functional.backend import use_backend
 
-__all__ = ["ExportError", "deploy_copy", "export_program", "export_onnx", "ort_max_rel_diff", "float32_error",
-           "ort_tolerance", "DEFAULT_OPSET"]
+__all__ = ["ExportError", "deploy_copy", "export_program", "export_onnx", "export_aoti", "ort_max_rel_diff",
+           "aoti_max_rel_diff", "float32_error", "ort_tolerance", "DEFAULT_OPSET"]
 
 DEFAULT_OPSET = 20  # torch.onnx's default in torch 2.14; DeformConv (DCNv2) needs >= 19
 
@@ -146,6 +147,24 @@ def export_onnx(model: nn.Module, example: Tensor, path: str | Path | None = Non
     raise fail
 
 
+def export_aoti(model: nn.Module, example: Tensor, path: str | Path, *, dynamic_batch: bool = True,
+                freezing: bool = True) -> str:
+    """An AOTInductor package (`torch._inductor.aoti_compile_and_package`) of `deploy_copy(model)` at `path`
+    (a .pt2 file), the batch symbolic. Unlike `export_onnx` it keeps the fast backend: the per-pixel operators
+    stay the custom ops with the compiled CPU kernels (involution, DDF, TVConv, local Deformable Kernels), which
+    the package calls by name, and inductor compiles the rest (with `freezing`, the default: BatchNorm folded
+    into the convolutions, weights pre-packed for oneDNN). Load it with `torch._inductor.aoti_load_package(path)`
+    in a process that has imported `dynconv` (which registers the ops); returns the path."""
+    model = deploy_copy(model)
+    if dynamic_batch and example.shape[0] == 1:  # as `_trace`: a batch-1 example would specialise the batch
+        example = example.expand(2, *example.shape[1:]).contiguous()
+    with torch.no_grad():
+        program = torch.export.export(model, (example,), dynamic_shapes=_batch_dims(example, dynamic_batch))
+    from torch._inductor import aoti_compile_and_package
+
+    return aoti_compile_and_package(program, package_path=str(path), inductor_configs={"freezing": freezing})
+
+
 def ort_max_rel_diff(onnx_path: str | Path, model: nn.Module, inputs: list[Tensor]) -> float:
     """max |ORT − PyTorch| / max |PyTorch| over `inputs`, ONNX Runtime on CPU against eager `model`
     (eval mode, its default backend). Raises if PyTorch's output is not finite."""
@@ -153,16 +172,30 @@ def ort_max_rel_diff(onnx_path: str | Path, model: nn.Module, inputs: list[Tenso
 
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
+    return _max_rel_diff(lambda x: torch.from_numpy(session.run(None, {name: x.numpy()})[0]), model, inputs,
+                         "ONNX Runtime")
+
+
+def aoti_max_rel_diff(package_path: str | Path, model: nn.Module, inputs: list[Tensor]) -> float:
+    """max |package − PyTorch| / max |PyTorch| over `inputs`, the AOTInductor package of `export_aoti` against
+    eager `model` (eval mode). Raises if PyTorch's output is not finite."""
+    from torch._inductor import aoti_load_package
+
+    package = aoti_load_package(str(package_path))
+    return _max_rel_diff(package, model, inputs, "the AOTInductor package")
+
+
+def _max_rel_diff(run, model: nn.Module, inputs: list[Tensor], engine: str) -> float:
     model = deploy_copy(model)
     worst = 0.0
     for x in inputs:
         with torch.no_grad():
             ref = model(x).double()
-        if not torch.isfinite(ref).all():
-            raise ValueError("the PyTorch output is not finite; calibrate BatchNorm statistics before comparing")
-        out = torch.from_numpy(session.run(None, {name: x.numpy()})[0]).double()
+            if not torch.isfinite(ref).all():
+                raise ValueError("the PyTorch output is not finite; calibrate BatchNorm statistics before comparing")
+            out = run(x).double()
         if out.shape != ref.shape:
-            raise ValueError(f"ONNX Runtime output {tuple(out.shape)} != PyTorch output {tuple(ref.shape)}")
+            raise ValueError(f"{engine} output {tuple(out.shape)} != PyTorch output {tuple(ref.shape)}")
         worst = max(worst, ((out - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item())
     return worst
 

@@ -3,8 +3,8 @@
 Side by side in one run, on CPU, float32, batch 1 and 16 at each model's paper resolution (224; the
 face models 96). Every engine runs the same eval-mode model with its operators frozen where they can
 be (TVConv): eager under `torch.inference_mode()` with the default (fast) backend;
-`torch.compile(fullgraph=True, dynamic=True)` (inductor; one compilation per model with a symbolic
-batch, like the ONNX file, done before timing; a model that cannot be captured in one graph reads
+`torch.compile(fullgraph=True, dynamic=True)` (inductor with `freezing`, as for CPU inference; one compilation
+per model with a symbolic batch, like the ONNX file, done before timing; a model that cannot be captured in one graph reads
 "n/a (graph break)"); ONNX Runtime's CPU provider on the model
 exported by `dynconv.export.export_onnx` (batch dimension symbolic), with as many intra-op threads as
 torch. Medians over `--repeat` runs after one warm-up; eager and compiled run in turns, and "compile /
@@ -35,13 +35,16 @@ ENGINES = ("eager", "compile", "ort")
 
 
 def compile_model(model: torch.nn.Module, x: torch.Tensor):
-    """The model compiled (batch symbolic) and run once on `x`, or why it cannot be (a graph break, an error)."""
+    """The model compiled (batch symbolic, inductor's `freezing` on) and run once on `x`, or why it cannot be
+    (a graph break, an error)."""
     import torch._dynamo
+
+    import torch._inductor.config
 
     torch._dynamo.reset()
     compiled = torch.compile(model, fullgraph=True, dynamic=True)
-    try:
-        with torch.inference_mode():
+    try:  # freezing, as for CPU inference: BatchNorm folded into the convolutions, weights pre-packed for oneDNN
+        with torch.inference_mode(), torch._inductor.config.patch(freezing=True):
             compiled(x)
     except torch._dynamo.exc.Unsupported:
         return "n/a (graph break)"
@@ -77,14 +80,17 @@ def bench(spec: PaperModel, batches, repeat: int, size: int, workdir: Path, engi
     return rows
 
 
-def ort_session(model, size: int, path: Path, **options):
+def ort_session(model, size: int, path: Path, spinning: bool = True, **options):
+    """An ONNX Runtime CPU session of `model` exported to `path`, with torch's intra-op threads and any other
+    `ort.SessionOptions` attributes in `options` (e.g. enable_profiling=True). `spinning=False` makes its
+    worker threads sleep at once after a run (for sessions that run in turns, each would slow the others)."""
     import onnxruntime as ort
 
-    """An ONNX Runtime CPU session of `model` exported to `path`, with torch's intra-op threads and any other
-    `ort.SessionOptions` attributes in `options` (e.g. enable_profiling=True)."""
     export_onnx(model, torch.randn(2, 3, size, size), path)
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = torch.get_num_threads()
+    if not spinning:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     for name, value in options.items():
         setattr(opts, name, value)
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])

@@ -29,8 +29,8 @@ scratch, not only PyTorch's own tensors.
     python scripts/bench_models.py --memory --batch 32 --models ResNet-50 RedNet-50 "DDF-ResNet-50 (mul)"
     python scripts/bench_models.py --memory --batch 32 --repeat 3 --rounds 3 --models ResNet-50 RedNet-50
     python scripts/bench_models.py --paired --batch 32 --repeat 15 --models ResNet-50 RedNet-50   # time, in turns
-    python scripts/bench_models.py --paired --inference-only --engines eager compile ort --profile --batch 1 \
-        --repeat 21 --models ResNet-50 RedNet-50 "DDF-ResNet-50 (mul)"   # deployed: each engine, in turns, by op
+    python scripts/bench_models.py --paired --inference-only --engines eager compile aoti ort --profile --batch 1 \
+        --repeat 21 --models ResNet-50 RedNet-50 "DDF-ResNet-50 (mul)"   # deployed: each engine, models in turns
     python scripts/bench_models.py --compile --inference-only --batch 1 --models "DDF-ResNet-50 (add)" ResNet-18-DCD
 
 On CUDA every timed step is bracketed by `torch.cuda.synchronize()`, the pixel_filter operators run
@@ -227,21 +227,30 @@ def paired_train(specs: list[Spec], batch: int, repeat: int, size: int) -> str:
                         f"train step ms (batch {batch})")
 
 
-ENGINES = {"eager": "eager", "compile": "torch.compile", "ort": "ONNX Runtime"}
+ENGINES = {"eager": "eager", "compile": "torch.compile", "aoti": "AOTInductor", "ort": "ONNX Runtime"}
 
 
 def engine_run(model: torch.nn.Module, x: torch.Tensor, engine: str, workdir: Path, **ort_options):
     """A call that runs inference of the eval-mode deploy copy `model` on `x` with `engine`, or why it cannot:
-    eager under `torch.inference_mode()`; `torch.compile(fullgraph=True, dynamic=True)`; ONNX Runtime's CPU
-    provider on the file `dynconv.export.export_onnx` writes (as `scripts/bench_deploy.py` runs them)."""
+    eager under `torch.inference_mode()`; `torch.compile(fullgraph=True, dynamic=True)` with freezing; the
+    AOTInductor package `dynconv.export.export_aoti` writes (the fused kernels inside); ONNX Runtime's CPU
+    provider on the file `dynconv.export.export_onnx` writes, its threads not spinning between runs (as
+    `scripts/bench_deploy.py` runs them otherwise)."""
     from bench_deploy import compile_model, ort_session
 
     if engine == "ort":
-        session = ort_session(model, x.shape[-1], workdir / "model.onnx", **ort_options)
+        session = ort_session(model, x.shape[-1], workdir / "model.onnx", spinning=False, **ort_options)
         feed = {session.get_inputs()[0].name: x.cpu().numpy()}
         run = functools.partial(session.run, None, feed)
         run.session = session
         return run
+    if engine == "aoti":
+        from torch._inductor import aoti_load_package
+
+        from dynconv.export import export_aoti
+
+        package = aoti_load_package(export_aoti(model, x[:1], workdir / "model.pt2"))
+        return lambda: package(x)
     fn = compile_model(model, x) if engine == "compile" else model
     if isinstance(fn, str):
         return fn
@@ -253,12 +262,14 @@ def engine_run(model: torch.nn.Module, x: torch.Tensor, engine: str, workdir: Pa
 
 
 def paired_infer(specs: list[Spec], batch: int, repeat: int, size: int, engines: list[str]) -> str:
-    """Inference of all `specs` on every engine, built in this one process and run in turns (`paired_table`);
-    each row's ratio is to its baseline model on the same engine. Weights are random; operators that have
+    """Inference of all `specs` on every engine, built in this one process; engine by engine, the models run in
+    turns (`paired_table`), and each row's ratio is to its baseline model on the same engine. (Engines are not
+    interleaved: ONNX Runtime's and OpenMP's worker threads spin for a while after a run, which slowed the next
+    engine's run by up to 1.6x when they alternated.) Weights are random; operators that have
     `freeze()` are frozen (`dynconv.export.deploy_copy`), as they are deployed."""
     from dynconv.export import deploy_copy
 
-    runs, rows = {}, []
+    runs, rows, engine_of = {}, [], {}
     for spec in specs:
         model = deploy_copy(build_model(spec, size))
         x = torch.randn(batch, 3, size, size, device=bench_ops.DEVICE)
@@ -267,9 +278,12 @@ def paired_infer(specs: list[Spec], batch: int, repeat: int, size: int, engines:
             with tempfile.TemporaryDirectory() as tmp:
                 runs[label] = engine_run(model, x, engine, Path(tmp))
             rows.append((label, baseline))
+            engine_of[label] = engine
     failed = {label: why for label, why in runs.items() if isinstance(why, str)}
-    timed = [label for label in runs if label not in failed]
-    times = dict(zip(timed, paired_ms([runs[label] for label in timed], repeat)))
+    times = {}
+    for engine in engines:  # one engine at a time: the models in turns, no other engine's threads spinning between
+        timed = [label for label in runs if label not in failed and engine_of[label] == engine]
+        times.update(zip(timed, paired_ms([runs[label] for label in timed], repeat)))
     text = paired_table([r for r in rows if r[0] in timed], times, size, f"inference ms (batch {batch})")
     return text + "".join(f"\n| {label} | {size}² | {why} | |" for label, why in failed.items())
 
@@ -432,7 +446,7 @@ def main(argv=None) -> None:
             return
         print(paired_infer(specs, batch, repeat, size, args.engines))
         for engine in args.engines if args.profile else ():
-            if engine != "compile":  # inductor's kernels have no per-op breakdown to compare
+            if engine in ("eager", "ort"):  # inductor's kernels have no per-op breakdown to compare
                 print("\n" + op_breakdown(specs, batch, repeat, size, engine))
         return
     if args.rounds < 1:

@@ -1,15 +1,20 @@
-"""Export a model with dynamic operators to a `torch.export` program (.pt2) or ONNX (batch dimension symbolic).
+"""Export a model with dynamic operators to ONNX, a `torch.export` program (.pt2) or an AOTInductor package
+(.pt2, `--format aoti`), the batch dimension symbolic.
 
     python scripts/export.py --arch rednet50 out/rednet50.onnx
     python scripts/export.py --arch resnet50 --op odconv --policy all_3x3 --format pt2 out/r50_odconv.pt2
     python scripts/export.py --arch face_mobilenetv2_x1_0 --op tvconv --img-size 96 --check out/face_tv.onnx
     python scripts/export.py --all --check out/          # every paper model, at its paper resolution
+    python scripts/export.py --arch rednet50 --format aoti --check out/rednet50_aoti.pt2   # fused CPU kernels inside
 
 The dynamic operators are traced as their plain-PyTorch decomposition (standard ONNX operators);
 TVConv is frozen first. `--checkpoint` loads a trainer checkpoint (`model` entry) or a state_dict
 (official keys are converted). Without one, the weights are random and the BatchNorm statistics are
 those of one random batch. `--check` runs ONNX Runtime (CPU) at batch 1 and 3 against PyTorch and flags a
 difference above max(1e-4, 4x PyTorch's own float32-vs-float64 error) (`dynconv.export.ort_tolerance`).
+`--format aoti` keeps the fused kernels instead (`dynconv.export.export_aoti`: inductor with freezing, the
+dynamic operators called as dynconv's custom ops; load with `torch._inductor.aoti_load_package` after
+`import dynconv`); `--check` then compares the package with PyTorch the same way.
 """
 from __future__ import annotations
 
@@ -28,8 +33,8 @@ sys.path.insert(0, str(ROOT))
 
 import models  # noqa: E402
 from dynconv.checkpoint import load  # noqa: E402
-from dynconv.export import (DEFAULT_OPSET, ExportError, export_onnx, export_program, ort_max_rel_diff,  # noqa: E402
-                             ort_tolerance)
+from dynconv.export import (DEFAULT_OPSET, ExportError, aoti_max_rel_diff, export_aoti, export_onnx,  # noqa: E402
+                             export_program, ort_max_rel_diff, ort_tolerance)
 from models.export import PAPER_MODELS, PaperModel, batch_statistics, build  # noqa: E402
 
 
@@ -67,13 +72,17 @@ def export_one(spec: PaperModel, args, out: Path) -> None:
     t0 = time.perf_counter()
     if args.format == "pt2":
         torch.export.save(export_program(model, example), str(out))
+    elif args.format == "aoti":
+        export_aoti(model, example, out)
     else:
         export_onnx(model, example, out, opset=args.opset)
     line = f"{spec.label}: wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, {time.perf_counter() - t0:.1f} s)"
-    if args.check and args.format == "onnx":
+    if args.check and args.format in ("onnx", "aoti"):
         inputs = [torch.randn(b, 3, size, size) for b in (1, 3)]
-        diff, bound = ort_max_rel_diff(out, model, inputs), ort_tolerance(model, inputs)
-        line += (f"; ONNX Runtime vs PyTorch at batch 1 and 3: max relative diff {diff:.2e} (bound {bound:.2e}: "
+        engine = "ONNX Runtime" if args.format == "onnx" else "the AOTInductor package"
+        diff = ort_max_rel_diff(out, model, inputs) if args.format == "onnx" else aoti_max_rel_diff(out, model, inputs)
+        bound = ort_tolerance(model, inputs)
+        line += (f"; {engine} vs PyTorch at batch 1 and 3: max relative diff {diff:.2e} (bound {bound:.2e}: "
                  "max(1e-4, 4x PyTorch's own float32-vs-float64 error))")
         if diff > bound:
             line += f"  ** above {bound:.2e} **"
@@ -87,19 +96,21 @@ def main(argv=None) -> int:
     p.add_argument("--op", help="operator that fills the model's slots (dynconv.list_ops())")
     p.add_argument("--policy", help="replacement policy (none, all_3x3, dw_only, deep_only, shallow_only)")
     p.add_argument("--all", action="store_true", help="every paper model, each at its paper resolution")
-    p.add_argument("--format", choices=("onnx", "pt2"), default="onnx")
+    p.add_argument("--format", choices=("onnx", "pt2", "aoti"), default="onnx",
+                   help="onnx; pt2: a torch.export program; aoti: an AOTInductor package (.pt2) with the fused kernels")
     p.add_argument("--img-size", type=int, help="input resolution (default: 224, or the paper's with --all)")
     p.add_argument("--num-classes", type=int)
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET)
     p.add_argument("--checkpoint", help="weights: a trainer checkpoint or a (converted or official) state_dict")
-    p.add_argument("--check", action="store_true", help="compare ONNX Runtime with PyTorch (onnx format)")
+    p.add_argument("--check", action="store_true", help="compare ONNX Runtime (onnx) or the package (aoti) with PyTorch")
     args = p.parse_args(argv)
     if args.all == bool(args.arch):
         p.error("give either --arch NAME or --all")
     if args.all:
         out_dir = Path(args.out)
         out_dir.mkdir(parents=True, exist_ok=True)
-        jobs = [(s, out_dir / f"{re.sub(r'[^a-z0-9]+', '_', s.label.lower()).strip('_')}.{args.format}")
+        suffix = "_aoti.pt2" if args.format == "aoti" else f".{args.format}"
+        jobs = [(s, out_dir / f"{re.sub(r'[^a-z0-9]+', '_', s.label.lower()).strip('_')}{suffix}")
                 for s in PAPER_MODELS]
     else:
         try:

@@ -4,7 +4,8 @@
 //   out[b, c, i, j]      = sum_k w[b, g(c)*KK + k, i, j] * x[b, c, i*sh - ph + kh*dh, j*sw - pw + kw*dw]
 //
 // k = kh*K + kw, KK = K*K, g(c) = c / (C/G), zero padding. The span weights w, (B, G*KK, Ho, Wo) in
-// the unfused operator, exist here one output row of one group at a time.
+// the unfused operator, exist here one output row of one group at a time (the forward: one block of
+// about 64K values of one group, see forward_item).
 //
 // Tiling. A work item copies its group's C/G input planes into zero-padded thread-local planes (no
 // bounds checks in the tap loops) and goes output row by output row. The planes are polyphase: the
@@ -16,7 +17,9 @@
 // vectors as wide as the CPU's (built with -march=native: 64 bytes with AVX-512, else 32), or 32
 // bytes where a row is too narrow for the wide ones; the aggregation keeps 4 channels x 2 blocks of
 // accumulators in registers across the taps.
-// - Forward: one work item per (sample, group); they write disjoint outputs.
+// - Forward: one work item per (sample, group); they write disjoint outputs. The span projection of a
+//   block of rows is one GEMM of the BLAS torch links (single-threaded in the work item); the
+//   loop (`taps`) serves where the process has no BLAS, and the backward.
 // - Backward: work items are (sample, run of groups); a contiguous range of items is one chunk, one
 //   chunk per thread. Per row and group, the recomputed wt and the rows of grad_out are read once
 //   for two sums over blocks of 8 channels: gw[k] = sum_c grad_out_c * x_c,tap k (the gradient of w,
@@ -29,6 +32,7 @@
 // Threads: ATen's intra-op pool (at::parallel_for), so torch.set_num_threads applies.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <dlfcn.h>
 #include <torch/csrc/utils/pybind.h>
 
 #include <algorithm>
@@ -36,6 +40,34 @@
 #include <vector>
 
 namespace {
+
+// The Fortran BLAS gemm of the BLAS that torch links (MKL in the x86 wheels), found at load time; where
+// the process has none, the forward computes the span weights itself (`taps`) as the backward does.
+extern "C" {
+typedef void (*sgemm_t)(const char*, const char*, const int*, const int*, const int*, const float*, const float*,
+                        const int*, const float*, const int*, const float*, float*, const int*);
+typedef void (*dgemm_t)(const char*, const char*, const int*, const int*, const int*, const double*,
+                        const double*, const int*, const double*, const int*, const double*, double*, const int*);
+}
+const sgemm_t kSgemm = reinterpret_cast<sgemm_t>(dlsym(RTLD_DEFAULT, "sgemm_"));
+const dgemm_t kDgemm = reinterpret_cast<dgemm_t>(dlsym(RTLD_DEFAULT, "dgemm_"));
+
+bool use_blas = true;  // set_blas(False): the tests run the forward without it
+
+template <typename T>
+bool has_gemm() {
+  return use_blas && (std::is_same_v<T, float> ? kSgemm != nullptr : kDgemm != nullptr);
+}
+
+// Column-major C (m x n, ld ldc) = A (m x k, ld lda) B (k x n, ld ldb), no transposes.
+template <typename T>
+void gemm_nn(int64_t m, int64_t n, int64_t k, const T* A, int64_t lda, const T* B, int64_t ldb, T* C, int64_t ldc) {
+  const char N = 'N';
+  const int mi = int(m), ni = int(n), ki = int(k), la = int(lda), lb = int(ldb), lc = int(ldc);
+  const T one = 1, zero = 0;
+  if constexpr (std::is_same_v<T, float>) kSgemm(&N, &N, &mi, &ni, &ki, &one, A, &la, B, &lb, &zero, C, &lc);
+  else kDgemm(&N, &N, &mi, &ni, &ki, &one, A, &la, B, &lb, &zero, C, &lc);
+}
 
 #ifdef __AVX512F__
 constexpr int kWideVB = 64;  // bytes per vector block: the widest registers of the build's target
@@ -116,10 +148,15 @@ void copy_planes(const Geom& g, std::conditional_t<ToPlanes, const T*, T*> x, in
         else copy_row<T, VB>(prow + g.pw, g.W, row);
         continue;
       }
-      for (int64_t X = g.pw; X < g.pw + g.W; ++X) {
-        auto& p = prow[X % g.sw * g.Wph + X / g.sw];
-        if constexpr (ToPlanes) p = row[X - g.pw];
-        else row[X - g.pw] = p;
+      for (int64_t e = 0; e < g.sw; ++e) {  // phase by phase: strided columns, no division per element
+        const int64_t X0 = g.pw + (e - g.pw % g.sw + g.sw) % g.sw;  // first column >= pw of phase e
+        auto* src = row + (X0 - g.pw);
+        auto* ph = prow + e * g.Wph + X0 / g.sw;
+        const int64_t n = X0 < g.pw + g.W ? (g.pw + g.W - X0 + g.sw - 1) / g.sw : 0;
+        for (int64_t q = 0; q < n; ++q) {
+          if constexpr (ToPlanes) ph[q] = src[q * g.sw];
+          else src[q * g.sw] = ph[q];
+        }
       }
     }
 }
@@ -184,7 +221,7 @@ void aggregate_row(const Geom& g, const T* wt, const T* xp, int64_t i, T* o) {
 // Thread-local buffers, zero from allocation where the kernels rely on it (see each use).
 template <typename T>
 struct Buffers {
-  std::vector<T> xp, gxp, rb, wt, gw, gob, W2t, rt, grt, gWl, gbl;
+  std::vector<T> xp, gxp, rb, wt, gw, gob, W2t, rt, grt, gWl, gbl, sp;
   Buffers(const Geom& g, bool backward)
       : xp(g.cpg * g.plane, T(0)), rb(g.M * g.Wq, T(0)), wt(g.KK * g.RS, T(0)) {
     if (!backward) return;
@@ -200,21 +237,48 @@ struct Buffers {
   static constexpr int kGradBlock = 8;  // channels per block of the backward
 };
 
+// Rows of span weights one GEMM of the forward computes: about 64K values, so they stay in L2.
+inline int64_t span_rows(const Geom& g) {
+  return std::min(g.Ho, std::max<int64_t>(1, (int64_t(1) << 16) / (g.KK * g.Wo)));
+}
+
+// Group gr of sample b. For a block of output rows, the span weights without the bias, sp [KK][rows*Wo] =
+// W2g r_b (one GEMM of torch's BLAS, single-threaded inside the work item, at its speed); per output row the
+// KK tap rows are then copied into wt with the bias added (lanes past Wo stay zero from allocation) and
+// aggregated while in L1. Without a BLAS, `taps` computes each row's tap rows.
 template <typename T, int VB>
 void forward_item(const Geom& g, const T* x, const T* r, const T* W2, const T* b2, T* out, int64_t b,
                   int64_t gr, Buffers<T>& buf) {
-  const int64_t c0 = gr * g.cpg;
+  constexpr int64_t JB = VB / sizeof(T);
+  const bool gemm = has_gemm<T>();
+  const int64_t c0 = gr * g.cpg, rows = gemm ? span_rows(g) : g.Ho;
   const T* W2g = W2 + gr * g.KK * g.M;
   const T* b2g = b2 + gr * g.KK;
+  const T* rbs = r + b * g.M * g.HWo;
   T* wt = buf.wt.data() + g.Mq;
+  T* sp = buf.sp.data();
   copy_planes<T, VB, true>(g, x + (b * g.C + c0) * g.H * g.W, g.cpg, buf.xp.data());
-  for (int64_t i = 0; i < g.Ho; ++i) {
-    load_rows<T, VB>(g, r + b * g.M * g.HWo, g.M, i, buf.rb.data(), g.Wq);
-    taps<T, VB>(g, W2g, b2g, buf.rb.data(), wt);
-    T* o = out + (b * g.C + c0) * g.HWo + i * g.Wo;
-    int64_t c = 0;
-    for (; c + 4 <= g.cpg; c += 4) aggregate_row<T, VB, 4>(g, wt, buf.xp.data() + c * g.plane, i, o + c * g.HWo);
-    for (; c < g.cpg; ++c) aggregate_row<T, VB, 1>(g, wt, buf.xp.data() + c * g.plane, i, o + c * g.HWo);
+  for (int64_t i0 = 0; i0 < g.Ho; i0 += rows) {
+    const int64_t n = std::min(rows, g.Ho - i0) * g.Wo;  // columns (pixels) of this block
+    // column-major: sp^T (n x KK) = r_b^T (n x M, ld HWo) W2g^T (M x KK, ld M)
+    if (gemm) gemm_nn<T>(n, g.KK, g.M, rbs + i0 * g.Wo, g.HWo, W2g, g.M, sp, n);
+    for (int64_t i = i0; i < std::min(g.Ho, i0 + rows); ++i) {
+      if (!gemm) {  // no BLAS: the tap rows from this row's reduced features
+        load_rows<T, VB>(g, rbs, g.M, i, buf.rb.data(), g.Wq);
+        taps<T, VB>(g, W2g, b2g, buf.rb.data(), wt);
+      }
+      for (int64_t k = 0; gemm && k < g.KK; ++k) {
+        const T* src = sp + k * n + (i - i0) * g.Wo;
+        T* dst = wt + k * g.RS;
+        int64_t j = 0;
+        for (; j + JB <= g.Wo; j += JB) vstore<T, VB>(dst + j, vload<T, VB>(src + j) + b2g[k]);
+        for (; j < g.Wo; ++j) dst[j] = src[j] + b2g[k];
+      }
+      T* o = out + (b * g.C + c0) * g.HWo + i * g.Wo;
+      int64_t c = 0;
+      for (; c + 4 <= g.cpg; c += 4) aggregate_row<T, VB, 4>(g, wt, buf.xp.data() + c * g.plane, i, o + c * g.HWo);
+      for (; c < g.cpg; ++c) aggregate_row<T, VB, 1>(g, wt, buf.xp.data() + c * g.plane, i, o + c * g.HWo);
+    }
   }
 }
 
@@ -385,6 +449,7 @@ void forward_impl(const at::Tensor& x, const at::Tensor& r, const at::Tensor& W2
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, work));
   at::parallel_for(0, g.B * g.G, grain, [&](int64_t u0, int64_t u1) {
     Buffers<T> buf(g, false);
+    if (has_gemm<T>()) buf.sp.resize(span_rows(g) * g.Wo * g.KK);
     for (int64_t u = u0; u < u1; ++u) forward_item<T, VB>(g, xd, rd, W2d, b2d, od, u / g.G, u % g.G, buf);
   });
 }
@@ -455,5 +520,7 @@ std::vector<at::Tensor> backward(const at::Tensor& go, const at::Tensor& x, cons
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &forward, "fused involution forward (CPU)");
+  m.def("set_blas", [](bool on) { use_blas = on; }, "use torch's BLAS for the forward's span weights (where found)");
+  m.def("has_blas", []() { return kSgemm != nullptr && kDgemm != nullptr; }, "torch's BLAS gemm was found");
   m.def("backward", &backward, "fused involution backward: grad x, grad r, grad W2, grad b2 (CPU)");
 }

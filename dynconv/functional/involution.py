@@ -21,6 +21,8 @@ installed; other devices take the decomposition with `pixel_filter`'s fast path.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -190,7 +192,8 @@ def involution(x: Tensor, reduced: Tensor, weight: Tensor, bias: Tensor, *, kern
     fused=False runs the decomposition on `backend` everywhere (the unfused operator, for comparisons).
     """
     tensors, geometry = _prepare(x, reduced, weight, bias, kernel_size, stride, padding, dilation, groups)
-    with torch.autocast(x.device.type, enabled=False):
+    autocast = torch.is_autocast_enabled(x.device.type)  # inputs already cast: the ops run without it
+    with torch.autocast(x.device.type, enabled=False) if autocast else contextlib.nullcontext():
         ops = _fused_ops(tensors, backend) if fused else None
         if ops is None:
             return _decomposed(*tensors, geometry[0], *map(tuple, geometry[1:4]), geometry[4], backend)

@@ -37,7 +37,14 @@ def laid_out(t: Tensor, memory_format: torch.memory_format) -> Tensor:
     kernels promise; copied only where they differ. (`.contiguous(memory_format=...)` is not enough: it keeps a
     tensor whose strides differ only at size-1 dimensions, e.g. a batch-1 channels_last result, and compiled
     code asserts the exact strides.)"""
-    target = torch.empty(t.shape, device="meta", memory_format=memory_format).stride()
+    if memory_format == torch.contiguous_format:  # the common case without building a meta tensor
+        target, n = [], 1
+        for size in reversed(t.shape):
+            target.append(n)
+            n *= size
+        target = tuple(reversed(target))
+    else:
+        target = torch.empty(t.shape, device="meta", memory_format=memory_format).stride()
     if t.stride() == target:
         return t
     return torch.empty(t.shape, dtype=t.dtype, device=t.device, memory_format=memory_format).copy_(t)

@@ -73,16 +73,17 @@ def launchable(tensors, sampled) -> bool:
     """True when a Triton kernel here can take `tensors` (None skipped): triton present and enabled, one floating
     dtype and one device, that device CUDA (or CPU under the interpreter opt-in), and each of the `sampled` tensors
     (those addressed per sample) non-empty with one sample's offsets within 32 bits."""
-    if triton is None or not enabled():
+    x = tensors[0]  # the device first: a CPU tensor outside the interpreter leaves at once
+    on_device = x.device.type == "cuda" or (x.device.type == "cpu" and interpreter_opted_in())
+    if triton is None or not on_device or not enabled():
         return False
-    x = tensors[0]
     if any(t is not None and (t.dtype != x.dtype or t.device != x.device) for t in tensors) or x.dtype not in DTYPES:
         return False
     if any(t.numel() == 0 for t in sampled):  # nothing to launch; the PyTorch path handles empty batches
         return False
     if max(t[0].numel() for t in sampled) >= 2**31:  # offsets within one sample are 32-bit
         return False
-    return x.device.type == "cuda" or (x.device.type == "cpu" and interpreter_opted_in())
+    return True
 
 
 def available(x: Tensor, spatial: Tensor, channel: Tensor | None = None) -> bool:

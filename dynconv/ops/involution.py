@@ -26,9 +26,12 @@ def ceil_avg_pool(x: Tensor, stride: int) -> Tensor:
     """`AvgPool2d(stride, stride, ceil_mode=True)`: windows of the last row and column that pass the input's
     edge average only the pixels inside. Zero-padded by stride − 1 (a constant, so dynamic shapes stay simple),
     pooled, and divided by the fraction of each window inside the input, so no ceil_mode reaches a compiler.
-    Where the stride divides the size the padding is never read and the divisor is 1: AvgPool2d(s, s) exactly."""
+    Where the stride divides the size the padding is never read and the divisor is 1: AvgPool2d(s, s) exactly,
+    which eager runs directly (compiled code keeps one formula for every size: no guard on the size's parity)."""
     if stride == 1:
         return x
+    if x.shape[-2] % stride == 0 and x.shape[-1] % stride == 0 and not torch.compiler.is_compiling():
+        return F.avg_pool2d(x, stride)  # eager, divisible: the same windows without the padded copies
     pad = [0, stride - 1, 0, stride - 1]
     inside = F.avg_pool2d(F.pad(x.new_ones(1, 1, *x.shape[-2:]), pad), stride)
     return F.avg_pool2d(F.pad(x, pad), stride) / inside

@@ -1,6 +1,7 @@
 """Every paper model exports to ONNX with a symbolic batch and matches PyTorch on ONNX Runtime;
 scripts/export.py writes a .pt2 program that reloads and runs at another batch size."""
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -40,6 +41,9 @@ def test_paper_model_onnx_matches_pytorch(spec, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("DYNCONV_CONFORMANCE") != "deep",
+                    reason="DYNCONV_CONFORMANCE=deep: 150 s on 2 cores; tests/dynconv/test_export.py checks dk_local's "
+                           "export against the fused kernel in CI")
 def test_dk_local_resnet_onnx_matches_pytorch(tmp_path):
     """ResNet-50 with local Deformable Kernels (deep_only, 1/8 width): ONNX Runtime runs the export
     decomposition, eager PyTorch the compiled kernel, with offsets that move taps across the scope."""
@@ -74,6 +78,31 @@ def test_ort_tolerance_is_4x_pytorchs_own_float32_error_and_at_least_1e_4():
     assert float32_error(lossy, inputs) > 1e-4 / 4  # float32 keeps ~7 digits of 1e4 + x
     assert ort_tolerance(lossy, inputs) == 4 * float32_error(lossy, inputs)
     assert ort_tolerance(nn.Sequential(affine(0.0)).eval(), inputs) == 1e-4
+
+
+@pytest.mark.slow
+def test_export_script_writes_an_aoti_package_with_the_fused_kernels(tmp_path):
+    """`--format aoti`: an AOTInductor package whose --check is within the bound, that serves other batch sizes,
+    and whose program calls dynconv's involution op (the compiled kernel), not the export decomposition."""
+    import torch._inductor
+
+    from dynconv.export import export_aoti  # noqa: F401  (the function the script calls)
+
+    out = tmp_path / "rednet26_aoti.pt2"
+    args = ["--arch", "rednet26", "--img-size", "32", "--format", "aoti", "--check", str(out)]
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "export.py"), *args], cwd=ROOT, check=True,
+                          capture_output=True, text=True)
+    line = proc.stdout.strip().splitlines()[-1]
+    diff, bound = (float(v) for v in re.search(r"max relative diff (\S+) \(bound (\S+):", line).groups())
+    assert diff < bound and "above" not in line, line
+    package = torch._inductor.aoti_load_package(str(out))
+    for batch in (1, 4):
+        assert package(torch.randn(batch, 3, 32, 32)).shape == (batch, 1000)
+    model = build(next(s for s in PAPER_MODELS if s.label == "RedNet-26"), 32)
+    with torch.no_grad():
+        program = torch.export.export(model.eval(), (torch.randn(2, 3, 32, 32),))
+    targets = {str(n.target) for m in program.graph_module.modules() for n in m.graph.nodes}
+    assert "dynconv.involution.default" in targets, sorted(targets)
 
 
 def test_export_script_writes_a_pt2_program_with_a_dynamic_batch(tmp_path):
