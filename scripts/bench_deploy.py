@@ -80,17 +80,14 @@ def bench(spec: PaperModel, batches, repeat: int, size: int, workdir: Path, engi
     return rows
 
 
-def ort_session(model, size: int, path: Path, spinning: bool = True, **options):
+def ort_session(model, size: int, path: Path, **options):
     """An ONNX Runtime CPU session of `model` exported to `path`, with torch's intra-op threads and any other
-    `ort.SessionOptions` attributes in `options` (e.g. enable_profiling=True). `spinning=False` makes its
-    worker threads sleep at once after a run (for sessions that run in turns, each would slow the others)."""
+    `ort.SessionOptions` attributes in `options` (e.g. enable_profiling=True)."""
     import onnxruntime as ort
 
     export_onnx(model, torch.randn(2, 3, size, size), path)
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = torch.get_num_threads()
-    if not spinning:
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     for name, value in options.items():
         setattr(opts, name, value)
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])

@@ -234,12 +234,11 @@ def engine_run(model: torch.nn.Module, x: torch.Tensor, engine: str, workdir: Pa
     """A call that runs inference of the eval-mode deploy copy `model` on `x` with `engine`, or why it cannot:
     eager under `torch.inference_mode()`; `torch.compile(fullgraph=True, dynamic=True)` with freezing; the
     AOTInductor package `dynconv.export.export_aoti` writes (the fused kernels inside); ONNX Runtime's CPU
-    provider on the file `dynconv.export.export_onnx` writes, its threads not spinning between runs (as
-    `scripts/bench_deploy.py` runs them otherwise)."""
+    provider on the file `dynconv.export.export_onnx` writes (as `scripts/bench_deploy.py` runs them)."""
     from bench_deploy import compile_model, ort_session
 
     if engine == "ort":
-        session = ort_session(model, x.shape[-1], workdir / "model.onnx", spinning=False, **ort_options)
+        session = ort_session(model, x.shape[-1], workdir / "model.onnx", **ort_options)
         feed = {session.get_inputs()[0].name: x.cpu().numpy()}
         run = functools.partial(session.run, None, feed)
         run.session = session
@@ -284,7 +283,7 @@ def paired_infer(specs: list[Spec], batch: int, repeat: int, size: int, engines:
     for engine in engines:  # one engine at a time: the models in turns, no other engine's threads spinning between
         timed = [label for label in runs if label not in failed and engine_of[label] == engine]
         times.update(zip(timed, paired_ms([runs[label] for label in timed], repeat)))
-    text = paired_table([r for r in rows if r[0] in timed], times, size, f"inference ms (batch {batch})")
+    text = paired_table([r for r in rows if r[0] in times], times, size, f"inference ms (batch {batch})")
     return text + "".join(f"\n| {label} | {size}² | {why} | |" for label, why in failed.items())
 
 

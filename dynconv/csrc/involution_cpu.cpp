@@ -18,15 +18,17 @@
 // bytes where a row is too narrow for the wide ones; the aggregation keeps 4 channels x 2 blocks of
 // accumulators in registers across the taps.
 // - Forward: one work item per (sample, group); they write disjoint outputs. The span projection of a
-//   block of rows is one GEMM of the BLAS torch links (single-threaded in the work item); the
-//   loop (`taps`) serves where the process has no BLAS, and the backward.
+//   block of rows is one GEMM of the BLAS torch links (single-threaded in the work item); the loop
+//   (`taps`) serves where the process has no BLAS.
 // - Backward: work items are (sample, run of groups); a contiguous range of items is one chunk, one
 //   chunk per thread. Per row and group, the recomputed wt and the rows of grad_out are read once
 //   for two sums over blocks of 8 channels: gw[k] = sum_c grad_out_c * x_c,tap k (the gradient of w,
 //   with grad_out in registers across the taps) and grad x as a gather, each block of a grad-x row
-//   summing wt_k * grad_out_c over the taps that reach it (no product is stored). gw then gives the
-//   row of grad r (W2_g^T gw) and per-lane partial sums of grad W2 (gw r^T) and grad b2, reduced in
-//   double once per item into the chunk's own (G*KK, M) slice; the chunks' slices are summed at the
+//   summing wt_k * grad_out_c over the taps that reach it (no product is stored). gw then gives
+//   grad r (W2_g^T gw) and grad W2 (gw r^T): with a BLAS, two GEMMs per block of rows (wt recomputed
+//   by a third, as in the forward); without, per row with lanes over M (`project_row`). Grad W2 and
+//   the per-lane partial sums of grad b2 are reduced in double once per item into the chunk's own
+//   (G*KK, M) slice; the chunks' slices are summed at the
 //   end, in a fixed order. Runs of groups are whole samples unless there are fewer samples than
 //   threads; then each run sums into its own copy of grad r, and the copies are added at the end.
 // Threads: ATen's intra-op pool (at::parallel_for), so torch.set_num_threads applies.
@@ -59,14 +61,14 @@ bool has_gemm() {
   return use_blas && (std::is_same_v<T, float> ? kSgemm != nullptr : kDgemm != nullptr);
 }
 
-// Column-major C (m x n, ld ldc) = A (m x k, ld lda) B (k x n, ld ldb), no transposes.
+// Column-major C (m x n, ld ldc) = op(A) op(B) + beta C, op(X) = X ('N') or its transpose ('T').
 template <typename T>
-void gemm_nn(int64_t m, int64_t n, int64_t k, const T* A, int64_t lda, const T* B, int64_t ldb, T* C, int64_t ldc) {
-  const char N = 'N';
+void gemm(char ta, char tb, int64_t m, int64_t n, int64_t k, const T* A, int64_t lda, const T* B, int64_t ldb, T beta,
+          T* C, int64_t ldc) {
   const int mi = int(m), ni = int(n), ki = int(k), la = int(lda), lb = int(ldb), lc = int(ldc);
-  const T one = 1, zero = 0;
-  if constexpr (std::is_same_v<T, float>) kSgemm(&N, &N, &mi, &ni, &ki, &one, A, &la, B, &lb, &zero, C, &lc);
-  else kDgemm(&N, &N, &mi, &ni, &ki, &one, A, &la, B, &lb, &zero, C, &lc);
+  const T one = 1;
+  if constexpr (std::is_same_v<T, float>) kSgemm(&ta, &tb, &mi, &ni, &ki, &one, A, &la, B, &lb, &beta, C, &lc);
+  else kDgemm(&ta, &tb, &mi, &ni, &ki, &one, A, &la, B, &lb, &beta, C, &lc);
 }
 
 #ifdef __AVX512F__
@@ -218,13 +220,20 @@ void aggregate_row(const Geom& g, const T* wt, const T* xp, int64_t i, T* o) {
   for (; j0 < g.Wq; j0 += JB) tile(std::integral_constant<int, 1>{}, j0);
 }
 
+// Rows of span weights one GEMM computes (forward and backward): about 64K values, so they stay in L2.
+inline int64_t span_rows(const Geom& g) {
+  return std::min(g.Ho, std::max<int64_t>(1, (int64_t(1) << 16) / (g.KK * g.Wo)));
+}
+
 // Thread-local buffers, zero from allocation where the kernels rely on it (see each use).
 template <typename T>
 struct Buffers {
-  std::vector<T> xp, gxp, rb, wt, gw, gob, W2t, rt, grt, gWl, gbl, sp;
+  std::vector<T> xp, gxp, rb, wt, gw, gob, W2t, rt, grt, gWl, gbl, sp, gwb;
   Buffers(const Geom& g, bool backward)
       : xp(g.cpg * g.plane, T(0)), rb(g.M * g.Wq, T(0)), wt(g.KK * g.RS, T(0)) {
+    if (has_gemm<T>()) sp.resize(span_rows(g) * g.Wo * g.KK);
     if (!backward) return;
+    if (has_gemm<T>()) gwb.resize(span_rows(g) * g.Wo * g.KK);
     gxp.resize(g.cpg * g.plane);
     gw.resize(g.KK * g.Wq);
     gob.assign(kGradBlock * g.RS, T(0));
@@ -237,9 +246,18 @@ struct Buffers {
   static constexpr int kGradBlock = 8;  // channels per block of the backward
 };
 
-// Rows of span weights one GEMM of the forward computes: about 64K values, so they stay in L2.
-inline int64_t span_rows(const Geom& g) {
-  return std::min(g.Ho, std::max<int64_t>(1, (int64_t(1) << 16) / (g.KK * g.Wo)));
+// The KK tap rows of one output row into wt [KK][RS] from the block's span weights (rows n apart, this
+// row's first column at sp) with the bias added; lanes past Wo keep their values (zero from allocation).
+template <typename T, int VB>
+void block_taps(const Geom& g, const T* sp, int64_t n, const T* b2g, T* wt) {
+  constexpr int64_t JB = VB / sizeof(T);
+  for (int64_t k = 0; k < g.KK; ++k) {
+    const T* src = sp + k * n;
+    T* dst = wt + k * g.RS;
+    int64_t j = 0;
+    for (; j + JB <= g.Wo; j += JB) vstore<T, VB>(dst + j, vload<T, VB>(src + j) + b2g[k]);
+    for (; j < g.Wo; ++j) dst[j] = src[j] + b2g[k];
+  }
 }
 
 // Group gr of sample b. For a block of output rows, the span weights without the bias, sp [KK][rows*Wo] =
@@ -249,9 +267,8 @@ inline int64_t span_rows(const Geom& g) {
 template <typename T, int VB>
 void forward_item(const Geom& g, const T* x, const T* r, const T* W2, const T* b2, T* out, int64_t b,
                   int64_t gr, Buffers<T>& buf) {
-  constexpr int64_t JB = VB / sizeof(T);
-  const bool gemm = has_gemm<T>();
-  const int64_t c0 = gr * g.cpg, rows = gemm ? span_rows(g) : g.Ho;
+  const bool use_gemm = has_gemm<T>();
+  const int64_t c0 = gr * g.cpg, rows = use_gemm ? span_rows(g) : g.Ho;
   const T* W2g = W2 + gr * g.KK * g.M;
   const T* b2g = b2 + gr * g.KK;
   const T* rbs = r + b * g.M * g.HWo;
@@ -261,18 +278,13 @@ void forward_item(const Geom& g, const T* x, const T* r, const T* W2, const T* b
   for (int64_t i0 = 0; i0 < g.Ho; i0 += rows) {
     const int64_t n = std::min(rows, g.Ho - i0) * g.Wo;  // columns (pixels) of this block
     // column-major: sp^T (n x KK) = r_b^T (n x M, ld HWo) W2g^T (M x KK, ld M)
-    if (gemm) gemm_nn<T>(n, g.KK, g.M, rbs + i0 * g.Wo, g.HWo, W2g, g.M, sp, n);
+    if (use_gemm) gemm<T>('N', 'N', n, g.KK, g.M, rbs + i0 * g.Wo, g.HWo, W2g, g.M, T(0), sp, n);
     for (int64_t i = i0; i < std::min(g.Ho, i0 + rows); ++i) {
-      if (!gemm) {  // no BLAS: the tap rows from this row's reduced features
+      if (use_gemm) {
+        block_taps<T, VB>(g, sp + (i - i0) * g.Wo, n, b2g, wt);
+      } else {  // no BLAS: the tap rows from this row's reduced features
         load_rows<T, VB>(g, rbs, g.M, i, buf.rb.data(), g.Wq);
         taps<T, VB>(g, W2g, b2g, buf.rb.data(), wt);
-      }
-      for (int64_t k = 0; gemm && k < g.KK; ++k) {
-        const T* src = sp + k * n + (i - i0) * g.Wo;
-        T* dst = wt + k * g.RS;
-        int64_t j = 0;
-        for (; j + JB <= g.Wo; j += JB) vstore<T, VB>(dst + j, vload<T, VB>(src + j) + b2g[k]);
-        for (; j < g.Wo; ++j) dst[j] = src[j] + b2g[k];
       }
       T* o = out + (b * g.C + c0) * g.HWo + i * g.Wo;
       int64_t c = 0;
@@ -365,41 +377,67 @@ void project_row(const Geom& g, const T* W2t, const T* gw, const T* rt, T* grt, 
 
 // Group gr of sample b: grad x of its channels, its share of grad r (added into gr), and its
 // grad W2 / grad b2 (summed in T over the item) added in double into gW2d [G*KK][M] and gb2d [G*KK].
+// With a BLAS, rows go in blocks as in the forward: one GEMM recomputes the block's span weights, gw of
+// each row is kept in gwb [KK][n], and two GEMMs per block add grad r (W2g^T gwb) and grad W2 (gwb r^T);
+// without, each row recomputes its taps and `project_row` does both sums.
 template <typename T, int VB>
 void backward_group(const Geom& g, const T* x, const T* r, const T* W2, const T* b2, const T* go, T* gx, T* gr,
                     double* gW2d, double* gb2d, int64_t b, int64_t grp, Buffers<T>& buf) {
   constexpr int CB = Buffers<T>::kGradBlock;
-  const int64_t c0 = grp * g.cpg, JB = g.JB;
+  const bool use_gemm = has_gemm<T>();
+  const int64_t c0 = grp * g.cpg, JB = g.JB, rows = use_gemm ? span_rows(g) : g.Ho;
   const T* W2g = W2 + grp * g.KK * g.M;
   const T* b2g = b2 + grp * g.KK;
+  const T* rbs = r + b * g.M * g.HWo;
+  T* grb = gr + b * g.M * g.HWo;
   T *gxp = buf.gxp.data(), *wt = buf.wt.data() + g.Mq, *gob = buf.gob.data() + g.Mq;
   copy_planes<T, VB, true>(g, x + (b * g.C + c0) * g.H * g.W, g.cpg, buf.xp.data());
   std::fill(buf.gxp.begin(), buf.gxp.end(), T(0));
   std::fill(buf.gWl.begin(), buf.gWl.end(), T(0));
   std::fill(buf.gbl.begin(), buf.gbl.end(), T(0));
-  for (int64_t k = 0; k < g.KK; ++k)
-    for (int64_t m = 0; m < g.M; ++m) buf.W2t[k * g.MV + m] = W2g[k * g.M + m];
+  if (!use_gemm)
+    for (int64_t k = 0; k < g.KK; ++k)
+      for (int64_t m = 0; m < g.M; ++m) buf.W2t[k * g.MV + m] = W2g[k * g.M + m];
   const T* go_g = go + (b * g.C + c0) * g.HWo;
-  for (int64_t i = 0; i < g.Ho; ++i) {
-    load_rows<T, VB>(g, r + b * g.M * g.HWo, g.M, i, buf.rb.data(), g.Wq);
-    taps<T, VB>(g, W2g, b2g, buf.rb.data(), wt);
-    int64_t c = 0;
-    for (; c + CB <= g.cpg; c += CB) {
-      load_rows<T, VB>(g, go_g + c * g.HWo, CB, i, gob, g.RS);
-      backward_row<T, VB, CB>(g, wt, buf.xp.data() + c * g.plane, gob, c == 0, buf.gw.data(), gxp + c * g.plane, i);
+  for (int64_t i0 = 0; i0 < g.Ho; i0 += rows) {
+    const int64_t n = std::min(rows, g.Ho - i0) * g.Wo;
+    if (use_gemm) gemm<T>('N', 'N', n, g.KK, g.M, rbs + i0 * g.Wo, g.HWo, W2g, g.M, T(0), buf.sp.data(), n);
+    for (int64_t i = i0; i < std::min(g.Ho, i0 + rows); ++i) {
+      if (use_gemm) {
+        block_taps<T, VB>(g, buf.sp.data() + (i - i0) * g.Wo, n, b2g, wt);
+      } else {
+        load_rows<T, VB>(g, rbs, g.M, i, buf.rb.data(), g.Wq);
+        taps<T, VB>(g, W2g, b2g, buf.rb.data(), wt);
+      }
+      int64_t c = 0;
+      for (; c + CB <= g.cpg; c += CB) {
+        load_rows<T, VB>(g, go_g + c * g.HWo, CB, i, gob, g.RS);
+        backward_row<T, VB, CB>(g, wt, buf.xp.data() + c * g.plane, gob, c == 0, buf.gw.data(), gxp + c * g.plane,
+                                i);
+      }
+      for (; c < g.cpg; ++c) {
+        load_rows<T, VB>(g, go_g + c * g.HWo, 1, i, gob, g.RS);
+        backward_row<T, VB, 1>(g, wt, buf.xp.data() + c * g.plane, gob, c == 0, buf.gw.data(), gxp + c * g.plane, i);
+      }
+      if (use_gemm) {  // this row's gw into the block's gwb
+        for (int64_t k = 0; k < g.KK; ++k)
+          std::copy_n(buf.gw.data() + k * g.Wq, g.Wo, buf.gwb.data() + k * n + (i - i0) * g.Wo);
+      } else {
+        for (int64_t m = 0; m < g.M; ++m)
+          for (int64_t j = 0; j < g.Wo; ++j) buf.rt[j * g.MV + m] = buf.rb[m * g.Wq + j];
+        project_row<T, VB>(g, buf.W2t.data(), buf.gw.data(), buf.rt.data(), buf.grt.data(), grb, i, buf.gWl.data());
+      }
+      for (int64_t k = 0; k < g.KK; ++k) {  // grad b2: per-lane sums of gw, zero past Wo
+        Vec<T, VB> gb = vload<T, VB>(buf.gbl.data() + k * JB);
+        for (int64_t j0 = 0; j0 < g.Wq; j0 += JB) gb += vload<T, VB>(buf.gw.data() + k * g.Wq + j0);
+        vstore<T, VB>(buf.gbl.data() + k * JB, gb);
+      }
     }
-    for (; c < g.cpg; ++c) {
-      load_rows<T, VB>(g, go_g + c * g.HWo, 1, i, gob, g.RS);
-      backward_row<T, VB, 1>(g, wt, buf.xp.data() + c * g.plane, gob, c == 0, buf.gw.data(), gxp + c * g.plane, i);
-    }
-    for (int64_t m = 0; m < g.M; ++m)
-      for (int64_t j = 0; j < g.Wo; ++j) buf.rt[j * g.MV + m] = buf.rb[m * g.Wq + j];
-    project_row<T, VB>(g, buf.W2t.data(), buf.gw.data(), buf.rt.data(), buf.grt.data(), gr + b * g.M * g.HWo, i,
-                       buf.gWl.data());
-    for (int64_t k = 0; k < g.KK; ++k) {  // grad b2: per-lane sums of gw, zero past Wo
-      Vec<T, VB> gb = vload<T, VB>(buf.gbl.data() + k * JB);
-      for (int64_t j0 = 0; j0 < g.Wq; j0 += JB) gb += vload<T, VB>(buf.gw.data() + k * g.Wq + j0);
-      vstore<T, VB>(buf.gbl.data() + k * JB, gb);
+    if (use_gemm) {
+      // grad r^T (n x M, ld HWo) += gwb^T (n x KK, ld n) W2g (KK x M: W2g row-major, i.e. transposed, ld M)
+      gemm<T>('N', 'T', n, g.M, g.KK, buf.gwb.data(), n, W2g, g.M, T(1), grb + i0 * g.Wo, g.HWo);
+      // grad W2g (row-major KK x M = column-major M x KK, ld MV) += r_block (M x n) gwb^T (n x KK)
+      gemm<T>('T', 'N', g.M, g.KK, n, rbs + i0 * g.Wo, g.HWo, buf.gwb.data(), n, T(1), buf.gWl.data(), g.MV);
     }
   }
   copy_planes<T, VB, false>(g, gx + (b * g.C + c0) * g.H * g.W, g.cpg, gxp);
@@ -449,7 +487,6 @@ void forward_impl(const at::Tensor& x, const at::Tensor& r, const at::Tensor& W2
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, work));
   at::parallel_for(0, g.B * g.G, grain, [&](int64_t u0, int64_t u1) {
     Buffers<T> buf(g, false);
-    if (has_gemm<T>()) buf.sp.resize(span_rows(g) * g.Wo * g.KK);
     for (int64_t u = u0; u < u1; ++u) forward_item<T, VB>(g, xd, rd, W2d, b2d, od, u / g.G, u % g.G, buf);
   });
 }

@@ -41,7 +41,7 @@ def laid_out(t: Tensor, memory_format: torch.memory_format) -> Tensor:
         target, n = [], 1
         for size in reversed(t.shape):
             target.append(n)
-            n *= size
+            n *= max(size, 1)  # as torch: a size-0 dimension does not zero the strides outside it
         target = tuple(reversed(target))
     else:
         target = torch.empty(t.shape, device="meta", memory_format=memory_format).stride()

@@ -62,24 +62,25 @@ def test_matches_decomposition_float64(case):
 
 @pytest.mark.parametrize("blas", [True, False], ids=["blas", "no-blas"])
 @pytest.mark.parametrize("case", CASES, ids=str)
-def test_forward_span_weights_by_blas_and_by_the_kernel(case, blas):
-    """The compiled forward takes the span weights from torch's BLAS (a GEMM per block of rows) where the process
-    has one, else from its own loop: both equal the decomposition to float64 rounding."""
+def test_span_weights_by_blas_and_by_the_kernel(case, blas):
+    """The compiled kernel takes the span weights, grad r and grad W2 from torch's BLAS (GEMMs per block of rows)
+    where the process has one, else from its own loops: both equal the decomposition to float64 rounding, forward
+    and every gradient."""
     from dynconv.functional import native
 
     kernel = native.INVOLUTION.load()
     if kernel is None:
         pytest.skip("the compiled involution kernel is not built here")
     assert kernel.has_blas()  # torch's wheels link a BLAS; the no-BLAS path is forced below
-    inputs, geometry = _inputs(case)
-    with torch.no_grad():
-        kernel.set_blas(blas)
-        try:
-            out = involution(*inputs, **geometry, backend="fast")
-        finally:
-            kernel.set_blas(True)
-        ref = involution(*inputs, **geometry, backend="reference")
-    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    inputs, geometry = _inputs(case, channels_last=case[0] == 3)
+    kernel.set_blas(blas)
+    try:
+        out, go, grads = _out_and_grads(inputs, geometry, "fast")
+    finally:
+        kernel.set_blas(True)
+    ref, _, ref_grads = _out_and_grads(inputs, geometry, "reference", go)
+    for got, want in zip((out, *grads), (ref, *ref_grads)):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("case", CASES[:2] + CASES[-1:], ids=str)
