@@ -53,11 +53,18 @@ def _batch_dims(example: Tensor, dynamic_batch: bool):
     return ({0: torch.export.Dim("batch", min=1, max=65536)},) if dynamic_batch else None
 
 
+def _traceable(example: Tensor, dynamic_batch: bool) -> Tensor:
+    """`example`, or two copies of a batch-1 one when the batch is to stay symbolic (torch.export specialises a
+    size-1 dimension to the constant 1)."""
+    if dynamic_batch and example.shape[0] == 1:
+        return example.expand(2, *example.shape[1:]).contiguous()
+    return example
+
+
 def _trace(model: nn.Module, example: Tensor, dynamic_batch: bool) -> torch.export.ExportedProgram:
     """torch.export specialises a size-1 dimension to the constant 1 (its 0/1 specialisation), so a batch-1 example
     of a symbolic batch is traced as two copies of itself; the program still serves batch 1."""
-    if dynamic_batch and example.shape[0] == 1:
-        example = example.expand(2, *example.shape[1:]).contiguous()
+    example = _traceable(example, dynamic_batch)
     with use_backend("export"), torch.no_grad():
         return torch.export.export(model, (example,), dynamic_shapes=_batch_dims(example, dynamic_batch))
 
@@ -156,8 +163,7 @@ def export_aoti(model: nn.Module, example: Tensor, path: str | Path, *, dynamic_
     into the convolutions, weights pre-packed for oneDNN). Load it with `torch._inductor.aoti_load_package(path)`
     in a process that has imported `dynconv` (which registers the ops); returns the path."""
     model = deploy_copy(model)
-    if dynamic_batch and example.shape[0] == 1:  # as `_trace`: a batch-1 example would specialise the batch
-        example = example.expand(2, *example.shape[1:]).contiguous()
+    example = _traceable(example, dynamic_batch)
     with torch.no_grad():
         program = torch.export.export(model, (example,), dynamic_shapes=_batch_dims(example, dynamic_batch))
     from torch._inductor import aoti_compile_and_package

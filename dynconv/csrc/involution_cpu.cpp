@@ -260,6 +260,19 @@ void block_taps(const Geom& g, const T* sp, int64_t n, const T* b2g, T* wt) {
   }
 }
 
+// The KK tap rows wt of output row i, row i - i0 of its block: from the block's GEMM (buf.sp, n columns) or,
+// without BLAS, from the row's reduced features (loaded into buf.rb, which the backward's loop path reads too).
+template <typename T, int VB>
+void row_taps(const Geom& g, bool use_gemm, int64_t n, int64_t in_block, int64_t i, const T* rbs, const T* W2g,
+              const T* b2g, Buffers<T>& buf, T* wt) {
+  if (use_gemm) {
+    block_taps<T, VB>(g, buf.sp.data() + in_block * g.Wo, n, b2g, wt);
+  } else {
+    load_rows<T, VB>(g, rbs, g.M, i, buf.rb.data(), g.Wq);
+    taps<T, VB>(g, W2g, b2g, buf.rb.data(), wt);
+  }
+}
+
 // Group gr of sample b. For a block of output rows, the span weights without the bias, sp [KK][rows*Wo] =
 // W2g r_b (one GEMM of torch's BLAS, single-threaded inside the work item, at its speed); per output row the
 // KK tap rows are then copied into wt with the bias added (lanes past Wo stay zero from allocation) and
@@ -273,19 +286,13 @@ void forward_item(const Geom& g, const T* x, const T* r, const T* W2, const T* b
   const T* b2g = b2 + gr * g.KK;
   const T* rbs = r + b * g.M * g.HWo;
   T* wt = buf.wt.data() + g.Mq;
-  T* sp = buf.sp.data();
   copy_planes<T, VB, true>(g, x + (b * g.C + c0) * g.H * g.W, g.cpg, buf.xp.data());
   for (int64_t i0 = 0; i0 < g.Ho; i0 += rows) {
     const int64_t n = std::min(rows, g.Ho - i0) * g.Wo;  // columns (pixels) of this block
     // column-major: sp^T (n x KK) = r_b^T (n x M, ld HWo) W2g^T (M x KK, ld M)
-    if (use_gemm) gemm<T>('N', 'N', n, g.KK, g.M, rbs + i0 * g.Wo, g.HWo, W2g, g.M, T(0), sp, n);
+    if (use_gemm) gemm<T>('N', 'N', n, g.KK, g.M, rbs + i0 * g.Wo, g.HWo, W2g, g.M, T(0), buf.sp.data(), n);
     for (int64_t i = i0; i < std::min(g.Ho, i0 + rows); ++i) {
-      if (use_gemm) {
-        block_taps<T, VB>(g, sp + (i - i0) * g.Wo, n, b2g, wt);
-      } else {  // no BLAS: the tap rows from this row's reduced features
-        load_rows<T, VB>(g, rbs, g.M, i, buf.rb.data(), g.Wq);
-        taps<T, VB>(g, W2g, b2g, buf.rb.data(), wt);
-      }
+      row_taps<T, VB>(g, use_gemm, n, i - i0, i, rbs, W2g, b2g, buf, wt);
       T* o = out + (b * g.C + c0) * g.HWo + i * g.Wo;
       int64_t c = 0;
       for (; c + 4 <= g.cpg; c += 4) aggregate_row<T, VB, 4>(g, wt, buf.xp.data() + c * g.plane, i, o + c * g.HWo);
@@ -403,12 +410,7 @@ void backward_group(const Geom& g, const T* x, const T* r, const T* W2, const T*
     const int64_t n = std::min(rows, g.Ho - i0) * g.Wo;
     if (use_gemm) gemm<T>('N', 'N', n, g.KK, g.M, rbs + i0 * g.Wo, g.HWo, W2g, g.M, T(0), buf.sp.data(), n);
     for (int64_t i = i0; i < std::min(g.Ho, i0 + rows); ++i) {
-      if (use_gemm) {
-        block_taps<T, VB>(g, buf.sp.data() + (i - i0) * g.Wo, n, b2g, wt);
-      } else {
-        load_rows<T, VB>(g, rbs, g.M, i, buf.rb.data(), g.Wq);
-        taps<T, VB>(g, W2g, b2g, buf.rb.data(), wt);
-      }
+      row_taps<T, VB>(g, use_gemm, n, i - i0, i, rbs, W2g, b2g, buf, wt);
       int64_t c = 0;
       for (; c + CB <= g.cpg; c += CB) {
         load_rows<T, VB>(g, go_g + c * g.HWo, CB, i, gob, g.RS);
