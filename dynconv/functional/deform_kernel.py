@@ -29,7 +29,7 @@ from . import triton_deform_kernel
 from .backend import resolve
 from .geometry import conv_out_hw, resolve_padding
 from .library import absent, as_input, laid_out, register_autograd
-from .pixel_filter import (_memory_format, acc_dtype, common_dtype, empty_out, padded_input, pixel_filter,
+from .pixel_filter import (_memory_format, acc_dtype, autocast_off, common_dtype, empty_out, padded_input, pixel_filter,
                            shifted_taps, tap, zeros_in_format)
 
 try:
@@ -296,5 +296,5 @@ def deform_kernel_local(x: Tensor, offset: Tensor, weight: Tensor, *, kernel_siz
     op = torch.ops.dynconv.deform_kernel_local
     if triton_deform_kernel.available(x, offset, weight):
         op = torch.ops.dynconv.deform_kernel_local_triton  # CUDA (or the opted-in interpreter)
-    with torch.autocast(x.device.type, enabled=False):
+    with autocast_off(x.device.type):
         return op(x, offset, weight, k, list(s), list(p), list(d))

@@ -24,7 +24,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .deform_kernel import tap_kernel
 from .geometry import resolve_padding
-from .pixel_filter import acc_dtype, common_dtype
+from .pixel_filter import acc_dtype, autocast_off, common_dtype
 
 __all__ = ["deform_kernel_dcn"]
 
@@ -61,7 +61,7 @@ def deform_kernel_dcn(x: Tensor, kernel_offset: Tensor, data_offset: Tensor, mas
         raise ValueError(f"offset groups {G} must divide the {C} channels")
     x, kernel_offset, data_offset, mask, weight = common_dtype(x, kernel_offset, data_offset, mask, weight)
     dtype, acc = x.dtype, acc_dtype(x.dtype)
-    with torch.autocast(x.device.type, enabled=False):
+    with autocast_off(x.device.type):
         x, kernel_offset, data_offset, mask, weight = (t.to(acc) for t in (x, kernel_offset, data_offset, mask, weight))
         xg = x.reshape(B, C // G, G, H, W).transpose(1, 2).reshape(B * G, C // G, H, W)
         if torch.compiler.is_compiling() or torch.compiler.is_exporting():  # module docstring

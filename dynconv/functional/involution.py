@@ -21,8 +21,6 @@ installed; other devices take the decomposition with `pixel_filter`'s fast path.
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -34,7 +32,7 @@ from . import triton_involution
 from .backend import resolve
 from .geometry import conv_out_hw, resolve_padding
 from .library import absent, as_input, laid_out, register_autograd
-from .pixel_filter import _memory_format, common_dtype, empty_out, pixel_filter
+from .pixel_filter import _memory_format, autocast_off, common_dtype, empty_out, pixel_filter
 
 try:
     from . import native
@@ -192,8 +190,7 @@ def involution(x: Tensor, reduced: Tensor, weight: Tensor, bias: Tensor, *, kern
     fused=False runs the decomposition on `backend` everywhere (the unfused operator, for comparisons).
     """
     tensors, geometry = _prepare(x, reduced, weight, bias, kernel_size, stride, padding, dilation, groups)
-    autocast = torch.is_autocast_enabled(x.device.type)  # inputs already cast: the ops run without it
-    with torch.autocast(x.device.type, enabled=False) if autocast else contextlib.nullcontext():
+    with autocast_off(x.device.type):
         ops = _fused_ops(tensors, backend) if fused else None
         if ops is None:
             return _decomposed(*tensors, geometry[0], *map(tuple, geometry[1:4]), geometry[4], backend)

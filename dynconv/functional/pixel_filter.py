@@ -19,6 +19,8 @@ for CUDA tensors where they are available, else the PyTorch tap loop with a hand
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -89,6 +91,14 @@ def common_dtype(*tensors: Tensor | None) -> list[Tensor | None]:
         for t in present[1:]:
             dtype = torch.promote_types(dtype, t.dtype)
     return [None if t is None else t.to(dtype) for t in tensors]
+
+
+def autocast_off(device_type: str):
+    """A context that turns autocast off while it is on (the inputs are already cast: the ops run without it), and
+    does nothing otherwise, so that a traced graph (torch.export, ONNX) holds no autocast region."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _check(x, spatial, channel, K, s, p, d, combine) -> None:
@@ -284,7 +294,7 @@ def pixel_filter(x: Tensor, spatial: Tensor, channel: Tensor | None = None, *, k
     p = resolve_padding(K, padding, d)
     _check(x, spatial, channel, K, s, p, d, combine)
     x, spatial, channel = common_dtype(x, spatial, channel)
-    with torch.autocast(x.device.type, enabled=False):
+    with autocast_off(x.device.type):
         mode = resolve(backend)
         if mode != "fast":
             return (_reference if mode == "reference" else _shifted)(x, spatial, channel, K, s, p, d, combine)
