@@ -405,6 +405,8 @@ def main(argv=None) -> None:
     ap.add_argument("--profile", action="store_true",
                     help="--paired --inference-only: after the table, each model's time by op on each engine "
                          "(eager: torch.profiler; ort: ONNX Runtime's profiler)")
+    ap.add_argument("--profile-rows", type=int, default=12, metavar="N",
+                    help="--profile: the N ops with the most time in any model, the rest summed as 'other'")
     ap.add_argument("--threads", type=int, help="intra-op threads for torch and ONNX Runtime (default: torch's)")
     ap.add_argument("--worker", choices=("eager", *COMPILE_MODES), help=argparse.SUPPRESS)  # in_fresh_process
     args = ap.parse_args(argv)
@@ -446,7 +448,7 @@ def main(argv=None) -> None:
         print(paired_infer(specs, batch, repeat, size, args.engines))
         for engine in args.engines if args.profile else ():
             if engine in ("eager", "ort"):  # inductor's kernels have no per-op breakdown to compare
-                print("\n" + op_breakdown(specs, batch, repeat, size, engine))
+                print("\n" + op_breakdown(specs, batch, repeat, size, engine, args.profile_rows))
         return
     if args.rounds < 1:
         ap.error(f"--rounds must be at least 1, got {args.rounds}")

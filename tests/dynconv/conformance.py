@@ -18,6 +18,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 import dynconv
 
+from .op_checks import OpRecord
+
 OPS = dynconv.list_ops()
 
 
@@ -83,23 +85,11 @@ def make_input(name: str, sample: Sample, dtype=torch.float64, batch: int | None
 def custom_ops(name: str) -> set[str]:
     """The `dynconv::` custom ops an operator's fast forward calls (those the compiled kernels or Triton serve):
     where there are none, the paths that switch kernels (`DYNCONV_NATIVE=0`, Triton) run the same code."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Record(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.seen = set()
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func.namespace == "dynconv":
-                self.seen.add(func.name())
-            return func(*args, **(kwargs or {}))
-
     sample = Sample(2, (6, 6), dynconv.get_op(name).domain.kernel_sizes[-1])
     module = build(name, sample, torch.float32).eval()
-    with Record() as record, torch.no_grad():
+    with OpRecord() as record, torch.no_grad():
         module(make_input(name, sample, torch.float32))
-    return record.seen
+    return {func.name() for func, _, _ in record.calls if func.namespace == "dynconv"}
 
 
 @dataclass

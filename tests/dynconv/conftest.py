@@ -54,21 +54,11 @@ def naive_aggregate():
 def largest_tensor():
     """largest_tensor(fn) → the most elements of any tensor an aten op produced while fn() ran
     (forward and backward), to check that a fast path never materialises the unfolded input."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Largest(TorchDispatchMode):
-        numel = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            for t in out if isinstance(out, (tuple, list)) else (out,):
-                if isinstance(t, torch.Tensor):
-                    self.numel = max(self.numel, t.numel())
-            return out
+    from .op_checks import OpRecord
 
     def measure(fn) -> int:
-        with Largest() as mode:
+        with OpRecord() as record:
             fn()
-        return mode.numel
+        return max((n for _, n in record.outputs()), default=0)
 
     return measure

@@ -1,6 +1,6 @@
 """Checks shared by the operator tests: a float64 gradcheck over the input and every parameter, a
 per-sample `F.conv2d` loop (the naive oracle for the kernel-mixing operators), and a record of the
-floating tensors a kernel launcher allocates."""
+ops a piece of code dispatches (the buffers a kernel launcher allocates, the kernels a module calls)."""
 import json
 import os
 import subprocess
@@ -58,25 +58,32 @@ def assert_channels_last_matches(op: torch.nn.Module, x: torch.Tensor) -> torch.
     return out
 
 
-class FloatAllocations(TorchDispatchMode):
-    """Records (dtype, numel) of every floating tensor an aten op returns while active: run a kernel
-    launcher's Python body inside it (a custom op is one opaque call) to see the buffers it makes."""
+class OpRecord(TorchDispatchMode):
+    """Every op dispatched while active (aten ops, and `dynconv::` custom ops as one opaque call each), as
+    `calls`: (op, its positional arguments' dtypes (None for a non-tensor), its tensor outputs' (dtype, numel)).
+    Nothing is kept alive. Run a launcher's Python body inside it to see the buffers it makes, or a module's
+    forward to see which kernels it calls."""
 
     def __init__(self):
         super().__init__()
-        self.seen = []
+        self.calls = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor) and t.is_floating_point():
-                self.seen.append((t.dtype, t.numel()))
+        outs = [(t.dtype, t.numel()) for t in (out if isinstance(out, (tuple, list)) else (out,))
+                if isinstance(t, torch.Tensor)]
+        self.calls.append((func, tuple(a.dtype if isinstance(a, torch.Tensor) else None for a in args), outs))
         return out
+
+    def outputs(self, *names: str) -> list[tuple[torch.dtype, int]]:
+        """(dtype, numel) of the tensors returned by ops whose overload packet is one of `names` (every op's when
+        none)."""
+        return [o for func, _, outs in self.calls if not names or func.__name__.split(".")[0] in names for o in outs]
 
     def upcasts(self, *inputs: torch.Tensor) -> list:
         """float32 tensors with as many elements as one of the (half-precision) `inputs`: upcast copies."""
         sizes = {t.numel() for t in inputs}
-        return [n for dt, n in self.seen if dt == torch.float32 and n in sizes]
+        return [n for dt, n in self.outputs() if dt == torch.float32 and n in sizes]
 
 
 def interpreter_check_results(test_file: str, channels_per_block: int) -> dict:

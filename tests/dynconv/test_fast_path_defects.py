@@ -15,6 +15,7 @@ import torch
 import dynconv
 
 from .conformance import Sample, tolerance
+from .op_checks import OpRecord
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -106,17 +107,9 @@ def test_parameter_gradients_keep_the_parameter_strides():
 def test_autocast_samples_deformable_kernels_at_float32_offsets():
     """Under bf16 autocast the local DK op gets x and the scope kernels in bf16 but the offsets in float32, as
     torchvision keeps deform_conv2d's (a bf16 offset plus a tap position near 3 rounds to 1/64 of a pixel)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    seen = []
-
-    class Record(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func.name().startswith("dynconv::deform_kernel_local"):
-                seen.append(tuple(a.dtype for a in args[:3]))
-            return func(*args, **(kwargs or {}))
-
     m = dynconv.create_op("dk_local", 8, 8, 3).train()
-    with torch.autocast("cpu", dtype=torch.bfloat16), Record():
+    with torch.autocast("cpu", dtype=torch.bfloat16), OpRecord() as record:
         m(torch.randn(2, 8, 6, 6))
+    seen = [dtypes[:3] for func, dtypes, _ in record.calls
+            if func.name().startswith("dynconv::deform_kernel_local")]
     assert seen and all(dt == (torch.bfloat16, torch.float32, torch.bfloat16) for dt in seen), seen

@@ -3,12 +3,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import dynconv
 from dynconv.complexity import count_macs
 from dynconv.operator import pixel_macs
 from models._layers import timm_init
+
+from .op_checks import OpRecord
 
 H = W = 8
 
@@ -42,34 +43,19 @@ def test_backbone_init_follows_has_own_init(name):
     assert changed == [] if op.has_own_init else (bool(changed) or not has_conv), changed
 
 
-class _Products(TorchDispatchMode):
-    """The largest elementwise product (`mul`, `addcmul`) a forward computes, in elements."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if func.__name__.split(".")[0] in ("mul", "mul_", "addcmul", "addcmul_"):
-            self.largest = max(self.largest, out.numel())
-        return out
-
-
 @pytest.mark.parametrize("name", dynconv.list_ops())
 def test_an_aggregation_the_flop_counter_cannot_see_is_counted(name):
     """A per-pixel aggregation (`pixel_filter`, the deformable samplers) is an elementwise product of B·C·K²·H·W
     elements under the reference backend, which torch's FlopCounterMode does not count: an operator whose forward
     computes one must count it in `aggregation_macs` (a forgotten one would undercount its MACs silently)."""
     op, x = _build(name).eval(), torch.randn(1, 16, H, W)
-    products = _Products()
     with dynconv.use_backend("reference"), torch.no_grad():
         agg = count_macs(op, x)["agg_macs"]
-        with products:
+        with OpRecord() as record:
             out = op(x)
-    if products.largest >= pixel_macs(out, 3):
-        assert agg >= products.largest, f"{name}: aggregation_macs gives {agg}, the forward multiplies " \
-                                        f"{products.largest} elements"
+    largest = max((n for _, n in record.outputs("mul", "mul_", "addcmul", "addcmul_")), default=0)
+    if largest >= pixel_macs(out, 3):
+        assert agg >= largest, f"{name}: aggregation_macs gives {agg}, the forward multiplies {largest} elements"
 
 
 def test_backbone_init_leaves_an_own_init_operator_alone():

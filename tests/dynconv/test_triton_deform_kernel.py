@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from dynconv.functional import triton_deform_kernel, triton_pixel_filter
 from dynconv.functional.deform_kernel import deform_kernel_local
 from dynconv.functional.geometry import conv_out_hw
-from tests.dynconv.op_checks import (FloatAllocations, interpreter_check_results, print_check_results,
+from tests.dynconv.op_checks import (OpRecord, interpreter_check_results, print_check_results,
                                      rounding_tolerance, run_check)
 
 TRITON_NODE = "GeneratedBackwardFor_dynconv_deform_kernel_local_triton_defaultBackward"
@@ -111,10 +111,10 @@ def check_low_precision(device):
     assert kernel not in {t.numel() for t in (*tensors, go)}
     for dtype in (torch.float32, torch.bfloat16):
         low, go_low = [t.to(dtype) for t in tensors], go.to(dtype)
-        with FloatAllocations() as allocations:
+        with OpRecord() as allocations:
             out = triton_deform_kernel.forward(*low, K, (s, s), (p, p), (d, d))
             grads = triton_deform_kernel.backward(go_low, *low, K, (s, s), (p, p), (d, d), [True] * 3)
-        assert all(n != kernel for _, n in allocations.seen), f"{dtype}: a per-pixel-kernel-sized tensor was made"
+        assert all(n != kernel for _, n in allocations.outputs()), f"{dtype}: a per-pixel-kernel-sized tensor was made"
         if dtype != torch.float32:
             # the weight's gradient is summed from a float32 buffer of splits × its (small) size
             activations = (low[0], low[1], go_low)

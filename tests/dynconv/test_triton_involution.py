@@ -14,7 +14,7 @@ import torch
 from dynconv.functional import triton_involution, triton_pixel_filter
 from dynconv.functional.geometry import conv_out_hw
 from dynconv.functional.involution import involution
-from tests.dynconv.op_checks import (FloatAllocations, interpreter_check_results, print_check_results,
+from tests.dynconv.op_checks import (OpRecord, interpreter_check_results, print_check_results,
                                      rounding_tolerance, run_check)
 
 TRITON_NODE = "GeneratedBackwardFor_dynconv_involution_triton_defaultBackward"
@@ -93,10 +93,10 @@ def check_low_precision(device):
     assert spans not in {t.numel() for t in (*tensors, go)}
     for dtype in (torch.float32, torch.bfloat16):
         low, go_low = [t.to(dtype) for t in tensors], go.to(dtype)
-        with FloatAllocations() as allocations:
+        with OpRecord() as allocations:
             triton_involution.forward(*low, K, (s, s), (p, p), (d, d), G)
             triton_involution.backward(go_low, *low, K, (s, s), (p, p), (d, d), G, [True] * 4)
-        assert all(n != spans for _, n in allocations.seen), f"{dtype}: a span-weight-sized tensor was made"
+        assert all(n != spans for _, n in allocations.outputs()), f"{dtype}: a span-weight-sized tensor was made"
         if dtype != torch.float32:
             # W2's and b2's gradients are summed from float32 buffers of splits × their (small) size
             activations = (low[0], low[1], go_low)

@@ -15,7 +15,7 @@ import torch
 from dynconv.functional import triton_pixel_filter
 from dynconv.functional.geometry import conv_out_size
 from dynconv.functional.pixel_filter import pixel_filter
-from tests.dynconv.op_checks import (FloatAllocations, interpreter_check_results, print_check_results,
+from tests.dynconv.op_checks import (OpRecord, interpreter_check_results, print_check_results,
                                      rounding_tolerance, run_check)
 
 DEVICES = ["interpreter"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -120,7 +120,7 @@ def check_half_precision_makes_no_upcast_copy(device):
         x, spatial, channel = (*leaves, None)[:3]
         go = torch.randn(B, WIDE_C, 7, 6, dtype=torch.bfloat16, device=device)
         geometry = (3, (1, 1), (1, 1), (1, 1), combine or "mul")
-        with FloatAllocations() as allocations:
+        with OpRecord() as allocations:
             triton_pixel_filter.forward(x, spatial, channel, *geometry)
             triton_pixel_filter.backward(go, x, spatial, channel, *geometry, (True, True, channel is not None))
         assert not allocations.upcasts(*leaves, go), (combine, shared, allocations.upcasts(*leaves, go))
