@@ -41,6 +41,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "vec.h"
+
 namespace {
 
 // The Fortran BLAS gemm of the BLAS that torch links (MKL in the x86 wheels), found at load time; where
@@ -76,33 +78,6 @@ constexpr int kWideVB = 64;  // bytes per vector block: the widest registers of 
 #else
 constexpr int kWideVB = 32;
 #endif
-
-template <typename T, int VB>
-struct VecOf {
-  typedef T type __attribute__((vector_size(VB)));
-  typedef T unaligned __attribute__((vector_size(VB), aligned(sizeof(T))));
-};
-template <typename T, int VB>
-using Vec = typename VecOf<T, VB>::type;
-
-template <typename T, int VB>
-inline Vec<T, VB> vload(const T* p) {
-  return *reinterpret_cast<const typename VecOf<T, VB>::unaligned*>(p);
-}
-template <typename T, int VB>
-inline void vstore(T* p, const Vec<T, VB>& v) {
-  *reinterpret_cast<typename VecOf<T, VB>::unaligned*>(p) = v;
-}
-
-// Copies a short row: whole blocks, then a fixed-count tail (no library call per row).
-template <typename T, int VB>
-inline void copy_row(const T* src, int64_t n, T* dst) {
-  constexpr int64_t J = VB / sizeof(T);
-  int64_t j = 0;
-  for (; j + J <= n; j += J) vstore<T, VB>(dst + j, vload<T, VB>(src + j));
-  for (int64_t jj = 0; jj < J - 1; ++jj)
-    if (j + jj < n) dst[j + jj] = src[j + jj];
-}
 
 struct Geom {
   int64_t B, C, H, W, M, G, K, sh, sw, ph, pw, dh, dw, Ho, Wo;
@@ -146,8 +121,8 @@ void copy_planes(const Geom& g, std::conditional_t<ToPlanes, const T*, T*> x, in
       auto* row = x + (c * g.H + y) * g.W;
       auto* prow = xp + c * g.plane + (y + g.ph) * g.sw * g.Wph;
       if (g.sw == 1) {
-        if constexpr (ToPlanes) copy_row<T, VB>(row, g.W, prow + g.pw);
-        else copy_row<T, VB>(prow + g.pw, g.W, row);
+        if constexpr (ToPlanes) copy_row<VB>(row, g.W, prow + g.pw);
+        else copy_row<VB>(prow + g.pw, g.W, row);
         continue;
       }
       for (int64_t e = 0; e < g.sw; ++e) {  // phase by phase: strided columns, no division per element
@@ -166,7 +141,7 @@ void copy_planes(const Geom& g, std::conditional_t<ToPlanes, const T*, T*> x, in
 // Row i of the n planes (n, Ho, Wo) at src into the rows of dst, ld apart; lanes past Wo keep their zeros.
 template <typename T, int VB>
 void load_rows(const Geom& g, const T* src, int64_t n, int64_t i, T* dst, int64_t ld) {
-  for (int64_t m = 0; m < n; ++m) copy_row<T, VB>(src + m * g.HWo + i * g.Wo, g.Wo, dst + m * ld);
+  for (int64_t m = 0; m < n; ++m) copy_row<VB>(src + m * g.HWo + i * g.Wo, g.Wo, dst + m * ld);
 }
 
 // wt[k][:] = b2g[k] + sum_m W2g[k][m] * rb[m][:] for the KB taps k0 <= k < k0 + KB (rows RS apart).
@@ -176,10 +151,10 @@ inline void taps_block(const Geom& g, const T* W2g, const T* b2g, const T* rb, i
     Vec<T, VB> acc[KB];
     for (int t = 0; t < KB; ++t) acc[t] = Vec<T, VB>{} + b2g[k0 + t];
     for (int64_t m = 0; m < g.M; ++m) {
-      const Vec<T, VB> rv = vload<T, VB>(rb + m * g.Wq + j0);
+      const Vec<T, VB> rv = vload<VB>(rb + m * g.Wq + j0);
       for (int t = 0; t < KB; ++t) acc[t] += W2g[(k0 + t) * g.M + m] * rv;
     }
-    for (int t = 0; t < KB; ++t) vstore<T, VB>(wt + (k0 + t) * g.RS + j0, acc[t]);
+    for (int t = 0; t < KB; ++t) vstore<VB>(wt + (k0 + t) * g.RS + j0, acc[t]);
   }
 }
 
@@ -203,15 +178,15 @@ void aggregate_row(const Geom& g, const T* wt, const T* xp, int64_t i, T* o) {
     for (int64_t k = 0; k < g.KK; ++k) {
       const T* xk = xi + g.koff[k] + j0;
       for (int u = 0; u < JT; ++u) {
-        const Vec<T, VB> wv = vload<T, VB>(wt + k * g.RS + j0 + u * JB);
-        for (int t = 0; t < CB; ++t) acc[t][u] += wv * vload<T, VB>(xk + t * g.plane + u * JB);
+        const Vec<T, VB> wv = vload<VB>(wt + k * g.RS + j0 + u * JB);
+        for (int t = 0; t < CB; ++t) acc[t][u] += wv * vload<VB>(xk + t * g.plane + u * JB);
       }
     }
     for (int t = 0; t < CB; ++t)
       for (int u = 0; u < JT; ++u) {
         const int64_t j = j0 + u * JB;
         T* dst = o + t * g.HWo + j;
-        if (j + JB <= g.Wo) vstore<T, VB>(dst, acc[t][u]);
+        if (j + JB <= g.Wo) vstore<VB>(dst, acc[t][u]);
         else for (int64_t jj = 0; j + jj < g.Wo; ++jj) dst[jj] = acc[t][u][jj];
       }
   };
@@ -255,7 +230,7 @@ void block_taps(const Geom& g, const T* sp, int64_t n, const T* b2g, T* wt) {
     const T* src = sp + k * n;
     T* dst = wt + k * g.RS;
     int64_t j = 0;
-    for (; j + JB <= g.Wo; j += JB) vstore<T, VB>(dst + j, vload<T, VB>(src + j) + b2g[k]);
+    for (; j + JB <= g.Wo; j += JB) vstore<VB>(dst + j, vload<VB>(src + j) + b2g[k]);
     for (; j < g.Wo; ++j) dst[j] = src[j] + b2g[k];
   }
 }
@@ -312,12 +287,12 @@ void backward_row(const Geom& g, const T* wt, const T* xp, const T* gob, bool fi
   const T* xi = xp + i * g.sh * g.sw * g.Wph;
   for (int64_t j0 = 0; j0 < g.Wq; j0 += JB) {
     Vec<T, VB> gv[CB];
-    for (int t = 0; t < CB; ++t) gv[t] = vload<T, VB>(gob + t * g.RS + j0);
+    for (int t = 0; t < CB; ++t) gv[t] = vload<VB>(gob + t * g.RS + j0);
     for (int64_t k = 0; k < g.KK; ++k) {
       const T* xk = xi + g.koff[k] + j0;
-      Vec<T, VB> acc = first ? Vec<T, VB>{} : vload<T, VB>(gw + k * g.Wq + j0);
-      for (int t = 0; t < CB; ++t) acc += gv[t] * vload<T, VB>(xk + t * g.plane);
-      vstore<T, VB>(gw + k * g.Wq + j0, acc);
+      Vec<T, VB> acc = first ? Vec<T, VB>{} : vload<VB>(gw + k * g.Wq + j0);
+      for (int t = 0; t < CB; ++t) acc += gv[t] * vload<VB>(xk + t * g.plane);
+      vstore<VB>(gw + k * g.Wq + j0, acc);
     }
   }
   for (int64_t kh = 0; kh < g.K; ++kh)
@@ -325,14 +300,14 @@ void backward_row(const Geom& g, const T* wt, const T* xp, const T* gob, bool fi
       T* gxr = gxp + ((i * g.sh + kh * g.dh) * g.sw + e) * g.Wph;
       for (int64_t q0 = 0; q0 < g.Wph; q0 += JB) {
         Vec<T, VB> acc[CB];
-        for (int t = 0; t < CB; ++t) acc[t] = vload<T, VB>(gxr + t * g.plane + q0);
+        for (int t = 0; t < CB; ++t) acc[t] = vload<VB>(gxr + t * g.plane + q0);
         for (int64_t kw = 0; kw < g.K; ++kw) {
           if (kw * g.dw % g.sw != e) continue;
           const int64_t q = q0 - kw * g.dw / g.sw;
-          const Vec<T, VB> wv = vload<T, VB>(wt + (kh * g.K + kw) * g.RS + q);
-          for (int t = 0; t < CB; ++t) acc[t] += wv * vload<T, VB>(gob + t * g.RS + q);
+          const Vec<T, VB> wv = vload<VB>(wt + (kh * g.K + kw) * g.RS + q);
+          for (int t = 0; t < CB; ++t) acc[t] += wv * vload<VB>(gob + t * g.RS + q);
         }
-        for (int t = 0; t < CB; ++t) vstore<T, VB>(gxr + t * g.plane + q0, acc[t]);
+        for (int t = 0; t < CB; ++t) vstore<VB>(gxr + t * g.plane + q0, acc[t]);
       }
     }
 }
@@ -348,25 +323,25 @@ void project_row(const Geom& g, const T* W2t, const T* gw, const T* rt, T* grt, 
   auto tile = [&](auto jt, auto kb, int64_t m0, int64_t j0, int64_t k0, Vec<T, VB>* racc, const Vec<T, VB>* rv) {
     constexpr int NJ = decltype(jt)::value, KB = decltype(kb)::value;
     Vec<T, VB> wacc[KB];
-    for (int t = 0; t < KB; ++t) wacc[t] = vload<T, VB>(gWl + (k0 + t) * g.MV + m0);
+    for (int t = 0; t < KB; ++t) wacc[t] = vload<VB>(gWl + (k0 + t) * g.MV + m0);
     for (int t = 0; t < KB; ++t) {
-      const Vec<T, VB> wv = vload<T, VB>(W2t + (k0 + t) * g.MV + m0);
+      const Vec<T, VB> wv = vload<VB>(W2t + (k0 + t) * g.MV + m0);
       for (int u = 0; u < NJ; ++u) {
         const T gv = gw[(k0 + t) * g.Wq + j0 + u];
         racc[u] += gv * wv;
         wacc[t] += gv * rv[u];
       }
     }
-    for (int t = 0; t < KB; ++t) vstore<T, VB>(gWl + (k0 + t) * g.MV + m0, wacc[t]);
+    for (int t = 0; t < KB; ++t) vstore<VB>(gWl + (k0 + t) * g.MV + m0, wacc[t]);
   };
   auto pixels = [&](auto jt, int64_t m0, int64_t j0) {
     constexpr int NJ = decltype(jt)::value;
     Vec<T, VB> racc[NJ] = {}, rv[NJ];
-    for (int u = 0; u < NJ; ++u) rv[u] = vload<T, VB>(rt + (j0 + u) * g.MV + m0);
+    for (int u = 0; u < NJ; ++u) rv[u] = vload<VB>(rt + (j0 + u) * g.MV + m0);
     int64_t k0 = 0;
     for (; k0 + 4 <= g.KK; k0 += 4) tile(jt, std::integral_constant<int, 4>{}, m0, j0, k0, racc, rv);
     for (; k0 < g.KK; ++k0) tile(jt, std::integral_constant<int, 1>{}, m0, j0, k0, racc, rv);
-    for (int u = 0; u < NJ; ++u) vstore<T, VB>(grt + (j0 + u) * g.MV + m0, racc[u]);
+    for (int u = 0; u < NJ; ++u) vstore<VB>(grt + (j0 + u) * g.MV + m0, racc[u]);
   };
   for (int64_t m0 = 0; m0 < g.MV; m0 += JB) {  // tiles of JT pixels, the rest in tiles of 4, 2, 1
     int64_t j0 = 0;
@@ -430,9 +405,9 @@ void backward_group(const Geom& g, const T* x, const T* r, const T* W2, const T*
         project_row<T, VB>(g, buf.W2t.data(), buf.gw.data(), buf.rt.data(), buf.grt.data(), grb, i, buf.gWl.data());
       }
       for (int64_t k = 0; k < g.KK; ++k) {  // grad b2: per-lane sums of gw, zero past Wo
-        Vec<T, VB> gb = vload<T, VB>(buf.gbl.data() + k * JB);
-        for (int64_t j0 = 0; j0 < g.Wq; j0 += JB) gb += vload<T, VB>(buf.gw.data() + k * g.Wq + j0);
-        vstore<T, VB>(buf.gbl.data() + k * JB, gb);
+        Vec<T, VB> gb = vload<VB>(buf.gbl.data() + k * JB);
+        for (int64_t j0 = 0; j0 < g.Wq; j0 += JB) gb += vload<VB>(buf.gw.data() + k * g.Wq + j0);
+        vstore<VB>(buf.gbl.data() + k * JB, gb);
       }
     }
     if (use_gemm) {

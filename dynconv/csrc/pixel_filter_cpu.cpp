@@ -7,7 +7,7 @@
 // k = kh*K + kw, g(c) = c / (C/G), bs = b if S has a batch dimension of B, else 0 (TVConv).
 //
 // Nothing of size (B, C*K*K, Ho, Wo) is ever built. Layout of the work:
-// - Output columns go in blocks of JB (one 32- or 64-byte vector, see VecOf) with a compile-time
+// - Output columns go in blocks of JB (one 32- or 64-byte vector, see vec.h) with a compile-time
 //   trip count, so a block stays in registers across the K*K taps and no remainder loops are
 //   emitted. The input planes of up to kChunk planes are copied into zero-padded thread-local
 //   planes (L2-sized), so the tap loops need no bounds checks; the spatial filter is read in place,
@@ -33,37 +33,19 @@
 #include <type_traits>
 #include <vector>
 
+#include "vec.h"
+
 namespace {
 
 enum Combine : int { kPlain = 0, kMul = 1, kAdd = 2 };
 constexpr int64_t kChunk = 16;  // channels whose padded planes a work item holds at once
 
-// One block of output columns as a GCC/Clang vector of VB bytes: it stays in registers across the
-// taps. VB is 32 unless the forward's 64 covers a row with no more lanes (float maps 9-16, 25-32,
+// One block of output columns is a vector of VB bytes (vec.h). VB is 32 unless the forward's 64 covers a row with no more lanes (float maps 9-16, 25-32,
 // 41-48 wide, e.g. 14, 28 and 48): then a row takes half the blocks (forward 15 % faster at 48x48,
 // measured). Elsewhere 32: unaligned 64-byte loads always straddle two cache lines, 8-float blocks
 // waste fewer lanes on 7- and 56-wide maps, and the backward keeps 32 (with 64 it measured 16 %
 // slower at 14x14, equal at 28x28, 8 % faster at 48x48 with a shared filter).
-// Loads and stores go through an element-aligned vector type rather than memcpy: typed accesses
-// let the compiler keep the geometry in registers (a memcpy store may alias anything).
-template <typename T, int VB>
-struct VecOf {
-  typedef T type __attribute__((vector_size(VB)));
-  typedef T unaligned __attribute__((vector_size(VB), aligned(sizeof(T))));
-};
-template <typename T, int VB>
-using Vec = typename VecOf<T, VB>::type;
-template <typename T, int VB>
-constexpr int64_t kJB = VB / sizeof(T);
 
-template <int VB, typename T>
-inline Vec<T, VB> vload(const T* p) {
-  return *reinterpret_cast<const typename VecOf<T, VB>::unaligned*>(p);
-}
-template <int VB, typename T>
-inline void vstore(T* p, const Vec<T, VB>& v) {
-  *reinterpret_cast<typename VecOf<T, VB>::unaligned*>(p) = v;
-}
 // Columns j0*s + jj*s of a row: a plain load at stride 1, a gather otherwise.
 template <bool S1, int VB, typename T>
 inline Vec<T, VB> vload_cols(const T* p, int64_t s) {
@@ -71,18 +53,6 @@ inline Vec<T, VB> vload_cols(const T* p, int64_t s) {
   Vec<T, VB> v;
   for (int64_t jj = 0; jj < kJB<T, VB>; ++jj) v[jj] = p[jj * s];
   return v;
-}
-
-// Copies a row of n elements. The rows here are short (7-56 elements) and copied a million times a
-// pass, so a library memmove call per row cost 15 % of the backward at 14x14: whole 32-byte blocks,
-// then a fixed-count tail the compiler unrolls (a plain loop would be turned back into memmove).
-template <typename T>
-inline void copy_row(const T* src, int64_t n, T* dst) {
-  constexpr int64_t J = kJB<T, 32>;
-  int64_t j = 0;
-  for (; j + J <= n; j += J) vstore<32>(dst + j, vload<32, T>(src + j));
-  for (int64_t jj = 0; jj < J - 1; ++jj)
-    if (j + jj < n) dst[j + jj] = src[j + jj];
 }
 
 // The filter block the combine mode makes of channel factor `a` and spatial block `sv`.

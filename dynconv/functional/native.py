@@ -3,7 +3,7 @@
 The fast backend calls `pixel_filter` here when `available(...)` is true. The extension is
 compiled with the machine's C++ compiler through `torch.utils.cpp_extension.load` into a
 persistent folder, `$DYNCONV_CACHE_DIR` or `~/.cache/dynconv` (`$XDG_CACHE_HOME` honoured), under
-`ext-<hash>`, where the hash covers the sources (content and path), the flags, the torch install and
+`ext-<hash>`, where the hash covers the sources (content and path) and the headers beside them, the flags, the torch install and
 Python version and the CPU's instruction-set flags; so the `-march=native` build is never reused on a different CPU, and
 a second process (or run) only loads the cached library. `build_info()` reports where it lives and
 what the build or load cost. A failed build gives one warning and `available()` turns False, so
@@ -95,7 +95,7 @@ class Extension:
     def build_dir(self) -> Path:
         """The folder the extension is built into (one per sources/flags/torch/CPU combination)."""
         h = hashlib.sha256()
-        for src in self.sources:
+        for src in [*self.sources, *sorted(CSRC.glob("*.h"))]:  # the sources and the headers they may include
             h.update(src.read_bytes())
         # the generated build file names the sources' and torch's absolute paths, so a folder shared by two
         # checkouts or environments would be rebuilt by each in turn: one folder per pair of paths

@@ -215,6 +215,19 @@ def test_build_is_cached():
     assert float(seconds) < 10.0, f"loading the cached kernel took {seconds} s"
 
 
+def test_build_folder_follows_the_shared_headers(monkeypatch, tmp_path):
+    """An edit to a header the kernels include (csrc/vec.h) builds them again: it is part of every cache key."""
+    (tmp_path / "k.cpp").write_text('#include "vec.h"\n')
+    (tmp_path / "vec.h").write_text("// one\n")
+    monkeypatch.setattr(native, "CSRC", tmp_path)
+    ext = native.Extension("k", [tmp_path / "k.cpp"])
+    before = ext.build_dir()
+    assert ext.build_dir() == before
+    (tmp_path / "vec.h").write_text("// two\n")
+    assert ext.build_dir() != before
+    assert (Path(native.__file__).parents[1] / "csrc" / "vec.h").is_file()
+
+
 def test_build_failure_falls_back_with_one_warning(monkeypatch, tmp_path):
     """A source that does not compile: one RuntimeWarning, `available()` False, the fast path runs."""
     broken = tmp_path / "broken.cpp"
