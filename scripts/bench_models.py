@@ -228,6 +228,7 @@ def paired_train(specs: list[Spec], batch: int, repeat: int, size: int) -> str:
 
 
 ENGINES = {"eager": "eager", "compile": "torch.compile", "aoti": "AOTInductor", "ort": "ONNX Runtime"}
+CROSS_PAUSE = 0.2  # s before each run when engines alternate: OpenMP's and ONNX Runtime's spinning threads park
 
 
 def engine_run(model: torch.nn.Module, x: torch.Tensor, engine: str, workdir: Path, **ort_options):
@@ -260,19 +261,26 @@ def engine_run(model: torch.nn.Module, x: torch.Tensor, engine: str, workdir: Pa
     return run
 
 
-def paired_infer(specs: list[Spec], batch: int, repeat: int, size: int, engines: list[str]) -> str:
+def paired_infer(specs: list[Spec], batch: int, repeat: int, size: int, engines: list[str],
+                 baseline_engine: str | None = None) -> str:
     """Inference of all `specs` on every engine, built in this one process; engine by engine, the models run in
     turns (`paired_table`), and each row's ratio is to its baseline model on the same engine. (Engines are not
     interleaved: ONNX Runtime's and OpenMP's worker threads spin for a while after a run, which slowed the next
     engine's run by up to 1.6x when they alternated.) Weights are random; operators that have
-    `freeze()` are frozen (`dynconv.export.deploy_copy`), as they are deployed."""
+    `freeze()` are frozen (`dynconv.export.deploy_copy`), as they are deployed.
+
+    `baseline_engine`: a second table, where each engine's models run in turns with the baseline models on
+    `baseline_engine` (e.g. each model's AOTInductor package against ResNet-50 in ONNX Runtime, as deployed), with
+    `CROSS_PAUSE` seconds before each run so that the other engine's spinning threads have parked."""
     from dynconv.export import deploy_copy
 
     runs, rows, engine_of = {}, [], {}
+    baselines = {s.baseline for s in specs}
     for spec in specs:
         model = deploy_copy(build_model(spec, size))
         x = torch.randn(batch, 3, size, size, device=bench_ops.DEVICE)
-        for engine in engines:
+        extra = [baseline_engine] if baseline_engine not in (None, *engines) and spec.label in baselines else []
+        for engine in engines + extra:
             label, baseline = f"{spec.label}, {ENGINES[engine]}", f"{spec.baseline}, {ENGINES[engine]}"
             with tempfile.TemporaryDirectory() as tmp:
                 runs[label] = engine_run(model, x, engine, Path(tmp))
@@ -283,8 +291,22 @@ def paired_infer(specs: list[Spec], batch: int, repeat: int, size: int, engines:
     for engine in engines:  # one engine at a time: the models in turns, no other engine's threads spinning between
         timed = [label for label in runs if label not in failed and engine_of[label] == engine]
         times.update(zip(timed, paired_ms([runs[label] for label in timed], repeat)))
-    text = paired_table([r for r in rows if r[0] in times], times, size, f"inference ms (batch {batch})")
-    return text + "".join(f"\n| {label} | {size}² | {why} | |" for label, why in failed.items())
+    text = paired_table([r for r in rows if r[0] in times and engine_of[r[0]] in engines], times, size,
+                        f"inference ms (batch {batch})")
+    text += "".join(f"\n| {label} | {size}² | {why} | |" for label, why in failed.items())
+    if baseline_engine is None:
+        return text
+    bases = [f"{b}, {ENGINES[baseline_engine]}" for b in sorted(baselines)]
+    bases = [b for b in bases if b in runs and b not in failed]
+    for engine in (e for e in engines if e != baseline_engine):
+        timed = [label for label in runs if label not in failed and engine_of[label] == engine] + bases
+        times = dict(zip(timed, paired_ms([runs[label] for label in timed], repeat, pause=CROSS_PAUSE)))
+        cross = [(label, f"{spec.baseline}, {ENGINES[baseline_engine]}") for label in timed[:-len(bases) or None]
+                 for spec in specs if label == f"{spec.label}, {ENGINES[engine]}"]
+        text += (f"\n\n{ENGINES[engine]} against the baseline on {ENGINES[baseline_engine]}, in turns "
+                 f"({CROSS_PAUSE} s pause before each run):\n\n")
+        text += paired_table(cross + [(b, b) for b in bases], times, size, f"inference ms (batch {batch})")
+    return text
 
 
 def op_breakdown(specs: list[Spec], batch: int, repeat: int, size: int, engine: str, top: int = 12) -> str:
@@ -402,6 +424,10 @@ def main(argv=None) -> None:
                          "per-round ratios with a 95%% interval")
     ap.add_argument("--engines", nargs="+", choices=tuple(ENGINES), default=["eager"],
                     help="--paired --inference-only: the engines each model runs on (default: eager)")
+    ap.add_argument("--baseline-engine", choices=tuple(ENGINES),
+                    help="--paired --inference-only: also each engine's models in turns with the baseline models on "
+                         "this engine, and their ratios to it (e.g. --engines aoti --baseline-engine ort: each "
+                         "AOTInductor package against ResNet-50 in ONNX Runtime)")
     ap.add_argument("--profile", action="store_true",
                     help="--paired --inference-only: after the table, each model's time by op on each engine "
                          "(eager: torch.profiler; ort: ONNX Runtime's profiler)")
@@ -445,7 +471,7 @@ def main(argv=None) -> None:
         if not args.inference_only:
             print(paired_train(specs, batch, repeat, size))
             return
-        print(paired_infer(specs, batch, repeat, size, args.engines))
+        print(paired_infer(specs, batch, repeat, size, args.engines, args.baseline_engine))
         for engine in args.engines if args.profile else ():
             if engine in ("eager", "ort"):  # inductor's kernels have no per-op breakdown to compare
                 print("\n" + op_breakdown(specs, batch, repeat, size, engine, args.profile_rows))

@@ -83,9 +83,11 @@ def median_ms(fn, repeat: int, warmup: int = 1) -> float:
     return 1e3 * statistics.median(times)
 
 
-def paired_ms(fns, repeat: int, warmup: int = 1) -> list[list[float]]:
+def paired_ms(fns, repeat: int, warmup: int = 1, pause: float = 0.0) -> list[list[float]]:
     """Wall times in milliseconds of `repeat` rounds in which every fn in `fns` runs once, in turn (after
-    `warmup` such rounds): a drift of the machine then hits each alike, and round i's times pair up."""
+    `warmup` such rounds): a drift of the machine then hits each alike, and round i's times pair up. `pause`
+    seconds of sleep before each timed call let worker threads that spin after a run (OpenMP's, ONNX Runtime's)
+    park, so that one engine's threads do not slow the next engine's run."""
     for _ in range(warmup):
         for fn in fns:
             fn()
@@ -96,6 +98,8 @@ def paired_ms(fns, repeat: int, warmup: int = 1) -> list[list[float]]:
         for _ in range(repeat):
             for fn, out in zip(fns, times):
                 _sync()
+                if pause:
+                    time.sleep(pause)
                 t0 = time.perf_counter()
                 fn()
                 _sync()

@@ -232,3 +232,32 @@ def test_bench_models_paired_inference_on_each_engine_with_its_op_breakdown(monk
     assert "ONNX Runtime, batch 2, 16², ms per run by op (mean of 5):" in out
     assert rows["op"] == ["op", "ResNet-50", "RedNet-26"] and float(rows["total"][2]) > 0
     assert {"Slice", "Mul", "Add"} <= set(rows) and "aten::convolution" in out
+
+
+def test_bench_models_against_the_baseline_on_another_engine(monkeypatch, capsys):
+    """--baseline-engine ort: each eager model also runs in turns with ResNet-50 in ONNX Runtime (a pause before
+    each run), and its ratio is to that; the first table keeps the same-engine ratios."""
+    import dynconv
+
+    bench_models = _load("bench_models", monkeypatch)
+    tiny = {"ResNet-50": lambda: torch.nn.Conv2d(3, 16, 3, padding=1),
+            "RedNet-26": lambda: torch.nn.Sequential(torch.nn.Conv2d(3, 16, 1),
+                                                     dynconv.create_op("involution", 16, 16, 3))}
+    monkeypatch.setattr(bench_models, "build_model", lambda spec, size, fmt=None: tiny[spec.label]().eval())
+    monkeypatch.setattr(bench_models, "CROSS_PAUSE", 0.01)
+    threads = torch.get_num_threads()
+    try:
+        bench_models.main(["--paired", "--inference-only", "--engines", "eager", "--baseline-engine", "ort",
+                           "--size", "16", "--batch", "2", "--repeat", "3", "--models", "ResNet-50", "RedNet-26"])
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    first, cross = out.split("eager against the baseline on ONNX Runtime, in turns (0.01 s pause before each run):")
+    assert "RedNet-26, eager" in first and "ONNX Runtime |" not in first
+    rows = {cells[0]: cells for cells in map(_cells, cross.splitlines()) if cells}
+    assert set(rows) >= {"ResNet-50, eager", "RedNet-26, eager", "ResNet-50, ONNX Runtime"}
+    assert rows["ResNet-50, ONNX Runtime"][3] == ""
+    for label in ("ResNet-50, eager", "RedNet-26, eager"):  # both against ResNet-50 on ONNX Runtime
+        ratio, interval = rows[label][3].split(" ", 1)
+        lo, hi = map(float, interval.strip("[]").split(", "))
+        assert lo <= float(ratio) <= hi
