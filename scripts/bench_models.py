@@ -228,7 +228,10 @@ def paired_train(specs: list[Spec], batch: int, repeat: int, size: int) -> str:
 
 
 ENGINES = {"eager": "eager", "compile": "torch.compile", "aoti": "AOTInductor", "ort": "ONNX Runtime"}
-CROSS_PAUSE = 0.2  # s before each run when engines alternate: OpenMP's and ONNX Runtime's spinning threads park
+# untimed runs before each timed one when engines alternate: they absorb the switch (OpenMP's or ONNX Runtime's
+# threads still spinning from the other engine, or parked and slow to wake: a 0.2 s sleep instead made every
+# AOTInductor run ~45 % slower on the 2-core VM)
+CROSS_SETTLE = 1
 
 
 def engine_run(model: torch.nn.Module, x: torch.Tensor, engine: str, workdir: Path, **ort_options):
@@ -270,8 +273,8 @@ def paired_infer(specs: list[Spec], batch: int, repeat: int, size: int, engines:
     `freeze()` are frozen (`dynconv.export.deploy_copy`), as they are deployed.
 
     `baseline_engine`: a second table, where each engine's models run in turns with the baseline models on
-    `baseline_engine` (e.g. each model's AOTInductor package against ResNet-50 in ONNX Runtime, as deployed), with
-    `CROSS_PAUSE` seconds before each run so that the other engine's spinning threads have parked."""
+    `baseline_engine` (e.g. each model's AOTInductor package against ResNet-50 in ONNX Runtime, as deployed), each
+    timed run after `CROSS_SETTLE` untimed runs of the same model and engine."""
     from dynconv.export import deploy_copy
 
     runs, rows, engine_of = {}, [], {}
@@ -300,11 +303,11 @@ def paired_infer(specs: list[Spec], batch: int, repeat: int, size: int, engines:
     bases = [b for b in bases if b in runs and b not in failed]
     for engine in (e for e in engines if e != baseline_engine):
         timed = [label for label in runs if label not in failed and engine_of[label] == engine] + bases
-        times = dict(zip(timed, paired_ms([runs[label] for label in timed], repeat, pause=CROSS_PAUSE)))
+        times = dict(zip(timed, paired_ms([runs[label] for label in timed], repeat, settle=CROSS_SETTLE)))
         cross = [(label, f"{spec.baseline}, {ENGINES[baseline_engine]}") for label in timed[:-len(bases) or None]
                  for spec in specs if label == f"{spec.label}, {ENGINES[engine]}"]
         text += (f"\n\n{ENGINES[engine]} against the baseline on {ENGINES[baseline_engine]}, in turns "
-                 f"({CROSS_PAUSE} s pause before each run):\n\n")
+                 f"(each timed run after {CROSS_SETTLE} untimed):\n\n")
         text += paired_table(cross + [(b, b) for b in bases], times, size, f"inference ms (batch {batch})")
     return text
 

@@ -83,11 +83,11 @@ def median_ms(fn, repeat: int, warmup: int = 1) -> float:
     return 1e3 * statistics.median(times)
 
 
-def paired_ms(fns, repeat: int, warmup: int = 1, pause: float = 0.0) -> list[list[float]]:
+def paired_ms(fns, repeat: int, warmup: int = 1, settle: int = 0) -> list[list[float]]:
     """Wall times in milliseconds of `repeat` rounds in which every fn in `fns` runs once, in turn (after
-    `warmup` such rounds): a drift of the machine then hits each alike, and round i's times pair up. `pause`
-    seconds of sleep before each timed call let worker threads that spin after a run (OpenMP's, ONNX Runtime's)
-    park, so that one engine's threads do not slow the next engine's run."""
+    `warmup` such rounds): a drift of the machine then hits each alike, and round i's times pair up. With
+    `settle`, each timed call follows that many untimed calls of the same fn, which absorb the switch from the
+    previous fn (another engine's worker threads still spinning, or parked and cold)."""
     for _ in range(warmup):
         for fn in fns:
             fn()
@@ -97,9 +97,9 @@ def paired_ms(fns, repeat: int, warmup: int = 1, pause: float = 0.0) -> list[lis
         times = [[] for _ in fns]
         for _ in range(repeat):
             for fn, out in zip(fns, times):
+                for _ in range(settle):
+                    fn()
                 _sync()
-                if pause:
-                    time.sleep(pause)
                 t0 = time.perf_counter()
                 fn()
                 _sync()
