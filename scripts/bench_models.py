@@ -313,18 +313,26 @@ def paired_infer(specs: list[Spec], batch: int, repeat: int, size: int, engines:
 
 
 def op_breakdown(specs: list[Spec], batch: int, repeat: int, size: int, engine: str, top: int = 12) -> str:
-    """Inference time per op, ms per run averaged over `repeat` runs after a warm-up, the models side by side:
-    eager, torch.profiler's self CPU time per aten op; ONNX Runtime, its profiler's kernel time per node op type.
-    The `top` ops by their largest time in any model, then the rest as "other" and the total."""
+    """Time per op, ms per run averaged over `repeat` runs after a warm-up, the models side by side: eager
+    inference (engine "eager") or a training step (engine "train", `training_step`), torch.profiler's self CPU
+    time per op; ONNX Runtime, its profiler's kernel time per node op type. The `top` ops by their largest time
+    in any model, then the rest as "other" and the total."""
     from dynconv.export import deploy_copy
     from torch.profiler import ProfilerActivity, profile
 
     per_model = {}
     for spec in specs:
-        model = deploy_copy(build_model(spec, size))
         x = torch.randn(batch, 3, size, size, device=bench_ops.DEVICE)
+        model = build_model(spec, size) if engine == "train" else deploy_copy(build_model(spec, size))
         with tempfile.TemporaryDirectory() as tmp:
-            if engine == "ort":
+            if engine == "train":
+                run = training_step(model, x)[0]
+                run()
+                with profile(activities=[ProfilerActivity.CPU]) as prof:
+                    for _ in range(repeat):
+                        run()
+                times = {e.key: e.self_cpu_time_total / 1e3 / repeat for e in prof.key_averages()}
+            elif engine == "ort":
                 run = engine_run(model, x, "ort", Path(tmp), enable_profiling=True,
                                  profile_file_prefix=str(Path(tmp) / "ort"))
                 for _ in range(repeat + 1):
@@ -347,7 +355,8 @@ def op_breakdown(specs: list[Spec], batch: int, repeat: int, size: int, engine: 
     labels = list(per_model)
     ops = sorted({op for t in per_model.values() for op in t}, key=lambda op: -max(t.get(op, 0.0)
                                                                                     for t in per_model.values()))
-    lines = [f"{ENGINES[engine]}, batch {batch}, {size}², ms per run by op (mean of {repeat}):", "",
+    what = "training step" if engine == "train" else ENGINES[engine]
+    lines = [f"{what}, batch {batch}, {size}², ms per run by op (mean of {repeat}):", "",
              "| op | " + " | ".join(labels) + " |", "|---|" + "---:|" * len(labels)]
     for op in ops[:top]:
         lines.append(f"| {op} | " + " | ".join(f"{per_model[m].get(op, 0.0):.1f}" for m in labels) + " |")
@@ -432,8 +441,8 @@ def main(argv=None) -> None:
                          "this engine, and their ratios to it (e.g. --engines aoti --baseline-engine ort: each "
                          "AOTInductor package against ResNet-50 in ONNX Runtime)")
     ap.add_argument("--profile", action="store_true",
-                    help="--paired --inference-only: after the table, each model's time by op on each engine "
-                         "(eager: torch.profiler; ort: ONNX Runtime's profiler)")
+                    help="--paired: after the table, each model's time by op (training: one profiled step; with "
+                         "--inference-only, on each engine: eager, torch.profiler; ort, ONNX Runtime's profiler)")
     ap.add_argument("--profile-rows", type=int, default=12, metavar="N",
                     help="--profile: the N ops with the most time in any model, the rest summed as 'other'")
     ap.add_argument("--threads", type=int, help="intra-op threads for torch and ONNX Runtime (default: torch's)")
@@ -473,6 +482,8 @@ def main(argv=None) -> None:
         specs, size = [s for s in specs if s.name not in missing], sizes.pop()
         if not args.inference_only:
             print(paired_train(specs, batch, repeat, size))
+            if args.profile:  # one profiled step per model after a warm-up: a step is seconds long
+                print("\n" + op_breakdown(specs, batch, 1, size, "train", args.profile_rows))
             return
         print(paired_infer(specs, batch, repeat, size, args.engines, args.baseline_engine))
         for engine in args.engines if args.profile else ():

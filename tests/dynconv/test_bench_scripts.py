@@ -260,3 +260,30 @@ def test_bench_models_against_the_baseline_on_another_engine(monkeypatch, capsys
         ratio, interval = rows[label][3].split(" ", 1)
         lo, hi = map(float, interval.strip("[]").split(", "))
         assert lo <= float(ratio) <= hi
+
+
+def test_bench_models_paired_training_with_its_op_breakdown(monkeypatch, capsys):
+    """--paired --profile (training): after the paired table, one profiled training step per model, by op, side by
+    side: the involution's fused forward and backward appear only in RedNet's column."""
+    import dynconv
+
+    bench_models = _load("bench_models", monkeypatch)
+    head = lambda: (torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())  # noqa: E731
+    tiny = {"ResNet-50": lambda: torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), *head()),
+            "RedNet-26": lambda: torch.nn.Sequential(torch.nn.Conv2d(3, 16, 1),
+                                                     dynconv.create_op("involution", 16, 16, 3), *head())}
+    monkeypatch.setattr(bench_models, "build_model", lambda spec, size, fmt=None: tiny[spec.label]())
+    threads = torch.get_num_threads()
+    try:
+        bench_models.main(["--paired", "--profile", "--size", "16", "--batch", "2", "--repeat", "3",
+                           "--models", "ResNet-50", "RedNet-26", "--profile-rows", "60"])
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    table, profile = out.split("training step, batch 2, 16², ms per run by op (mean of 1):")
+    assert "| RedNet-26 | 16² |" in table
+    rows = {cells[0]: cells for cells in map(_cells, profile.splitlines()) if cells}
+    assert rows["op"] == ["op", "ResNet-50", "RedNet-26"]
+    for op in ("dynconv::involution", "dynconv::involution_backward"):
+        assert float(rows[op][1]) == 0 and float(rows[op][2]) > 0, rows[op]
+    assert float(rows["aten::convolution_backward"][1]) > 0 and float(rows["total"][2]) > 0
