@@ -8,7 +8,8 @@ What runs where. The CI run (`make test`):
 - bf16 autocast (float32 module): every sample, train mode;
 - `torch.export` (forward, eval): every sample (a `slow_compile` operator: its compile sample; all under deep);
 - inductor, float64, train: static on batch 1 and an odd batch at stride 2 (batch 0 under deep), the compiled kernels off
-  on the odd batch, and `dynamic=True` on a shape the first compile never saw (odd, non-square, another batch); an
+  on the odd batch, and `dynamic=True` on a shape the first compile never saw (odd, non-square, another batch; for
+  the operators where inductor fails symbolic spatial sizes, a changing batch at one size, the failure under deep); an
   operator that declares `slow_compile` (DK+DCN: minutes per compile) compiles the odd batch only, at its smallest
   kernel size;
 - the Triton kernels under `TRITON_INTERPRET=1`: the odd-batch sample of each custom-op operator, in one child process;
@@ -203,6 +204,9 @@ def _inductor_conv_backward_fails_at_batch_0() -> bool:
 
 NEW_SHAPES = ((2, (7, 11)), (5, (12, 5))) if DEEP else ((2, (7, 11)),)  # each one more compile (inductor CPU convs)
 SYMBOLIC_STRIDE_ERROR = "cannot determine truth value of Relational"  # inductor cannot order symbolic strides
+# where torch 2.14's inductor fails that way (the batched and grouped convolutions): CI runs their batch-alone
+# dynamic check only; DYNCONV_CONFORMANCE=deep tries symbolic spatial sizes again and reports an expected failure
+SYMBOLIC_SPATIAL_FAILS = {"condconv", "dyconv", "odconv", "dk_global", "dcd", "dcd_mbv2"}
 
 
 @pytest.mark.parametrize("name", [n for n in OPS if DEEP or not _domain(n).slow_compile])
@@ -212,9 +216,13 @@ def test_inductor_dynamic_shapes_equal_reference(name):
     convolutions specialise on the input size, so a new shape may compile again even for a plain nn.Conv2d: the
     results are what is held.) Where inductor itself fails on symbolic spatial sizes (it cannot order the strides
     of some grouped and batched convolutions), a batch that changes at a fixed size must still be exact, and the
-    case is reported as an expected failure of PyTorch's."""
+    case is reported as an expected failure of PyTorch's (under deep; CI runs the batch check alone for the
+    operators of `SYMBOLIC_SPATIAL_FAILS`)."""
     k = _compile_samples(name)[-1].kernel_size
     first = Sample(3, (10, 7), k, max(_domain(name).strides))  # no size equal to the channels (one symbol for both)
+    if name in SYMBOLIC_SPATIAL_FAILS and not DEEP:
+        _assert_batch_alone_dynamic(name, first)
+        return
     try:
         _dynamic_shapes(name, first)
     except torch._inductor.exc.InductorError as e:

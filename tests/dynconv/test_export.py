@@ -80,6 +80,20 @@ def test_onnx_graph_optimised_without_the_quadratic_rewrite(monkeypatch):
     assert "SlicesSplit" in names()
 
 
+@pytest.mark.parametrize("op,kwargs", [("condconv", {}), ("dyconv", {}), ("ddf", {"kernel_combine": "add"})],
+                         ids=["condconv", "dyconv", "ddf-add"])
+def test_operator_alone_matches_on_onnx_runtime(op, kwargs, tmp_path):
+    """The operators whose paper models export only under DYNCONV_CONFORMANCE=deep (tests/models/test_export.py)
+    still run on ONNX Runtime in CI: alone, at stride 2, with a symbolic batch, batches 1 and 3."""
+    from dynconv.export import ort_tolerance
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 1), dynconv.create_op(op, 16, 16, 3, stride=2, **kwargs)).eval()
+    export_onnx(model, torch.randn(2, 3, 9, 8), tmp_path / "op.onnx")
+    x = [torch.randn(b, 3, 9, 8) for b in (1, 3)]
+    assert ort_max_rel_diff(tmp_path / "op.onnx", model, x) < ort_tolerance(model, x)
+
+
 def test_training_imports_no_onnx():
     code = ("import sys, dynconv, dynconv.export, models, models.export, engine.trainer; "
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('onnx', 'onnxscript', 'onnxruntime')))")
