@@ -277,7 +277,7 @@ def paired_infer(specs: list[Spec], batch: int, repeat: int, size: int, engines:
     timed run after `CROSS_SETTLE` untimed runs of the same model and engine."""
     from dynconv.export import deploy_copy
 
-    runs, rows, engine_of = {}, [], {}
+    runs, rows, engine_of, spec_of = {}, [], {}, {}
     baselines = {s.baseline for s in specs}
     for spec in specs:
         model = deploy_copy(build_model(spec, size))
@@ -288,7 +288,7 @@ def paired_infer(specs: list[Spec], batch: int, repeat: int, size: int, engines:
             with tempfile.TemporaryDirectory() as tmp:
                 runs[label] = engine_run(model, x, engine, Path(tmp))
             rows.append((label, baseline))
-            engine_of[label] = engine
+            engine_of[label], spec_of[label] = engine, spec
     failed = {label: why for label, why in runs.items() if isinstance(why, str)}
     times = {}
     for engine in engines:  # one engine at a time: the models in turns, no other engine's threads spinning between
@@ -302,10 +302,10 @@ def paired_infer(specs: list[Spec], batch: int, repeat: int, size: int, engines:
     bases = [f"{b}, {ENGINES[baseline_engine]}" for b in sorted(baselines)]
     bases = [b for b in bases if b in runs and b not in failed]
     for engine in (e for e in engines if e != baseline_engine):
-        timed = [label for label in runs if label not in failed and engine_of[label] == engine] + bases
-        times = dict(zip(timed, paired_ms([runs[label] for label in timed], repeat, settle=CROSS_SETTLE)))
-        cross = [(label, f"{spec.baseline}, {ENGINES[baseline_engine]}") for label in timed[:-len(bases) or None]
-                 for spec in specs if label == f"{spec.label}, {ENGINES[engine]}"]
+        models = [label for label in runs if label not in failed and engine_of[label] == engine]
+        times = dict(zip(models + bases, paired_ms([runs[label] for label in models + bases], repeat,
+                                                   settle=CROSS_SETTLE)))
+        cross = [(label, f"{spec_of[label].baseline}, {ENGINES[baseline_engine]}") for label in models]
         text += (f"\n\n{ENGINES[engine]} against the baseline on {ENGINES[baseline_engine]}, in turns "
                  f"(each timed run after {CROSS_SETTLE} untimed):\n\n")
         text += paired_table(cross + [(b, b) for b in bases], times, size, f"inference ms (batch {batch})")

@@ -99,6 +99,25 @@ def _cells(line):
     return [cell.strip() for cell in line.split("|")[1:-1]]
 
 
+def _main_on_tiny_models(monkeypatch, argv, classify=False):
+    """bench_models.main(argv) with ResNet-50 as one conv and RedNet-26 as a conv and an involution (with a pooled
+    classifier head when `classify`, for training steps); torch's thread count restored afterwards."""
+    import dynconv
+
+    bench_models = _load("bench_models", monkeypatch)
+    head = (torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()) if classify else ()
+    tiny = {"ResNet-50": lambda: torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), *head),
+            "RedNet-26": lambda: torch.nn.Sequential(torch.nn.Conv2d(3, 16, 1),
+                                                     dynconv.create_op("involution", 16, 16, 3), *head)}
+    monkeypatch.setattr(bench_models, "build_model",
+                        lambda spec, size, fmt=None: tiny[spec.label]().train(classify))
+    threads = torch.get_num_threads()
+    try:
+        bench_models.main(argv)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_peak_memory_counts_a_step_once_and_resets_between_steps(monkeypatch):
     """The CPU memory figure is the resident growth of one call: a 64 MiB tensor written and freed reads
     64 MiB, and again on a second call, whose baseline is not the first's peak (the interpreter's own
@@ -208,20 +227,9 @@ def test_bench_models_paired_inference_on_each_engine_with_its_op_breakdown(monk
     """--paired --inference-only: every model on every engine in turns, each ratio to the baseline model on the
     same engine; --profile adds the time per op of each model side by side (eager: aten ops; ONNX Runtime: node
     op types, where the exported involution is slices, multiplies and adds)."""
-    import dynconv
-
-    bench_models = _load("bench_models", monkeypatch)
-    tiny = {"ResNet-50": lambda: torch.nn.Conv2d(3, 16, 3, padding=1),
-            "RedNet-26": lambda: torch.nn.Sequential(torch.nn.Conv2d(3, 16, 1),
-                                                     dynconv.create_op("involution", 16, 16, 3))}
-    monkeypatch.setattr(bench_models, "build_model", lambda spec, size, fmt=None: tiny[spec.label]().eval())
-    threads = torch.get_num_threads()
-    try:
-        bench_models.main(["--paired", "--inference-only", "--engines", "eager", "ort", "--profile", "--size", "16",
-                           "--batch", "2", "--repeat", "5", "--models", "ResNet-50", "RedNet-26",
-                           "--profile-rows", "40"])  # the tiny graphs' op times are all near 0: every op shown
-    finally:
-        torch.set_num_threads(threads)
+    _main_on_tiny_models(monkeypatch, ["--paired", "--inference-only", "--engines", "eager", "ort", "--profile",
+                                       "--size", "16", "--batch", "2", "--repeat", "5", "--models", "ResNet-50",
+                                       "RedNet-26", "--profile-rows", "40"])  # near-0 op times: every op shown
     out = capsys.readouterr().out
     rows = {cells[0]: cells for cells in map(_cells, out.splitlines()) if cells}
     for engine in ("eager", "ONNX Runtime"):
@@ -237,19 +245,9 @@ def test_bench_models_paired_inference_on_each_engine_with_its_op_breakdown(monk
 def test_bench_models_against_the_baseline_on_another_engine(monkeypatch, capsys):
     """--baseline-engine ort: each eager model also runs in turns with ResNet-50 in ONNX Runtime (each timed run
     after an untimed one), and its ratio is to that; the first table keeps the same-engine ratios."""
-    import dynconv
-
-    bench_models = _load("bench_models", monkeypatch)
-    tiny = {"ResNet-50": lambda: torch.nn.Conv2d(3, 16, 3, padding=1),
-            "RedNet-26": lambda: torch.nn.Sequential(torch.nn.Conv2d(3, 16, 1),
-                                                     dynconv.create_op("involution", 16, 16, 3))}
-    monkeypatch.setattr(bench_models, "build_model", lambda spec, size, fmt=None: tiny[spec.label]().eval())
-    threads = torch.get_num_threads()
-    try:
-        bench_models.main(["--paired", "--inference-only", "--engines", "eager", "--baseline-engine", "ort",
-                           "--size", "16", "--batch", "2", "--repeat", "3", "--models", "ResNet-50", "RedNet-26"])
-    finally:
-        torch.set_num_threads(threads)
+    _main_on_tiny_models(monkeypatch, ["--paired", "--inference-only", "--engines", "eager", "--baseline-engine",
+                                       "ort", "--size", "16", "--batch", "2", "--repeat", "3", "--models",
+                                       "ResNet-50", "RedNet-26"])
     out = capsys.readouterr().out
     first, cross = out.split("eager against the baseline on ONNX Runtime, in turns (each timed run after 1 untimed):")
     assert "RedNet-26, eager" in first and "ONNX Runtime |" not in first
@@ -265,20 +263,8 @@ def test_bench_models_against_the_baseline_on_another_engine(monkeypatch, capsys
 def test_bench_models_paired_training_with_its_op_breakdown(monkeypatch, capsys):
     """--paired --profile (training): after the paired table, one profiled training step per model, by op, side by
     side: the involution's fused forward and backward appear only in RedNet's column."""
-    import dynconv
-
-    bench_models = _load("bench_models", monkeypatch)
-    head = lambda: (torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())  # noqa: E731
-    tiny = {"ResNet-50": lambda: torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), *head()),
-            "RedNet-26": lambda: torch.nn.Sequential(torch.nn.Conv2d(3, 16, 1),
-                                                     dynconv.create_op("involution", 16, 16, 3), *head())}
-    monkeypatch.setattr(bench_models, "build_model", lambda spec, size, fmt=None: tiny[spec.label]())
-    threads = torch.get_num_threads()
-    try:
-        bench_models.main(["--paired", "--profile", "--size", "16", "--batch", "2", "--repeat", "3",
-                           "--models", "ResNet-50", "RedNet-26", "--profile-rows", "60"])
-    finally:
-        torch.set_num_threads(threads)
+    _main_on_tiny_models(monkeypatch, ["--paired", "--profile", "--size", "16", "--batch", "2", "--repeat", "3",
+                                       "--models", "ResNet-50", "RedNet-26", "--profile-rows", "60"], classify=True)
     out = capsys.readouterr().out
     table, profile = out.split("training step, batch 2, 16², ms per run by op (mean of 1):")
     assert "| RedNet-26 | 16² |" in table
